@@ -1,0 +1,28 @@
+"""Client configuration: where the server is and which key to use.
+
+    CONFIG.set_host("http://127.0.0.1:8000")   # or env RAYSIGHT_HOST
+    CONFIG.set_default_api_key("...")          # or env RAYSIGHT_API_KEY
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Config:
+    host: str = field(default_factory=lambda: os.environ.get("RAYSIGHT_HOST", "http://127.0.0.1:8000"))
+    api_key: str | None = field(default_factory=lambda: os.environ.get("RAYSIGHT_API_KEY"))
+    # Live status line on the terminal while remote requests run (off when not a terminal).
+    show_status: bool = True
+    timeout_s: float = 600.0
+
+    def set_host(self, host: str) -> None:
+        self.host = host.rstrip("/")
+
+    def set_default_api_key(self, key: str) -> None:
+        self.api_key = key
+
+
+CONFIG = Config()

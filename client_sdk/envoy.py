@@ -1,0 +1,114 @@
+"""Envoys: the model's module tree, mirrored on the client without weights.
+
+`model.model.layers[-1].output` walks envoys built from the module tree (plain JSON) and records a
+read of that module's output in the current trace. Envoys never touch the real module: the same
+tree serves local and remote models.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from client_sdk.location import user_location
+from client_sdk.proxy import Proxy, TracingError
+from client_sdk.tracing import current_graph
+
+if TYPE_CHECKING:
+    from client_sdk.language_model import LanguageModel
+
+class Envoy:
+    def __init__(self, model: LanguageModel, tree: dict[str, Any], path: str):
+        object.__setattr__(self, "_model", model)
+        object.__setattr__(self, "_tree", tree)
+        object.__setattr__(self, "_path", path)
+        object.__setattr__(self, "_children", {})
+
+    # -- navigation ----------------------------------------------------------------------------
+
+    def _child(self, name: str) -> Envoy:
+        env = self._children.get(name)
+        if env is None:
+            path = f"{self._path}.{name}" if self._path else name
+            env = self._children[name] = Envoy(self._model, self._tree["children"][name], path)
+        return env
+
+    def __getattr__(self, name: str) -> Envoy:
+        if name in self._tree["children"] and not name.isdigit():
+            return self._child(name)
+        if name.startswith("__"):
+            raise AttributeError(name)
+        children = ", ".join(n for n in self._tree["children"] if not n.isdigit()) or "none"
+        raise AttributeError(f"{self._describe()} has no submodule '{name}' (its submodules: {children})")
+
+    def __getitem__(self, index: int | slice) -> Envoy | list[Envoy]:
+        names = list(self._tree["children"])
+        if isinstance(index, slice):
+            return [self._child(n) for n in names[index]]
+        if not isinstance(index, int) or not all(n.isdigit() for n in names):
+            raise TypeError(f"{self._describe()} ({self._tree['type']}) cannot be indexed with {index!r}")
+        if not -len(names) <= index < len(names):
+            raise IndexError(f"{self._describe()} has {len(names)} modules; index {index} is out of range")
+        return self._child(names[index])
+
+    def __len__(self) -> int:
+        return len(self._tree["children"])
+
+    def __iter__(self):
+        return (self._child(n) for n in self._tree["children"])
+
+    def __repr__(self) -> str:
+        return f"<Envoy {self._describe()} ({self._tree['type']})>"
+
+    def _describe(self) -> str:
+        return f"'{self._path}'" if self._path else "the model"
+
+    # -- module values -------------------------------------------------------------------------
+
+    @property
+    def output(self) -> Proxy:
+        """What this module's forward returned (at its first call)."""
+        return self._graph().record("module.output", [self._path, 0])
+
+    @output.setter
+    def output(self, value: Any) -> None:
+        self._graph().record("module.set_output", [self._path, 0, value])
+
+    @property
+    def input(self) -> Proxy:
+        """The first argument this module was called with."""
+        return self._graph().record("module.input", [self._path, 0])
+
+    @input.setter
+    def input(self, value: Any) -> None:
+        self._graph().record("module.set_input", [self._path, 0, value])
+
+    @property
+    def inputs(self) -> Proxy:
+        """(args, kwargs) this module was called with."""
+        return self._graph().record("module.inputs", [self._path, 0])
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Proxy:
+        """Run this module on traced values (outside the model's own forward)."""
+        return self._graph().record("module.call", [self._path, *args], kwargs)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in ("output", "input"):
+            object.__setattr__(self, name, value)  # runs the property's setter: records a write
+            return
+        raise AttributeError(f"cannot set '{name}' on {self._describe()}: only .output and .input can be assigned")
+
+    def _graph(self):
+        graph = current_graph()
+        tracer = graph.tracer if graph else None
+        if tracer is None:
+            raise TracingError(
+                f"{self._describe()} can only be read inside a trace (a `with model.trace(...)` block)",
+                user_location(),
+            )
+        if tracer.model is not self._model:
+            raise TracingError(
+                f"{self._describe()} belongs to model '{self._model.name}', but the current trace "
+                f"runs model '{tracer.model.name}'",
+                user_location(),
+            )
+        return graph

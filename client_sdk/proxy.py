@@ -1,0 +1,201 @@
+"""Proxies: stand-ins for values that exist only when the model runs.
+
+Every operation on a proxy records a node in the current trace and returns a new proxy. Python
+operators, indexing, whitelisted tensor methods and torch functions (through `__torch_function__`)
+are recorded; anything that would need the concrete value now (`if proxy:`, `int(proxy)`,
+iterating) raises an error that says what to do instead.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from intervention import ops
+from intervention.errors import InterventionError
+
+if TYPE_CHECKING:
+    from client_sdk.tracing import Graph
+
+
+class TracingError(InterventionError):
+    code = "tracing_error"
+
+
+class Proxy:
+    __slots__ = ("_graph", "_id", "_loc", "_value", "_state", "__weakref__")
+
+    def __init__(self, graph: Graph, node_id: int, loc):
+        self._graph = graph
+        self._id = node_id
+        self._loc = loc
+        self._state = "pending"  # -> "ready" (value set) | "unsaved" | "not_run"
+        self._value: Any = None
+
+    # -- saving and results --------------------------------------------------------------------
+
+    def save(self) -> Proxy:
+        """Keep this value: after the outermost block it holds the real value."""
+        self._graph.record("save", [self])
+        self._graph.saved[self._id] = self
+        return self
+
+    @property
+    def value(self) -> Any:
+        if self._state == "ready":
+            return self._value
+        raise self._unavailable()
+
+    def _unavailable(self) -> TracingError:
+        where = f"{self._loc[0]}, line {self._loc[1]}" if self._loc else "its trace"
+        if self._state == "pending":
+            return TracingError(
+                "this value does not exist yet: it is computed when the trace runs, at the end of "
+                "the outermost `with` block. Use it inside the trace, or .save() it and use it after",
+                self._graph.location_now(),
+            )
+        if self._state == "not_run":
+            return TracingError(
+                f"the value from {where} was never computed: the trace stopped before reaching it",
+                self._graph.location_now(),
+            )
+        return TracingError(
+            f"the value from {where} was not saved: call .save() on it inside the trace "
+            "(or client_sdk.save(x)) to use it after the block",
+            self._graph.location_now(),
+        )
+
+    # -- things that need a concrete value -----------------------------------------------------
+
+    def _concrete(self, what: str):
+        if self._state != "pending":
+            raise self._unavailable()
+        raise TracingError(
+            f"{what} needs the concrete value, which does not exist while tracing: the model has "
+            "not run yet. Use tensor operations instead (e.g. torch.where), or .save() the value "
+            "and decide after the block",
+            self._graph.location_now(),
+        )
+
+    def __bool__(self):
+        self._concrete("using a traced value as a condition (if/while/and/or)")
+
+    def __int__(self):
+        self._concrete("int() of a traced value")
+
+    def __float__(self):
+        self._concrete("float() of a traced value")
+
+    def __index__(self):
+        self._concrete("using a traced value as a Python index")
+
+    def __len__(self):
+        self._concrete("len() of a traced value")
+
+    def __iter__(self):
+        self._concrete("iterating over a traced value")
+
+    def __contains__(self, item):
+        self._concrete("`in` on a traced value")
+
+    def __repr__(self) -> str:
+        if self._state == "ready":
+            return repr(self._value)
+        return f"<raysight Proxy #{self._id} ({self._state})>"
+
+    __hash__ = object.__hash__
+
+    # -- recorded operations -------------------------------------------------------------------
+
+    def __getitem__(self, index: Any) -> Proxy:
+        return self._graph.record("getitem", [self, index])
+
+    def __setitem__(self, index: Any, value: Any) -> None:
+        self._graph.record("setitem", [self, index, value])
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_"):
+            raise AttributeError(name)
+        if name in ops.TENSOR_METHODS:
+            return _Method(self, name)
+        return self._graph.record("getattr", [self, name])
+
+    def __call__(self, *args, **kwargs):
+        raise TracingError("a traced value is not callable", self._graph.location_now())
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        graph = _graph_of(args, kwargs)
+        name = _FUNCTION_NAMES.get(func)
+        if name is not None:
+            return graph.record("function", [name, *args], kwargs)
+        method = getattr(func, "__name__", "")
+        if method in _DUNDER_OPS:
+            op, swap = _DUNDER_OPS[method]
+            return graph.record(op, list(reversed(args)) if swap else list(args))
+        if method == "__getitem__":
+            return graph.record("getitem", list(args))
+        if method == "__setitem__":
+            return graph.record("setitem", list(args))
+        if method in ops.TENSOR_METHODS and getattr(torch.Tensor, method, None) is func:
+            return graph.record("method", [method, *args], kwargs)
+        qual = getattr(func, "__qualname__", repr(func))
+        raise TracingError(f"{qual}() is not supported inside a trace", graph.location_now())
+
+
+class _Method:
+    """`proxy.method` before it is called: records a method node when called."""
+
+    __slots__ = ("proxy", "name")
+
+    def __init__(self, proxy: Proxy, name: str):
+        self.proxy, self.name = proxy, name
+
+    def __call__(self, *args, **kwargs) -> Proxy:
+        return self.proxy._graph.record("method", [self.name, self.proxy, *args], kwargs)
+
+
+def _graph_of(args, kwargs) -> Graph:
+    stack = list(args) + list(kwargs.values())
+    while stack:
+        a = stack.pop()
+        if isinstance(a, Proxy):
+            return a._graph
+        if isinstance(a, (list, tuple)):
+            stack.extend(a)
+    raise TracingError("no traced value among the arguments")
+
+
+_FUNCTION_NAMES = {fn: name for name, fn in ops.FUNCTIONS.items()}
+
+# Python operator -> (op, swap operands). Reflected forms swap so `1 - p` records sub(1, p).
+_DUNDER_OPS: dict[str, tuple[str, bool]] = {}
+for _op in ops.BINARY:
+    if _op.startswith("i") and _op[1:] in ops.BINARY:
+        _DUNDER_OPS[f"__{_op}__"] = (_op, False)
+        continue
+    _DUNDER_OPS[f"__{_op}__"] = (_op, False)
+    if _op not in ("eq", "ne", "lt", "le", "gt", "ge"):
+        _DUNDER_OPS[f"__r{_op}__"] = (_op, True)
+for _op in ops.UNARY:
+    _DUNDER_OPS[f"__{_op}__"] = (_op, False)
+
+
+def _binary(op: str, swap: bool):
+    def method(self: Proxy, other: Any = None) -> Proxy:
+        return self._graph.record(op, [other, self] if swap else [self, other])
+
+    return method
+
+
+def _unary(op: str):
+    def method(self: Proxy) -> Proxy:
+        return self._graph.record(op, [self])
+
+    return method
+
+
+for _dunder, (_op, _swap) in _DUNDER_OPS.items():
+    setattr(Proxy, _dunder, _unary(_op) if _op in ops.UNARY else _binary(_op, _swap))

@@ -1,0 +1,311 @@
+"""Tracing contexts: sessions, traces and invokes, and the graph they record into.
+
+`with model.trace(...)` and `with session(...)` record nodes while the body runs; the outermost
+block executes the whole session (locally or on the cluster) when it exits, then gives each saved
+proxy its real value and rebinds the user's names to those values.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from client_sdk.location import user_location
+from client_sdk.proxy import Proxy, TracingError
+from client_sdk.rebind import rebind_frame
+from intervention import args as argcodec
+from intervention.errors import InterventionError
+from intervention.ir import Invoke, Node, SessionIR, TraceIR
+
+if TYPE_CHECKING:
+    from client_sdk.language_model import LanguageModel
+
+_local = threading.local()
+
+
+def current_graph() -> Graph | None:
+    return getattr(_local, "graph", None)
+
+
+class Graph:
+    """Everything one session records: traces, nodes, client tensors, saved proxies."""
+
+    def __init__(self, remote: bool = False, blocking: bool = True):
+        self.remote = remote
+        self.blocking = blocking
+        self.traces: list[TraceIR] = []
+        self.tensors: dict[str, torch.Tensor] = {}
+        self._tensor_names: dict[int, str] = {}
+        self.saved: dict[int, Proxy] = {}
+        self.proxies: list[Proxy] = []
+        self.models: dict[str, LanguageModel] = {}
+        self.tracer: Tracer | None = None
+        self.stopped_at: int | None = None  # traces from this index on are not run
+        self.next_id = 0
+        self.done = False
+        self.handle: Any = None  # remote, non-blocking: the request handle
+
+    @staticmethod
+    def location_now():
+        return user_location()
+
+    # -- recording -----------------------------------------------------------------------------
+
+    def record(self, op: str, args: list, kwargs: dict | None = None) -> Proxy:
+        tracer = self.tracer
+        if self.done:  # a proxy used after its session ran: say why it has no value
+            for a in args:
+                if isinstance(a, Proxy) and a._graph is self:
+                    raise a._unavailable()
+        if tracer is None:
+            raise TracingError(f"'{op}' must be used inside a trace (a `with model.trace(...)` block)", user_location())
+        loc = user_location()
+        node = Node(
+            id=self.next_id,
+            op=op,
+            args=self.encode(args, loc),
+            kwargs=self.encode(kwargs, loc) if kwargs else {},
+            invoke=tracer.invoke_index,
+            loc=loc,
+        )
+        self.next_id += 1
+        tracer.ir.nodes.append(node)
+        proxy = Proxy(self, node.id, loc)
+        self.proxies.append(proxy)
+        return proxy
+
+    def encode(self, value: Any, loc) -> Any:
+        try:
+            encoded = argcodec.encode(value, self._store_tensor, self._ref_of)
+        except argcodec.ArgError as exc:
+            raise TracingError(str(exc), loc) from None
+        return encoded["$dict"] if isinstance(value, dict) else encoded
+
+    def _store_tensor(self, t: torch.Tensor) -> str:
+        name = self._tensor_names.get(id(t))
+        if name is None:
+            name = self._tensor_names[id(t)] = f"t{len(self.tensors)}"
+            self.tensors[name] = t.detach().cpu().contiguous()
+        return name
+
+    def _ref_of(self, value: Any) -> int | None:
+        if not isinstance(value, Proxy):
+            return None
+        if value._graph is self:
+            return value._id
+        if value._state == "ready":  # a saved value of an earlier session: send its value
+            return None
+        raise value._unavailable()
+
+    def model_name(self, model: LanguageModel) -> str:
+        name = model.name
+        while self.models.setdefault(name, model) is not model:
+            name += "'"  # two local models from the same folder, e.g. different dtypes
+        return name
+
+    # -- execution -----------------------------------------------------------------------------
+
+    def session_ir(self) -> SessionIR:
+        traces = self.traces if self.stopped_at is None else self.traces[: self.stopped_at]
+        return SessionIR(traces=traces)
+
+    def finish(self, frame) -> None:
+        """Run the session, hand out saved values, rebind the caller's names."""
+        self.done = True
+        if not self.session_ir().traces:
+            self.resolve({})
+            return
+        if self.remote:
+            from client_sdk import remote
+
+            outcome = remote.run(self)
+            if outcome is None:  # non-blocking: values come with handle.result()
+                return
+        else:
+            from client_sdk import local
+
+            outcome = local.run(self)
+        self.resolve(outcome)
+        rebind_frame(frame, self)
+
+    def resolve(self, saves: dict[int, Any]) -> None:
+        for proxy in self.proxies:
+            if proxy._id in saves and proxy._id in self.saved:
+                proxy._value, proxy._state = saves[proxy._id], "ready"
+            elif proxy._id in self.saved:
+                proxy._state = "not_run"
+            else:
+                proxy._state = "unsaved"
+
+    def abandon(self) -> None:
+        self.done = True
+        for proxy in self.proxies:
+            proxy._state = "unsaved"
+
+
+def _enter_graph(graph: Graph) -> None:
+    if current_graph() is not None:
+        raise TracingError("sessions cannot be nested", user_location())
+    _local.graph = graph
+
+
+def _exit_graph(graph: Graph, exc: BaseException | None, frame) -> None:
+    _local.graph = None
+    if exc is not None:
+        graph.abandon()
+        return
+    try:
+        graph.finish(frame)
+    except InterventionError as err:
+        graph.abandon()
+        # The message names the user's line; engine frames would only hide it.
+        raise err.with_traceback(None) from None
+
+
+class Session:
+    """`with client_sdk.session(remote=...) as s:` — several traces, possibly of several models,
+    run in order as one request. Values flow between traces without .save()."""
+
+    def __init__(self, remote: bool = False, blocking: bool = True):
+        self.graph = Graph(remote=remote, blocking=blocking)
+
+    def __enter__(self) -> Session:
+        _enter_graph(self.graph)
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        _exit_graph(self.graph, exc, sys._getframe(1))
+        return False
+
+    def stop(self) -> None:
+        """Stop the session here: nothing after this point runs; what was saved comes back."""
+        if self.graph.tracer is not None:
+            self.graph.record("stop", ["session"])
+        elif self.graph.stopped_at is None:
+            self.graph.stopped_at = len(self.graph.traces)
+
+    # Non-blocking remote sessions: the handle's methods.
+    @property
+    def id(self) -> str:
+        return _handle(self.graph).id
+
+    def status(self) -> dict:
+        return _handle(self.graph).status()
+
+    def result(self, timeout: float | None = None) -> dict[str, Any]:
+        return _handle(self.graph).result(timeout)
+
+    def cancel(self) -> None:
+        _handle(self.graph).cancel()
+
+
+def _handle(graph: Graph):
+    if graph.handle is None:
+        raise TracingError("this session was not submitted with remote=True, blocking=False")
+    return graph.handle
+
+
+class Tracer(Session):
+    """`with model.trace(input) as tracer:` — one forward pass. Outside a session it is a session
+    of one trace."""
+
+    def __init__(self, model: LanguageModel, input: Any, remote: bool, blocking: bool, kwargs: dict):
+        self.model = model
+        self.input = input
+        self.kwargs = kwargs
+        self.remote, self.blocking = remote, blocking
+        self.invoke_index: int | None = None
+        self.owns_graph = False
+        self.graph: Graph | None = None
+        self.ir: TraceIR | None = None
+
+    def __enter__(self) -> Tracer:
+        graph = current_graph()
+        if graph is None:
+            graph = Graph(remote=self.remote, blocking=self.blocking)
+            _enter_graph(graph)
+            self.owns_graph = True
+        elif self.remote and not graph.remote:
+            raise TracingError("remote=True on a trace inside a local session: pass it to the session", user_location())
+        if graph.tracer is not None:
+            raise TracingError("traces cannot be nested", user_location())
+        loc = user_location()
+        self.graph = graph
+        self.ir = TraceIR(model=graph.model_name(self.model), kwargs=graph.encode(self.kwargs, loc), loc=loc)
+        if self.input is not None:
+            self.ir.invokes.append(Invoke(input=graph.encode(self.input, loc)))
+        graph.traces.append(self.ir)
+        graph.tracer = self
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.graph.tracer = None
+        if exc is None and not self.ir.invokes:
+            exc = TracingError("this trace has no input: pass a prompt to trace() or use tracer.invoke()", self.ir.loc)
+            if self.owns_graph:
+                _exit_graph(self.graph, exc, None)
+            raise exc
+        if self.owns_graph:
+            _exit_graph(self.graph, exc, sys._getframe(1))
+        return False
+
+    def invoke(self, input: Any) -> Invoker:
+        """Add `input` to this trace's batch; code in the block sees only its rows."""
+        return Invoker(self, input)
+
+    def stop(self) -> None:
+        """Stop this trace here: the rest of its forward pass does not run."""
+        self.graph.record("stop", ["trace"])
+
+
+class Invoker:
+    def __init__(self, tracer: Tracer, input: Any):
+        self.tracer, self.input = tracer, input
+
+    def __enter__(self) -> Invoker:
+        tracer = self.tracer
+        if tracer.invoke_index is not None:
+            raise TracingError("invokes cannot be nested", user_location())
+        tracer.ir.invokes.append(Invoke(input=tracer.graph.encode(self.input, user_location())))
+        tracer.invoke_index = len(tracer.ir.invokes) - 1
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        self.tracer.invoke_index = None
+        return False
+
+
+# -- module-level helpers (client_sdk.save / log / stop / session) ---------------------------------
+
+
+def _require_graph(what: str) -> Graph:
+    graph = current_graph()
+    if graph is None or graph.tracer is None:
+        raise TracingError(f"client_sdk.{what}() must be called inside a trace", user_location())
+    return graph
+
+
+def save(value: Any) -> Any:
+    """Keep `value` for after the block (same as value.save())."""
+    if isinstance(value, Proxy):
+        return value.save()
+    _require_graph("save")
+    return value
+
+
+def log(*values: Any) -> None:
+    """Print `values` on the client when the model reaches this point, in order."""
+    _require_graph("log").record("log", list(values))
+
+
+def stop() -> None:
+    """Stop the innermost trace here: nothing after this point in it runs."""
+    _require_graph("stop").record("stop", ["trace"])
+
+
+def session(remote: bool = False, blocking: bool = True) -> Session:
+    """A session that may hold traces of several models."""
+    return Session(remote=remote, blocking=blocking)

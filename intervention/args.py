@@ -1,0 +1,131 @@
+"""Node arguments on the wire: plain JSON plus a few tagged objects.
+
+Every JSON object inside an argument is a tag with exactly one key:
+
+    {"$ref": 7}              the value of node 7 (this trace or an earlier one)
+    {"$tensor": "t0"}        a tensor blob shipped beside the IR (safetensors)
+    {"$slice": [a, b, c]}    slice(a, b, c)
+    {"$ellipsis": null}      ...
+    {"$tuple": [...]}        a tuple (JSON lists decode to lists)
+    {"$dict": {"k": v}}      a dict with string keys
+    {"$dtype": "float32"}    a torch dtype
+    {"$float": "inf"}        inf, -inf, nan
+
+Decoding never evaluates anything: unknown tags are rejected.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+
+DTYPES = {
+    name: getattr(torch, name)
+    for name in (
+        "float32", "float16", "bfloat16", "float64", "int64", "int32", "int16", "int8",
+        "uint8", "bool", "complex64",
+    )
+}
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class ArgError(ValueError):
+    """An argument that cannot be encoded or decoded."""
+
+
+def encode(value: Any, tensor_name: Callable[[torch.Tensor], str], ref_of: Callable[[Any], int | None]) -> Any:
+    """Python value -> JSON. `ref_of` maps proxies to node ids; `tensor_name` stores a tensor."""
+    ref = ref_of(value)
+    if ref is not None:
+        return {"$ref": ref}
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else {"$float": repr(value)}
+    if isinstance(value, torch.Tensor):
+        return {"$tensor": tensor_name(value)}
+    if isinstance(value, slice):
+        return {"$slice": [encode(v, tensor_name, ref_of) for v in (value.start, value.stop, value.step)]}
+    if value is Ellipsis:
+        return {"$ellipsis": None}
+    if isinstance(value, torch.dtype):
+        if value not in _DTYPE_NAMES:
+            raise ArgError(f"dtype {value} is not supported")
+        return {"$dtype": _DTYPE_NAMES[value]}
+    if isinstance(value, list):
+        return [encode(v, tensor_name, ref_of) for v in value]
+    if isinstance(value, tuple):  # torch.Size too
+        return {"$tuple": [encode(v, tensor_name, ref_of) for v in value]}
+    if isinstance(value, dict):
+        if not all(isinstance(k, str) for k in value):
+            raise ArgError("only dicts with string keys can be sent")
+        return {"$dict": {k: encode(v, tensor_name, ref_of) for k, v in value.items()}}
+    raise ArgError(f"a value of type {type(value).__name__} cannot be used inside a trace")
+
+
+def decode(value: Any, resolve: Callable[[int], Any], tensors: dict[str, torch.Tensor]) -> Any:
+    """JSON -> Python value, resolving node references through `resolve`."""
+    if isinstance(value, list):
+        return [decode(v, resolve, tensors) for v in value]
+    if not isinstance(value, dict):
+        return value
+    tag, body = _tag(value)
+    if tag == "$ref":
+        return resolve(body)
+    if tag == "$tensor":
+        if body not in tensors:
+            raise ArgError(f"tensor blob {body!r} is missing from the request")
+        return tensors[body]
+    if tag == "$slice":
+        return slice(*(decode(v, resolve, tensors) for v in body))
+    if tag == "$ellipsis":
+        return Ellipsis
+    if tag == "$tuple":
+        return tuple(decode(v, resolve, tensors) for v in body)
+    if tag == "$dict":
+        return {k: decode(v, resolve, tensors) for k, v in body.items()}
+    if tag == "$dtype":
+        return DTYPES[body]
+    return float(body)  # $float, checked by _tag
+
+
+def _tag(value: dict) -> tuple[str, Any]:
+    if len(value) != 1:
+        raise ArgError(f"malformed argument object with keys {sorted(value)}")
+    (tag, body), = value.items()
+    ok = {
+        "$ref": lambda b: isinstance(b, int) and not isinstance(b, bool),
+        "$tensor": lambda b: isinstance(b, str),
+        "$slice": lambda b: isinstance(b, list) and len(b) == 3,
+        "$ellipsis": lambda b: b is None,
+        "$tuple": lambda b: isinstance(b, list),
+        "$dict": lambda b: isinstance(b, dict),
+        "$dtype": lambda b: b in DTYPES,
+        "$float": lambda b: b in ("inf", "-inf", "nan"),
+    }.get(tag)
+    if ok is None or not ok(body):
+        raise ArgError(f"malformed argument {tag!r}: {body!r}")
+    return tag, body
+
+
+def walk(value: Any) -> Iterator[tuple[str, Any]]:
+    """Yield (tag, body) of every tagged object inside an encoded argument."""
+    if isinstance(value, list):
+        for v in value:
+            yield from walk(v)
+    elif isinstance(value, dict):
+        tag, body = _tag(value)
+        yield tag, body
+        if tag in ("$slice", "$tuple"):
+            yield from walk(body)
+        elif tag == "$dict":
+            yield from walk(list(body.values()))
+
+
+def refs_in(args: list, kwargs: dict) -> Iterator[int]:
+    for tag, body in walk([args, list(kwargs.values())]):
+        if tag == "$ref":
+            yield body

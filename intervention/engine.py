@@ -1,0 +1,523 @@
+"""The engine: executes one IR trace inside a model's forward pass with PyTorch hooks.
+
+How it runs. Each invoke is a *thread*: its nodes in program order, seeing only its own rows of
+the batch (code outside invokes sees the whole batch). Module reads and writes wait for their
+event (module M's input or output at call k). Hooks are installed only on the modules the trace
+touches; at every hook each thread runs as far as it can: compute nodes run as soon as their inputs
+exist, event nodes run when their event is the one firing. A thread waiting on an event that has
+already fired is an out-of-order access; one still waiting when the forward ends names a module that
+never ran. Both are errors at the user's line.
+
+Merging traces of different requests into one forward is the same mechanism: more threads, each
+with its own rows, and nothing a thread sees depends on the other threads' rows.
+
+The engine leaves nothing behind: hooks are removed and grad mode restored in `finally`, and only
+saved or exported values survive the run (views are cloned so they do not pin whole activations).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers.utils import ModelOutput
+
+from intervention import ops
+from intervention.args import decode
+from intervention.errors import ExecutionError, InterventionError
+from intervention.ir import TraceIR
+
+Event = tuple[str, str, int]  # (module path, "input" | "output", call index)
+Rows = tuple[int, int] | None  # a thread's batch rows; None: the whole batch
+
+
+@dataclass
+class TraceResult:
+    saves: dict[int, Any] = field(default_factory=dict)
+    exports: dict[int, Any] = field(default_factory=dict)
+    stopped: str | None = None  # "trace" or "session" when a stop node ran
+
+
+class _Stop(Exception):
+    def __init__(self, scope: str):
+        self.scope = scope
+
+
+class _Ref:
+    """Placeholder for a node reference inside a compiled argument template."""
+
+    __slots__ = ("id",)
+
+    def __init__(self, id: int):
+        self.id = id
+
+
+@dataclass
+class _Step:
+    """A node compiled once: its event (if any), the refs it needs, and argument templates."""
+
+    id: int
+    op: str
+    loc: Any
+    event: Event | None
+    refs: tuple[int, ...]
+    args: list
+    kwargs: dict
+    nested: bool  # refs inside containers: bind recursively
+
+
+@dataclass
+class _Thread:
+    steps: list[_Step]
+    rows: Rows
+    pos: int = 0
+
+
+class Engine:
+    """Runs one trace. Create, call `run`, discard."""
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        trace: TraceIR,
+        spans: list[tuple[int, int]],
+        batch_size: int,
+        tensors: dict[str, torch.Tensor],
+        externals: dict[int, Any],
+        keep: set[int],
+        on_log: Callable[[str], None],
+    ):
+        self.model = model
+        self.trace = trace
+        self.batch_size = batch_size
+        self.keep = keep
+        self.on_log = on_log
+        self.values: dict[int, Any] = dict(externals)
+        self.saved: list[int] = []
+        self.fired: set[Event] = set()
+        self.calls: dict[str, int] = {}
+        self.paused = False
+        self.inputs_replaced = False
+        self.current: Any = None  # the value at the firing event (inputs or output)
+        self.last_write: _Step | None = None
+        self.device = _first_device(model)
+        self.threads = self._compile(trace, spans, tensors)
+
+    # -- compile -------------------------------------------------------------------------------
+
+    def _compile(self, trace: TraceIR, spans, tensors) -> list[_Thread]:
+        by_invoke: dict[int | None, list[_Step]] = {}
+        for node in trace.nodes:
+            refs: list[int] = []
+
+            def ref(i: int) -> _Ref:
+                refs.append(i)
+                return _Ref(i)
+
+            args = decode(node.args, ref, tensors)
+            kwargs = decode({"$dict": node.kwargs}, ref, tensors)
+            nested = any(not isinstance(a, _Ref) and _has_ref(a) for a in args) or any(
+                _has_ref(v) for v in kwargs.values()
+            )
+            event = None
+            if node.op in ops.MODULE_READS or node.op in ops.MODULE_WRITES:
+                kind = "input" if node.op in ("module.input", "module.inputs", "module.set_input") else "output"
+                event = (args[0], kind, args[1])
+            step = _Step(node.id, node.op, node.loc, event, tuple(refs), args, kwargs, nested)
+            by_invoke.setdefault(node.invoke, []).append(step)
+        threads = []
+        for invoke in sorted(k for k in by_invoke if k is not None):
+            s, e = spans[invoke]
+            rows = None if (s, e) == (0, self.batch_size) else (s, e)
+            threads.append(_Thread(by_invoke[invoke], rows))
+        if None in by_invoke:
+            threads.append(_Thread(by_invoke[None], None))
+        return threads
+
+    # -- run -----------------------------------------------------------------------------------
+
+    def run(self, batch: dict[str, Any], forward_kwargs: dict[str, Any]) -> TraceResult:
+        result = TraceResult()
+        handles = []
+        try:
+            with torch.no_grad():
+                handles = self._install_hooks()
+                try:
+                    self._advance(None)
+                    self.model(**batch, **forward_kwargs)
+                    self._advance(None)
+                    self._check_finished()
+                except _Stop as stop:
+                    result.stopped = stop.scope
+                except InterventionError:
+                    raise
+                except Exception as exc:  # the model itself failed, probably because of an edit
+                    raise self._forward_error(exc) from exc
+            self._collect(result)
+            return result
+        finally:
+            for h in handles:
+                h.remove()
+            self.values.clear()
+            self.current = None
+
+    def _install_hooks(self) -> list:
+        paths = {s.event[0] for t in self.threads for s in t.steps if s.event}
+        handles = []
+        for path in sorted(paths):
+            module = _submodule(self.model, path, self._first_step_at(path))
+            self.calls[path] = 0
+            handles.append(module.register_forward_pre_hook(self._pre_hook(path), with_kwargs=True))
+            handles.append(module.register_forward_hook(self._hook(path)))
+        return handles
+
+    def _first_step_at(self, path: str) -> _Step:
+        return next(s for t in self.threads for s in t.steps if s.event and s.event[0] == path)
+
+    def _pre_hook(self, path: str):
+        def hook(module, args, kwargs):
+            if self.paused:
+                return None
+            call = self.calls[path]
+            self.calls[path] = call + 1
+            self.current = [list(args), dict(kwargs)]
+            self.inputs_replaced = False
+            self._fire((path, "input", call))
+            (args2, kwargs2), self.current = self.current, None
+            return (tuple(args2), kwargs2) if self.inputs_replaced else None
+
+        return hook
+
+    def _hook(self, path: str):
+        def hook(module, args, output):
+            if self.paused:
+                return None
+            self.current = output
+            self._fire((path, "output", self.calls[path] - 1))
+            new, self.current = self.current, None
+            return None if new is output else new
+
+        return hook
+
+    def _fire(self, event: Event) -> None:
+        self.fired.add(event)
+        self._advance(event)
+
+    def _advance(self, event: Event | None) -> None:
+        for thread in self.threads:
+            self._run_thread(thread, event)
+
+    def _run_thread(self, thread: _Thread, event: Event | None) -> None:
+        steps, values = thread.steps, self.values
+        while thread.pos < len(steps):
+            step = steps[thread.pos]
+            if step.event is not None:
+                if step.event != event:
+                    if step.event in self.fired:
+                        raise _out_of_order(step)
+                    return
+                self._run_module_step(step, thread.rows)
+            else:
+                for r in step.refs:
+                    if r not in values:
+                        return  # a value another invoke has not computed yet
+                self._run_step(step)
+            thread.pos += 1
+
+    def _check_finished(self) -> None:
+        for thread in self.threads:
+            if thread.pos < len(thread.steps):
+                step = thread.steps[thread.pos]
+                if step.event and step.event in self.fired:
+                    raise _out_of_order(step)
+                if step.event:
+                    path, kind, call = step.event
+                    which = f" a {call + 1}th time" if call else ""
+                    raise ExecutionError(
+                        f"module '{path}' was not called{which} during this forward pass, so its "
+                        f"{kind} does not exist",
+                        step.loc,
+                        code="module_not_called",
+                    )
+                raise ExecutionError("this value depends on a value that was never computed", step.loc)
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def _bind(self, step: _Step) -> tuple[list, dict]:
+        values = self.values
+        if step.nested:
+            return _bind(step.args, values), _bind(step.kwargs, values)
+        args = [values[a.id] if type(a) is _Ref else a for a in step.args]
+        return args, step.kwargs
+
+    def _run_module_step(self, step: _Step, rows: Rows) -> None:
+        try:
+            args, _ = self._bind(step)
+            op, kind = step.op, step.event[1]
+            if op in ops.MODULE_READS:
+                self.values[step.id] = self._read(op, rows)
+            else:
+                self._write(kind, args[2], rows)
+                self.last_write = step
+        except InterventionError:
+            raise
+        except Exception as exc:
+            raise ExecutionError(f"{type(exc).__name__}: {exc}", step.loc) from exc
+
+    def _read(self, op: str, rows: Rows) -> Any:
+        if op == "module.output":
+            return _narrow(self.current, rows, self.batch_size)
+        args, kwargs = self.current
+        if op == "module.inputs":
+            return _narrow((tuple(args), kwargs), rows, self.batch_size)
+        return _narrow(_first_input(args, kwargs), rows, self.batch_size)
+
+    def _write(self, kind: str, value: Any, rows: Rows) -> None:
+        if kind == "output":
+            value = _to_device_of(value, self.current)
+            if rows is None:
+                self.current = value
+            else:
+                _write_rows(self.current, value, rows, self.batch_size)
+            return
+        args, kwargs = self.current
+        target = _first_input(args, kwargs)
+        value = _to_device_of(value, target)
+        if rows is not None:
+            _write_rows(target, value, rows, self.batch_size)
+        elif args:
+            args[0] = value
+            self.inputs_replaced = True
+        else:
+            kwargs[next(iter(kwargs))] = value
+            self.inputs_replaced = True
+
+    def _run_step(self, step: _Step) -> None:
+        try:
+            args, kwargs = self._bind(step)
+            self.values[step.id] = self._execute(step, args, kwargs)
+        except (InterventionError, _Stop):
+            raise
+        except Exception as exc:
+            raise ExecutionError(f"{type(exc).__name__}: {exc}", step.loc) from exc
+
+    def _execute(self, step: _Step, args: list, kwargs: dict) -> Any:
+        op = step.op
+        if self.device.type != "cpu":
+            args = _same_device(args, self.device)
+        if op == "getitem":
+            return args[0][args[1]]
+        if op == "setitem":
+            args[0][args[1]] = args[2]
+            self.last_write = step
+            return None
+        fn = ops.BINARY.get(op) or ops.UNARY.get(op)
+        if fn is not None:
+            if op.startswith("i"):
+                self.last_write = step
+            return fn(*args)
+        if op == "method":
+            name, obj = args[0], args[1]
+            if not isinstance(obj, torch.Tensor):
+                raise TypeError(f".{name}() needs a tensor, got {type(obj).__name__}")
+            if name.endswith("_"):
+                self.last_write = step
+            return getattr(obj, name)(*args[2:], **kwargs)
+        if op == "function":
+            return ops.FUNCTIONS[args[0]](*args[1:], **kwargs)
+        if op == "getattr":
+            return _getattr(args[0], args[1])
+        if op == "module.call":
+            return self._call_module(step, args, kwargs)
+        if op == "save":
+            self.saved.append(step.refs[0])
+            return None
+        if op == "log":
+            self.on_log(" ".join(_log_text(a) for a in args))
+            return None
+        if op == "stop":
+            raise _Stop(args[0])
+        raise ExecutionError(f"unknown op {op!r}", step.loc)
+
+    def _call_module(self, step: _Step, args: list, kwargs: dict) -> Any:
+        module = _submodule(self.model, args[0], step)
+        inputs = [_to_device_of(a, _first_device(module)) for a in args[1:]]
+        self.paused = True  # our own hooks must not see calls the user makes explicitly
+        try:
+            return module(*inputs, **kwargs)
+        finally:
+            self.paused = False
+
+    # -- results -------------------------------------------------------------------------------
+
+    def _collect(self, result: TraceResult) -> None:
+        for i in self.saved:
+            if i in self.values:
+                result.saves[i] = _materialize(self.values[i])
+        for i in self.keep:
+            if i in self.values:
+                result.exports[i] = _materialize(self.values[i])
+
+    def _forward_error(self, exc: Exception) -> ExecutionError:
+        msg = f"{type(exc).__name__}: {exc}"
+        if self.last_write is not None:
+            return ExecutionError(f"the model failed after this intervention: {msg}", self.last_write.loc)
+        return ExecutionError(f"the model's forward pass failed: {msg}", self.trace.loc)
+
+
+def run_trace(
+    model: torch.nn.Module,
+    trace: TraceIR,
+    batch: dict[str, Any],
+    spans: list[tuple[int, int]],
+    *,
+    tensors: dict[str, torch.Tensor] | None = None,
+    externals: dict[int, Any] | None = None,
+    keep: set[int] | None = None,
+    on_log: Callable[[str], None] = print,
+) -> TraceResult:
+    """Execute `trace` in one forward of `model` on `batch` (rows of invoke i: `spans[i]`)."""
+    device = _first_device(model)
+    batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    batch_size = next(iter(batch.values())).shape[0]
+    forward_kwargs = decode({"$dict": trace.kwargs}, _no_refs, tensors or {})
+    engine = Engine(model, trace, spans, batch_size, tensors or {}, externals or {}, keep or set(), on_log)
+    return engine.run(batch, forward_kwargs)
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def _no_refs(i: int) -> Any:
+    raise InterventionError("forward keyword arguments cannot refer to values of the trace")
+
+
+def _has_ref(value: Any) -> bool:
+    if isinstance(value, _Ref):
+        return True
+    if isinstance(value, (list, tuple)):
+        return any(_has_ref(v) for v in value)
+    if isinstance(value, dict):
+        return any(_has_ref(v) for v in value.values())
+    if isinstance(value, slice):
+        return any(_has_ref(v) for v in (value.start, value.stop, value.step))
+    return False
+
+
+def _bind(value: Any, values: dict[int, Any]) -> Any:
+    if isinstance(value, _Ref):
+        return values[value.id]
+    if isinstance(value, list):
+        return [_bind(v, values) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_bind(v, values) for v in value)
+    if isinstance(value, dict):
+        return {k: _bind(v, values) for k, v in value.items()}
+    if isinstance(value, slice):
+        return slice(_bind(value.start, values), _bind(value.stop, values), _bind(value.step, values))
+    return value
+
+
+def _submodule(model: torch.nn.Module, path: str, step: _Step) -> torch.nn.Module:
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        raise ExecutionError(f"the model has no module '{path}'", step.loc, code="unknown_module") from None
+
+
+def _first_input(args: list, kwargs: dict) -> Any:
+    if args:
+        return args[0]
+    if kwargs:
+        return next(iter(kwargs.values()))
+    raise ValueError("this module was called without inputs")
+
+
+def _narrow(value: Any, rows: Rows, batch: int) -> Any:
+    """The rows of `value` a thread may see. Views, so in-place edits reach the model."""
+    if rows is None:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value[rows[0] : rows[1]] if value.dim() and value.shape[0] == batch else value
+    if isinstance(value, ModelOutput):
+        return type(value)(**{k: _narrow(v, rows, batch) for k, v in value.items()})
+    if isinstance(value, tuple):
+        return tuple(_narrow(v, rows, batch) for v in value)
+    if isinstance(value, list):
+        return [_narrow(v, rows, batch) for v in value]
+    if isinstance(value, dict):
+        return {k: _narrow(v, rows, batch) for k, v in value.items()}
+    return value
+
+
+def _write_rows(target: Any, value: Any, rows: tuple[int, int], batch: int) -> None:
+    if isinstance(target, torch.Tensor):
+        target[rows[0] : rows[1]] = value
+    elif isinstance(target, (tuple, list)) and isinstance(value, (tuple, list)):
+        for t, v in zip(target, value, strict=True):
+            if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] == batch:
+                t[rows[0] : rows[1]] = v
+    else:
+        raise TypeError(f"cannot assign a {type(value).__name__} to part of a {type(target).__name__}")
+
+
+def _getattr(obj: Any, name: str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        if name not in ops.TENSOR_ATTRS:
+            raise AttributeError(f"tensor attribute .{name} is not supported inside a trace")
+        return getattr(obj, name)
+    if isinstance(obj, ModelOutput) and not name.startswith("_") and name in obj.__dataclass_fields__:
+        return getattr(obj, name)
+    raise AttributeError(f"{type(obj).__name__} has no readable attribute .{name}")
+
+
+def _first_device(module: torch.nn.Module) -> torch.device:
+    for p in module.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _to_device_of(value: Any, like: Any) -> Any:
+    if isinstance(value, torch.Tensor) and isinstance(like, torch.Tensor) and value.device != like.device:
+        return value.to(like.device)
+    if isinstance(value, torch.Tensor) and isinstance(like, torch.device) and value.device != like:
+        return value.to(like)
+    return value
+
+
+def _same_device(args: list, default: torch.device) -> list:
+    """Client tensors arrive on the CPU; move them next to the model's tensors they meet."""
+    devices = {a.device for a in args if isinstance(a, torch.Tensor)}
+    if len(devices) < 2:
+        return args
+    target = next((d for d in devices if d.type != "cpu"), default)
+    return [a.to(target) if isinstance(a, torch.Tensor) and a.device.type == "cpu" else a for a in args]
+
+
+def _materialize(value: Any) -> Any:
+    if isinstance(value, torch.Tensor):
+        value = value.detach()
+        return value.clone() if value._base is not None else value
+    if isinstance(value, ModelOutput):
+        return value
+    if isinstance(value, (tuple, list)):
+        return type(value)(_materialize(v) for v in value) if type(value) in (tuple, list) else value
+    if isinstance(value, dict):
+        return {k: _materialize(v) for k, v in value.items()}
+    return value
+
+
+def _log_text(value: Any) -> str:
+    return str(value)
+
+
+def _out_of_order(step: _Step) -> ExecutionError:
+    path, kind, call = step.event
+    return ExecutionError(
+        f"'{path}' {kind} was accessed after the model had already run past it: access modules "
+        "in the order the model executes them",
+        step.loc,
+        code="out_of_order",
+    )

@@ -1,0 +1,123 @@
+"""The op whitelist: every operation a node may name, and nothing else.
+
+All ops are pure tensor computation. Nothing here does I/O, loads or saves files, or moves data to
+a device the user picks (the engine places tensors itself). Adding a feature means adding an op
+here; an existing op never changes meaning.
+"""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# Ops the engine implements itself because they touch modules or the run, not only values.
+# name -> (min args, max args); args[0] is a module path for module ops.
+MODULE_READS = {"module.output", "module.input", "module.inputs"}
+MODULE_WRITES = {"module.set_output", "module.set_input"}
+CONTROL_OPS = {"save", "log", "stop"}
+
+ARITY: dict[str, tuple[int, int | None]] = {
+    "module.output": (2, 2),  # path, call index
+    "module.input": (2, 2),
+    "module.inputs": (2, 2),
+    "module.set_output": (3, 3),  # path, call index, value
+    "module.set_input": (3, 3),
+    "module.call": (1, None),  # path, *args
+    "save": (1, 1),
+    "log": (0, None),
+    "stop": (1, 1),  # "trace" | "session"
+    "getitem": (2, 2),
+    "setitem": (3, 3),
+    "getattr": (2, 2),
+    "method": (2, None),  # name, self, *args
+    "function": (1, None),  # qualified name, *args
+}
+
+BINARY = {
+    "add": operator.add, "sub": operator.sub, "mul": operator.mul, "truediv": operator.truediv,
+    "floordiv": operator.floordiv, "mod": operator.mod, "pow": operator.pow,
+    "matmul": operator.matmul, "and": operator.and_, "or": operator.or_, "xor": operator.xor,
+    "lshift": operator.lshift, "rshift": operator.rshift,
+    "eq": operator.eq, "ne": operator.ne, "lt": operator.lt, "le": operator.le,
+    "gt": operator.gt, "ge": operator.ge,
+    # In-place forms: `x[...] += v` must edit the module's tensor, as in PyTorch.
+    "iadd": operator.iadd, "isub": operator.isub, "imul": operator.imul,
+    "itruediv": operator.itruediv, "ifloordiv": operator.ifloordiv, "imod": operator.imod,
+    "ipow": operator.ipow, "imatmul": operator.imatmul, "iand": operator.iand,
+    "ior": operator.ior, "ixor": operator.ixor,
+}
+UNARY = {"neg": operator.neg, "pos": operator.pos, "abs": operator.abs, "invert": operator.invert}
+for _name in BINARY:
+    ARITY[_name] = (2, 2)
+for _name in UNARY:
+    ARITY[_name] = (1, 1)
+
+# Tensor methods a node may call. Pure, or in-place on the tensor itself; none moves devices.
+TENSOR_METHODS = frozenset("""
+abs abs_ add add_ all amax amin any argmax argmin argsort bfloat16 bmm bool ceil chunk clamp clamp_
+clip clone contiguous cos cumprod cumsum detach diag diff dim div div_ dot double eq exp expand
+expand_as fill_ flatten flip float floor gather ge gt half index_select int isnan isinf item le log
+log_softmax logsumexp long lt masked_fill masked_fill_ matmul max mean min mm mul mul_ nan_to_num
+narrow ne neg nonzero norm numel permute pow prod reciprocal relu repeat reshape roll round rsqrt
+scatter sigmoid sign sin size softmax sort split sqrt square squeeze std sub sub_ sum t tanh tolist
+topk transpose tril triu type_as unbind unflatten unsqueeze var view view_as where zero_ copy_
+new_zeros new_ones new_full to
+""".split())
+
+# Tensor attributes a node may read (ModelOutput fields are allowed by name too, see engine).
+TENSOR_ATTRS = frozenset({"shape", "dtype", "T", "mT", "ndim", "real", "imag"})
+
+
+@dataclass(frozen=True)
+class Function:
+    name: str
+    fn: object
+
+
+def _functions() -> dict[str, object]:
+    torch_names = """
+    abs allclose amax amin arange argmax argmin argsort bmm cat chunk clamp clone cos cosine_similarity
+    cumsum diag dist dot einsum eq equal exp eye flatten flip full full_like gather ge gt index_select
+    isclose le linspace log log_softmax logsumexp lt matmul max maximum mean min minimum mm mul ne
+    norm ones ones_like outer permute pow prod relu reshape roll round rsqrt sigmoid sign sin softmax
+    sort split sqrt square squeeze stack std sub sum tanh tensor topk transpose tril triu unbind
+    unsqueeze var where zeros zeros_like add div neg nan_to_num take_along_dim
+    """.split()
+    functional_names = """
+    softmax log_softmax gelu silu relu tanh sigmoid normalize cosine_similarity kl_div cross_entropy
+    mse_loss layer_norm pad one_hot embedding linear dropout
+    """.split()
+    table: dict[str, object] = {f"torch.{n}": getattr(torch, n) for n in torch_names}
+    table.update({f"torch.nn.functional.{n}": getattr(F, n) for n in functional_names})
+    table["torch.linalg.norm"] = torch.linalg.norm
+    table["torch.linalg.vector_norm"] = torch.linalg.vector_norm
+    return table
+
+
+FUNCTIONS: dict[str, object] = _functions()
+
+# Keyword arguments never accepted: they would move data or write outside the value graph.
+FORBIDDEN_KWARGS = frozenset({"device", "out", "pin_memory", "generator", "layout"})
+
+
+def check_call(op: str, name: str, args: list, kwargs: dict) -> str | None:
+    """Why a method/function call may not run, or None. Static part of validation."""
+    if op == "method" and name not in TENSOR_METHODS:
+        return f"tensor method .{name}() is not supported inside a trace"
+    if op == "function" and name not in FUNCTIONS:
+        return f"{name}() is not supported inside a trace"
+    bad = FORBIDDEN_KWARGS.intersection(kwargs)
+    if bad:
+        return f"keyword argument {sorted(bad)[0]!r} is not allowed: raysight places tensors itself"
+    return None
+
+
+def check_to_args(args: list) -> str | None:
+    """`.to()` is allowed for dtype conversion only (the first arg after self)."""
+    for a in args[2:]:
+        if not (isinstance(a, dict) and "$dtype" in a):
+            return ".to() accepts a dtype only: raysight chooses devices itself"
+    return None

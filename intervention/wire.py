@@ -1,0 +1,100 @@
+"""Bytes on the wire: one safetensors file per message, the JSON structure in its metadata.
+
+A request is a safetensors file whose tensors are the client's blobs (steering vectors, patches)
+and whose metadata key "raysight.session" holds the session IR as JSON. A result is the same
+shape: saved tensors as tensors, and "raysight.result" holds the JSON that places them. safetensors
+is a plain format (a JSON header, then raw bytes): nothing is pickled in either direction.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from typing import Any
+
+import safetensors.torch
+import torch
+from transformers.utils import ModelOutput
+
+from intervention import args as argcodec
+from intervention.errors import ValidationError
+from intervention.ir import SessionIR
+
+SESSION_KEY = "raysight.session"
+RESULT_KEY = "raysight.result"
+
+
+def encode_session(session: SessionIR, tensors: dict[str, torch.Tensor]) -> bytes:
+    return _pack(tensors, {SESSION_KEY: session.model_dump_json()})
+
+
+def decode_session(data: bytes) -> tuple[SessionIR, dict[str, torch.Tensor]]:
+    """Parse a request body. Raises ValidationError on anything malformed."""
+    try:
+        meta = read_metadata(data)
+        session = SessionIR.model_validate_json(meta[SESSION_KEY])
+        tensors = safetensors.torch.load(data)
+    except ValidationError:
+        raise
+    except KeyError:
+        raise ValidationError(f"the request has no '{SESSION_KEY}' metadata") from None
+    except Exception as exc:
+        raise ValidationError(f"malformed request: {_short(exc)}") from None
+    return session, tensors
+
+
+def encode_result(saves: dict[int, Any], info: dict[str, Any] | None = None) -> bytes:
+    """Saved values (node id -> value) -> bytes. Tensors travel raw; the rest as tagged JSON."""
+    tensors: dict[str, torch.Tensor] = {}
+
+    def store(t: torch.Tensor) -> str:
+        name = f"r{len(tensors)}"
+        tensors[name] = t.detach().contiguous()
+        return name
+
+    values = {str(k): argcodec.encode(_plain(v), store, lambda v: None) for k, v in saves.items()}
+    return _pack(tensors, {RESULT_KEY: json.dumps({"values": values, **(info or {})})})
+
+
+def decode_result(data: bytes) -> tuple[dict[int, Any], dict[str, Any]]:
+    body = json.loads(read_metadata(data)[RESULT_KEY])
+    tensors = safetensors.torch.load(data)
+    values = {int(k): argcodec.decode(v, _no_ref, tensors) for k, v in body.pop("values").items()}
+    return values, body
+
+
+def read_metadata(data: bytes) -> dict[str, str]:
+    """The metadata of a safetensors file, without touching its tensors."""
+    if len(data) < 8:
+        raise ValueError("too short to be a safetensors message")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > len(data) - 8:
+        raise ValueError("the header length exceeds the message")
+    return json.loads(data[8 : 8 + n]).get("__metadata__", {})
+
+
+def _pack(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    try:
+        return safetensors.torch.save(tensors, metadata=metadata)
+    except RuntimeError:  # tensors sharing storage: give each its own
+        return safetensors.torch.save({k: v.clone() for k, v in tensors.items()}, metadata=metadata)
+
+
+def _plain(value: Any) -> Any:
+    """Values the wire can carry: model outputs become dicts of their tensor fields."""
+    if isinstance(value, ModelOutput):
+        return {k: _plain(v) for k, v in value.items() if isinstance(v, (torch.Tensor, tuple))}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value) if type(value) in (list, tuple) else tuple(value)
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def _no_ref(i: int) -> Any:
+    raise ValueError("results cannot contain references")
+
+
+def _short(exc: Exception) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:300]

@@ -1,0 +1,106 @@
+"""The application config: the `args` of the Serve app, also the file `raysight serve` reads.
+
+A Serve config YAML is the source of truth:
+
+    applications:
+    - name: raysight
+      route_prefix: /
+      import_path: serve_app.app:build_app
+      args:
+        models:
+        - name: smollm2-135m
+          path: ~/.cache/raysight/models/smollm2-135m
+          dtype: float32
+          gpus_per_replica: 0
+          num_replicas: 1            # or autoscaling_config: {min_replicas: 1, max_replicas: 4}
+        auth:
+          api_keys:
+          - user: alice
+            key_sha256: 5e88...      # `raysight keys hash` prints it; plain keys never stored
+        limits: {max_request_bytes: 67108864, request_timeout_s: 300, max_concurrent_per_user: 4}
+        result_ttl_s: 3600
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    path: str  # a local folder (or an HF id on a machine that has the Hub)
+    dtype: str = "float32"
+    gpus_per_replica: float = 0
+    cpus_per_replica: float = 0
+    num_replicas: int | None = None
+    autoscaling_config: dict[str, Any] | None = None
+    max_ongoing_requests: int = 16
+
+    @field_validator("dtype")
+    @classmethod
+    def _dtype(cls, v: str) -> str:
+        if v not in ("float32", "float16", "bfloat16", "auto"):
+            raise ValueError("dtype must be float32, float16, bfloat16 or auto")
+        return v
+
+    @model_validator(mode="after")
+    def _replicas(self) -> ModelConfig:
+        if self.num_replicas is not None and self.autoscaling_config is not None:
+            raise ValueError("give num_replicas or autoscaling_config, not both")
+        return self
+
+    def resolved_path(self) -> str:
+        p = Path(self.path).expanduser()
+        return str(p) if p.exists() or self.path.startswith(("~", "/", ".")) else self.path
+
+
+class ApiKey(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    user: str
+    key_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+
+class AuthConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    api_keys: list[ApiKey] = Field(default_factory=list)
+
+
+class LimitsConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    max_request_bytes: int = 64 * 2**20
+    request_timeout_s: float = 300.0
+    max_concurrent_per_user: int = 4
+    max_traces: int = 64
+    max_nodes: int = 20_000
+
+
+class AppConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[ModelConfig]
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    result_ttl_s: float = 3600.0
+
+    @model_validator(mode="after")
+    def _unique(self) -> AppConfig:
+        names = [m.name for m in self.models]
+        if len(set(names)) != len(names):
+            raise ValueError("model names must be unique")
+        if not names:
+            raise ValueError("configure at least one model")
+        return self
+
+
+def hash_key(key: str) -> str:
+    """API keys are stored and compared as SHA-256 hex digests, never in plain text."""
+    return hashlib.sha256(key.encode()).hexdigest()
