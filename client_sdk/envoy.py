@@ -12,9 +12,16 @@ from typing import TYPE_CHECKING, Any
 from client_sdk.location import user_location
 from client_sdk.proxy import Proxy, TracingError
 from client_sdk.tracing import current_graph
+from intervention.ir import format_location
 
 if TYPE_CHECKING:
     from client_sdk.language_model import LanguageModel
+
+
+def _at(message: str) -> str:
+    """`message` naming the user's line, like every other raysight error."""
+    return f"{message}\n  {format_location(user_location())}"
+
 
 class Envoy:
     def __init__(self, model: LanguageModel, tree: dict[str, Any], path: str):
@@ -38,16 +45,16 @@ class Envoy:
         if name.startswith("__"):
             raise AttributeError(name)
         children = ", ".join(n for n in self._tree["children"] if not n.isdigit()) or "none"
-        raise AttributeError(f"{self._describe()} has no submodule '{name}' (its submodules: {children})")
+        raise AttributeError(_at(f"{self._describe()} has no submodule '{name}' (its submodules: {children})"))
 
     def __getitem__(self, index: int | slice) -> Envoy | list[Envoy]:
         names = list(self._tree["children"])
         if isinstance(index, slice):
             return [self._child(n) for n in names[index]]
         if not isinstance(index, int) or not all(n.isdigit() for n in names):
-            raise TypeError(f"{self._describe()} ({self._tree['type']}) cannot be indexed with {index!r}")
+            raise TypeError(_at(f"{self._describe()} ({self._tree['type']}) cannot be indexed with {index!r}"))
         if not -len(names) <= index < len(names):
-            raise IndexError(f"{self._describe()} has {len(names)} modules; index {index} is out of range")
+            raise IndexError(_at(f"{self._describe()} has {len(names)} modules; index {index} is out of range"))
         return self._child(names[index])
 
     def __len__(self) -> int:

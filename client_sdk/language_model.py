@@ -27,6 +27,7 @@ class LanguageModel:
         self._module: torch.nn.Module | None = None
         self._tokenizer = None
         self._remote_info: dict | None = None
+        self._order: list | None = None
 
     # -- tracing -------------------------------------------------------------------------------
 
@@ -105,6 +106,18 @@ class LanguageModel:
             self._module = AutoModelForCausalLM.from_pretrained(self.name, **kwargs).eval()
             self._module.requires_grad_(False)
         return self._module
+
+    @property
+    def module_order(self) -> list[tuple[str, str]]:
+        """The order module events fire in (recorded once), to reject out-of-order reads early."""
+        if self._order is None:
+            if self.is_local:
+                from intervention.order import record_order
+
+                self._order = record_order(self.local_module, self.tokenizer)
+            else:
+                self._order = [tuple(e) for e in self.remote_info.get("module_order", [])]
+        return self._order
 
     @property
     def tokenizer(self):

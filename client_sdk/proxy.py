@@ -119,6 +119,11 @@ class Proxy:
             raise AttributeError(name)
         if name in ops.TENSOR_METHODS:
             return _Method(self, name)
+        if name not in _FIELDS and callable(getattr(torch.Tensor, name, None)):
+            # Say so at this line, not "not callable" now or an execution error later.
+            raise TracingError(
+                f"tensor method .{name}() is not supported inside a trace", self._graph.location_now()
+            )
         return self._graph.record("getattr", [self, name])
 
     def __call__(self, *args, **kwargs):
@@ -169,6 +174,10 @@ def _graph_of(args, kwargs) -> Graph:
 
 
 _FUNCTION_NAMES = {fn: name for name, fn in ops.FUNCTIONS.items()}
+
+# Attribute names that are also tensor methods but read a field: `.values`/`.indices` of
+# topk/max/sort results (sparse-tensor methods on a plain tensor).
+_FIELDS = ops.TENSOR_ATTRS | {"values", "indices"}
 
 # Python operator -> (op, swap operands). Reflected forms swap so `1 - p` records sub(1, p).
 _DUNDER_OPS: dict[str, tuple[str, bool]] = {}

@@ -38,7 +38,9 @@ class Graph:
         self.blocking = blocking
         self.traces: list[TraceIR] = []
         self.tensors: dict[str, torch.Tensor] = {}
-        self._tensor_names: dict[int, str] = {}
+        # id(tensor) -> (blob name, the tensor). Holding the tensor keeps its id from being reused
+        # by a later temporary, which would otherwise silently send the earlier tensor's values.
+        self._tensor_names: dict[int, tuple[str, torch.Tensor]] = {}
         self.saved: dict[int, Proxy] = {}
         self.proxies: list[Proxy] = []
         self.models: dict[str, LanguageModel] = {}
@@ -85,10 +87,12 @@ class Graph:
         return encoded["$dict"] if isinstance(value, dict) else encoded
 
     def _store_tensor(self, t: torch.Tensor) -> str:
-        name = self._tensor_names.get(id(t))
-        if name is None:
-            name = self._tensor_names[id(t)] = f"t{len(self.tensors)}"
-            self.tensors[name] = t.detach().cpu().contiguous()
+        entry = self._tensor_names.get(id(t))
+        if entry is not None and entry[1] is t:
+            return entry[0]
+        name = f"t{len(self.tensors)}"
+        self._tensor_names[id(t)] = (name, t)
+        self.tensors[name] = t.detach().cpu().contiguous()
         return name
 
     def _ref_of(self, value: Any) -> int | None:
@@ -161,8 +165,21 @@ def _exit_graph(graph: Graph, exc: BaseException | None, frame) -> None:
         graph.finish(frame)
     except InterventionError as err:
         graph.abandon()
+        _free_frames(err)
         # The message names the user's line; engine frames would only hide it.
         raise err.with_traceback(None) from None
+
+
+def _free_frames(err: BaseException) -> None:
+    """Drop the tracebacks of `err`'s chained exceptions (hidden by `from None` anyway): their
+    frames are the engine's hooks and the model's forward, holding activations, and a notebook
+    keeps the last error alive. Their types and messages stay."""
+    seen: set[int] = set()
+    chained = err.__cause__ or err.__context__
+    while chained is not None and id(chained) not in seen:
+        seen.add(id(chained))
+        chained.with_traceback(None)
+        chained = chained.__cause__ or chained.__context__
 
 
 class Session:
@@ -195,8 +212,9 @@ class Session:
     def status(self) -> dict:
         return _handle(self.graph).status()
 
-    def result(self, timeout: float | None = None) -> dict[str, Any]:
-        return _handle(self.graph).result(timeout)
+    def result(self) -> dict[int, Any]:
+        """Wait for the result; saved names in the caller's scope then hold their values."""
+        return _handle(self.graph).result(sys._getframe(1))
 
     def cancel(self) -> None:
         _handle(self.graph).cancel()

@@ -36,8 +36,13 @@ class ArgError(ValueError):
     """An argument that cannot be encoded or decoded."""
 
 
+_PLAIN = frozenset({int, str, bool, type(None)})  # exact types that encode to themselves
+
+
 def encode(value: Any, tensor_name: Callable[[torch.Tensor], str], ref_of: Callable[[Any], int | None]) -> Any:
     """Python value -> JSON. `ref_of` maps proxies to node ids; `tensor_name` stores a tensor."""
+    if type(value) in _PLAIN:  # the common case, and never a proxy: skip the ref_of call
+        return value
     ref = ref_of(value)
     if ref is not None:
         return {"$ref": ref}
@@ -69,7 +74,8 @@ def encode(value: Any, tensor_name: Callable[[torch.Tensor], str], ref_of: Calla
 def decode(value: Any, resolve: Callable[[int], Any], tensors: dict[str, torch.Tensor]) -> Any:
     """JSON -> Python value, resolving node references through `resolve`."""
     if isinstance(value, list):
-        return [decode(v, resolve, tensors) for v in value]
+        # Scalars decode to themselves: skip the call for them (most arguments are scalars).
+        return [decode(v, resolve, tensors) if isinstance(v, (list, dict)) else v for v in value]
     if not isinstance(value, dict):
         return value
     tag, body = _tag(value)
@@ -80,7 +86,7 @@ def decode(value: Any, resolve: Callable[[int], Any], tensors: dict[str, torch.T
             raise ArgError(f"tensor blob {body!r} is missing from the request")
         return tensors[body]
     if tag == "$slice":
-        return slice(*(decode(v, resolve, tensors) for v in body))
+        return slice(*[decode(v, resolve, tensors) for v in body])
     if tag == "$ellipsis":
         return Ellipsis
     if tag == "$tuple":
@@ -92,20 +98,24 @@ def decode(value: Any, resolve: Callable[[int], Any], tensors: dict[str, torch.T
     return float(body)  # $float, checked by _tag
 
 
+# tag -> check of its body. Built once: _tag runs for every tagged object of every node.
+_TAG_CHECKS: dict[str, Callable[[Any], bool]] = {
+    "$ref": lambda b: isinstance(b, int) and not isinstance(b, bool),
+    "$tensor": lambda b: isinstance(b, str),
+    "$slice": lambda b: isinstance(b, list) and len(b) == 3,
+    "$ellipsis": lambda b: b is None,
+    "$tuple": lambda b: isinstance(b, list),
+    "$dict": lambda b: isinstance(b, dict),
+    "$dtype": lambda b: b in DTYPES,
+    "$float": lambda b: b in ("inf", "-inf", "nan"),
+}
+
+
 def _tag(value: dict) -> tuple[str, Any]:
     if len(value) != 1:
         raise ArgError(f"malformed argument object with keys {sorted(value)}")
     (tag, body), = value.items()
-    ok = {
-        "$ref": lambda b: isinstance(b, int) and not isinstance(b, bool),
-        "$tensor": lambda b: isinstance(b, str),
-        "$slice": lambda b: isinstance(b, list) and len(b) == 3,
-        "$ellipsis": lambda b: b is None,
-        "$tuple": lambda b: isinstance(b, list),
-        "$dict": lambda b: isinstance(b, dict),
-        "$dtype": lambda b: b in DTYPES,
-        "$float": lambda b: b in ("inf", "-inf", "nan"),
-    }.get(tag)
+    ok = _TAG_CHECKS.get(tag)
     if ok is None or not ok(body):
         raise ArgError(f"malformed argument {tag!r}: {body!r}")
     return tag, body
@@ -115,7 +125,8 @@ def walk(value: Any) -> Iterator[tuple[str, Any]]:
     """Yield (tag, body) of every tagged object inside an encoded argument."""
     if isinstance(value, list):
         for v in value:
-            yield from walk(v)
+            if isinstance(v, (list, dict)):  # scalars hold no tags: skip a generator per scalar
+                yield from walk(v)
     elif isinstance(value, dict):
         tag, body = _tag(value)
         yield tag, body
@@ -125,7 +136,32 @@ def walk(value: Any) -> Iterator[tuple[str, Any]]:
             yield from walk(list(body.values()))
 
 
+def visit(value: Any, fn: Callable[[str, Any], None]) -> None:
+    """Call fn(tag, body) for every tagged object, in the order `walk` yields them.
+
+    The same traversal without a generator per container: validation and `refs_in` run it on
+    every node of every request. An exception from `fn` stops it where `walk` would stop."""
+    if isinstance(value, list):
+        for v in value:
+            if isinstance(v, (list, dict)):
+                visit(v, fn)
+    elif isinstance(value, dict):
+        tag, body = _tag(value)
+        fn(tag, body)
+        if tag in ("$slice", "$tuple"):
+            visit(body, fn)
+        elif tag == "$dict":
+            visit(list(body.values()), fn)
+
+
 def refs_in(args: list, kwargs: dict) -> Iterator[int]:
-    for tag, body in walk([args, list(kwargs.values())]):
+    refs: list[int] = []
+
+    def collect(tag: str, body: Any) -> None:
         if tag == "$ref":
-            yield body
+            refs.append(body)
+
+    visit(args, collect)
+    if kwargs:
+        visit(list(kwargs.values()), collect)
+    return iter(refs)

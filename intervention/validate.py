@@ -12,9 +12,10 @@ from dataclasses import dataclass
 import torch
 
 from intervention import ops
-from intervention.args import ArgError, walk
+from intervention.args import ArgError, visit
 from intervention.errors import ValidationError
 from intervention.ir import IR_VERSION, Node, SessionIR, TraceIR
+from intervention.order import check_order
 
 FORWARD_KWARGS = frozenset({"output_hidden_states", "output_attentions", "use_cache"})
 
@@ -31,8 +32,10 @@ def validate_session(
     tensors: dict[str, torch.Tensor],
     models: dict[str, set[str]],
     limits: Limits = Limits(),
+    orders: dict[str, list] | None = None,
 ) -> None:
-    """`models` maps each served model name to its module paths."""
+    """`models` maps each served model name to its module paths; `orders`, where known, to the
+    order its modules run in (see order.py), so out-of-order reads fail before any forward."""
     if session.version != IR_VERSION:
         raise ValidationError(f"IR version {session.version} is not supported (this server speaks {IR_VERSION})")
     if not session.traces:
@@ -51,12 +54,14 @@ def validate_session(
             known = ", ".join(sorted(models)) or "none"
             raise ValidationError(f"unknown model '{trace.model}' (served: {known})", trace.loc, code="unknown_model")
         _check_trace(trace, tensors, models[trace.model], seen)
+        if orders and trace.model in orders:
+            check_order(trace, orders[trace.model])
 
 
 def _check_trace(trace: TraceIR, tensors: dict, paths: set[str], seen: set[int]) -> None:
     bad = set(trace.kwargs) - FORWARD_KWARGS
     if bad:
-        raise ValidationError(f"forward argument {sorted(bad)[0]!r} is not supported", trace.loc)
+        raise ValidationError(f"forward argument {min(bad)!r} is not supported", trace.loc)
     for invoke in trace.invokes:
         _check_tags(invoke.input, tensors, seen, trace.loc, allow_refs=False)
     for node in trace.nodes:
@@ -103,11 +108,13 @@ def _check_node(node: Node, trace: TraceIR, tensors: dict, paths: set[str], seen
 
 
 def _check_tags(value, tensors: dict, seen: set[int], loc, allow_refs: bool = True) -> None:
+    def check(tag: str, body) -> None:
+        if tag == "$ref" and (not allow_refs or body not in seen):
+            raise ValidationError(f"reference to value {body}, which is not defined before this point", loc)
+        if tag == "$tensor" and body not in tensors:
+            raise ValidationError(f"tensor blob {body!r} is missing from the request", loc)
+
     try:
-        for tag, body in walk(value):
-            if tag == "$ref" and (not allow_refs or body not in seen):
-                raise ValidationError(f"reference to value {body}, which is not defined before this point", loc)
-            if tag == "$tensor" and body not in tensors:
-                raise ValidationError(f"tensor blob {body!r} is missing from the request", loc)
+        visit(value, check)  # `walk` without its generators: this runs for every node
     except ArgError as exc:
         raise ValidationError(str(exc), loc) from None

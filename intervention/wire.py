@@ -74,6 +74,8 @@ def read_metadata(data: bytes) -> dict[str, str]:
 
 
 def _pack(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
+    # safetensors refuses non-contiguous tensors (transposes, strided slices).
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
     try:
         return safetensors.torch.save(tensors, metadata=metadata)
     except RuntimeError:  # tensors sharing storage: give each its own
@@ -98,3 +100,11 @@ def _no_ref(i: int) -> Any:
 def _short(exc: Exception) -> str:
     text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
     return text[:300]
+
+
+def merge_results(parts: list[bytes], info: dict[str, Any] | None = None) -> bytes:
+    """One result message from the per-trace ones a session produced."""
+    values: dict[int, Any] = {}
+    for part in parts:
+        values.update(decode_result(part)[0])
+    return encode_result(values, info)

@@ -53,6 +53,8 @@ class ModelConfig(BaseModel):
     def _replicas(self) -> ModelConfig:
         if self.num_replicas is not None and self.autoscaling_config is not None:
             raise ValueError("give num_replicas or autoscaling_config, not both")
+        if self.autoscaling_config is not None:
+            _check_autoscaling(self.autoscaling_config)
         return self
 
     def resolved_path(self) -> str:
@@ -99,6 +101,16 @@ class AppConfig(BaseModel):
         if not names:
             raise ValueError("configure at least one model")
         return self
+
+
+def _check_autoscaling(cfg: dict[str, Any]) -> None:
+    """Serve ignores unknown autoscaling keys; a typo there must not pass silently."""
+    from ray.serve.config import AutoscalingConfig
+
+    unknown = set(cfg) - set(AutoscalingConfig.model_fields)
+    if unknown:
+        raise ValueError(f"unknown autoscaling_config keys: {sorted(unknown)}")
+    AutoscalingConfig(**cfg)
 
 
 def hash_key(key: str) -> str:

@@ -5,6 +5,9 @@ HF_HUB_OFFLINE once, at import), which is why the model builders are imported in
 """
 
 import os
+import socket
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -27,3 +30,56 @@ def tiny_gpt2_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from serve_app.tiny_models import build_tiny_gpt2
 
     return build_tiny_gpt2(tmp_path_factory.mktemp("models") / "tiny-gpt2", seed=0)
+
+
+@dataclass
+class Cluster:
+    """A real local Ray + Serve running raysight with the tiny models (one per test session)."""
+
+    url: str
+    keys: dict[str, str]  # user -> plain API key
+    llama_path: Path
+    gpt2_path: Path
+
+
+@pytest.fixture(scope="session")
+def cluster(tiny_llama_path: Path, tiny_gpt2_path: Path) -> Iterator[Cluster]:
+    from serve_app import launcher
+    from serve_app.config import AppConfig, hash_key
+
+    keys = {"alice": "alice-key-0123", "bob": "bob-key-4567"}
+    config = AppConfig.model_validate(
+        {
+            "models": [
+                {"name": "llama", "path": str(tiny_llama_path)},
+                {"name": "gpt2", "path": str(tiny_gpt2_path)},
+            ],
+            "auth": {"api_keys": [{"user": u, "key_sha256": hash_key(k)} for u, k in keys.items()]},
+            "limits": {"max_concurrent_per_user": 3, "request_timeout_s": 120, "max_request_bytes": 8 * 2**20},
+        }
+    )
+    url = launcher.start(config, port=_free_port(), num_cpus=2)
+    try:
+        yield Cluster(url, keys, tiny_llama_path, tiny_gpt2_path)
+    finally:
+        launcher.stop()
+
+
+@pytest.fixture
+def remote_client(cluster: Cluster) -> Iterator[Cluster]:
+    """client_sdk configured for `cluster` as alice, restored afterwards."""
+    from client_sdk import CONFIG
+
+    saved = (CONFIG.host, CONFIG.api_key)
+    CONFIG.set_host(cluster.url)
+    CONFIG.set_default_api_key(cluster.keys["alice"])
+    try:
+        yield cluster
+    finally:
+        CONFIG.host, CONFIG.api_key = saved
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

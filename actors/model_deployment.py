@@ -1,0 +1,143 @@
+"""The model deployment: one Serve deployment per configured model.
+
+Each replica loads its model once (pinned across the GPUs Ray gave it, or on the CPU) and runs
+traces with the shared engine. Until cross-request batching lands, a replica runs one forward at a
+time; the others wait in FIFO order and their queue position is reported as it changes. Values a
+later trace needs are put in Ray's object store here and only their ObjectRefs travel on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import ray
+from ray import serve
+
+from actors.model_loader import load_model, placement, tokenizer_files
+from actors.request_store import get_store
+from intervention.engine import Cancelled, run_trace
+from intervention.errors import InterventionError
+from intervention.inputs import prepare_batch
+from intervention.ir import TraceIR
+from intervention.module_tree import module_tree
+from intervention.order import record_order
+from intervention.wire import encode_result
+
+
+@serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})
+class ModelDeployment:
+    def __init__(self, spec: dict[str, Any], result_ttl_s: float = 3600.0):
+        self.name = spec["name"]
+        self.path = spec["path"]
+        self.dtype = spec.get("dtype", "float32")
+        self.model, self.tokenizer = load_model(self.path, self.dtype)
+        self.tree = module_tree(self.model)
+        self.order = record_order(self.model, self.tokenizer)
+        self.store = get_store(result_ttl_s)
+        self.lock = asyncio.Lock()  # one forward at a time; FIFO
+        self.waiting: list[str] = []
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{self.name}")
+
+    def info(self) -> dict[str, Any]:
+        """Everything a client needs instead of the Hub: module tree, config, tokenizer."""
+        return {
+            "name": self.name,
+            "module_tree": self.tree,
+            "config": self.model.config.to_dict(),
+            "tokenizer_files": tokenizer_files(self.path),
+            "dtype": self.dtype,
+            "placement": placement(self.model),
+            "module_order": [list(e) for e in self.order],
+        }
+
+    def stats(self) -> dict[str, int]:
+        return {"waiting": len(self.waiting), "running": int(self.lock.locked())}
+
+    async def run_segment(
+        self,
+        request_id: str,
+        traces: list[dict],
+        first: int,
+        count: int,
+        tensors: dict,
+        externals: dict[int, ray.ObjectRef],
+        keeps: list[list[int]],
+        out_keep: list[int],
+    ) -> dict[str, Any]:
+        """Run consecutive traces of a session (all on this model) in order, in one go.
+
+        Values passed between these traces stay in this process; values that traces after the
+        segment need (`out_keep`) go to the object store. Returns the saves (result bytes), those
+        exports as ObjectRefs, and whether a stop ended the session; or an error."""
+        self.waiting.append(request_id)
+        self._report_queue()
+        try:
+            async with self.lock:
+                self.waiting.remove(request_id)
+                self._report_queue()
+                # From this thread, so it reaches the store after this request's QUEUED events.
+                self.store.add_event.remote(request_id, "RUNNING", {"trace": first + 1, "of": count, "model": self.name})
+                traces_ir = [TraceIR.model_validate(t) for t in traces]
+                return await self._run(request_id, traces_ir, first, count, tensors, externals, keeps, set(out_keep))
+        finally:
+            if request_id in self.waiting:  # cancelled while queued
+                self.waiting.remove(request_id)
+                self._report_queue()
+
+    async def _run(self, request_id, traces, first, count, tensors, externals, keeps, out_keep) -> dict[str, Any]:
+        values = await asyncio.gather(*externals.values())
+        ext = dict(zip(externals, values, strict=True))
+        events: list[ray.ObjectRef] = []
+
+        def emit(kind: str, data: dict) -> None:  # called from the forward thread
+            events.append(self.store.add_event.remote(request_id, kind, data))
+
+        cancel = threading.Event()
+        job = asyncio.get_running_loop().run_in_executor(
+            self.pool, self._forward, traces, first, count, tensors, ext, keeps, emit, cancel
+        )
+        try:
+            outcome = await asyncio.shield(job)
+        except asyncio.CancelledError:
+            cancel.set()  # the forward stops at the next module boundary
+            await asyncio.wait([job])
+            raise
+        finally:
+            await asyncio.gather(*events)  # LOG events land before whatever the caller reports next
+        if "error" in outcome:
+            return outcome
+        values = outcome.pop("values")
+        outcome["exports"] = {i: ray.put(values[i]) for i in out_keep if i in values}
+        return outcome
+
+    def _forward(self, traces, first, count, tensors, externals, keeps, emit, cancel) -> dict[str, Any]:
+        saves: dict[int, Any] = {}
+        values = dict(externals)
+        stopped = None
+        for k, trace in enumerate(traces):
+            if k:
+                emit("RUNNING", {"trace": first + k + 1, "of": count, "model": self.name})
+            try:
+                batch, spans = prepare_batch(self.tokenizer, trace, tensors)
+                result = run_trace(
+                    self.model, trace, batch, spans, tensors=tensors, externals=values,
+                    keep=set(keeps[k]), on_log=lambda m: emit("LOG", {"message": m}), cancel=cancel,
+                )
+            except InterventionError as err:
+                return {"error": {**err.to_dict(), "trace": first + k + 1}}
+            except Cancelled:
+                return {"error": {"code": "cancelled", "message": "cancelled", "location": None}}
+            saves.update(result.saves)
+            values.update(result.exports)
+            if result.stopped == "session":
+                stopped = "session"
+                break
+        return {"saves": encode_result(saves), "values": values, "stopped": stopped, "traces_run": k + 1}
+
+    def _report_queue(self) -> None:
+        ahead = 1 if self.lock.locked() else 0
+        for pos, rid in enumerate(self.waiting):
+            self.store.add_event.remote(rid, "QUEUED", {"position": pos + ahead, "model": self.name})

@@ -1,0 +1,270 @@
+"""Remote execution: submit a session over HTTP, follow its events, download the result.
+
+    POST /v1/requests (safetensors: client tensors + IR JSON) -> {id}
+    GET  /v1/requests/{id}/events  (server-sent events: queue position, trace i of n, logs, end)
+    GET  /v1/requests/{id}/result  (safetensors: the saved values)
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import httpx
+
+from client_sdk.config import CONFIG
+from client_sdk.status import StatusLine
+from intervention.errors import InterventionError
+from intervention.wire import decode_result, encode_session
+
+if TYPE_CHECKING:
+    from client_sdk.language_model import LanguageModel
+    from client_sdk.tracing import Graph
+
+
+TERMINAL = ("COMPLETED", "ERROR", "CANCELLED")
+
+
+class RemoteError(InterventionError):
+    """The server refused or failed the request. The text names the user's file and line."""
+
+    code = "remote_error"
+
+    def __init__(self, message: str, location=None, code: str | None = None, status: int | None = None):
+        self.status = status
+        super().__init__(message, location, code)
+
+
+_clients: dict[tuple, httpx.Client] = {}
+
+
+@contextmanager
+def _client(read_timeout: float = 60.0) -> Iterator[httpx.Client]:
+    """A pooled client per (host, key): building one costs tens of ms (its SSL context), and
+    keep-alive connections save a handshake per call."""
+    key = (CONFIG.host, CONFIG.api_key, read_timeout)
+    client = _clients.get(key)
+    if client is None:
+        headers = {"Authorization": f"Bearer {CONFIG.api_key}"} if CONFIG.api_key else {}
+        timeout = httpx.Timeout(30.0, read=read_timeout)
+        client = _clients[key] = httpx.Client(base_url=CONFIG.host, headers=headers, timeout=timeout)
+    yield client
+
+
+def _raise_for(response: httpx.Response) -> None:
+    if response.status_code < 400:
+        return
+    try:
+        err = response.json()["error"]
+    except (ValueError, KeyError, TypeError):
+        err = {"code": "http_error", "message": response.text[:500], "location": None}
+    raise RemoteError(err["message"], _loc(err.get("location")), err.get("code"), response.status_code)
+
+
+def _loc(location: dict | None):
+    return (location["file"], location["line"], location.get("code", "")) if location else None
+
+
+# -- models ------------------------------------------------------------------------------------
+
+
+def fetch_model_info(name: str) -> dict:
+    try:
+        with _client() as client:
+            response = client.get(f"/v1/models/{name}")
+    except httpx.HTTPError as exc:
+        raise RemoteError(
+            f"'{name}' is not a local folder, and the server at {CONFIG.host} could not be reached "
+            f"to look it up as a served model ({type(exc).__name__}). Set CONFIG.set_host(...) or RAYSIGHT_HOST"
+        ) from None
+    _raise_for(response)
+    return response.json()
+
+
+def tokenizer_dir(model: LanguageModel) -> Path:
+    """The served model's tokenizer files, cached on disk by content."""
+    files = model.remote_info["tokenizer_files"]
+    digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
+    folder = Path.home() / ".cache" / "raysight" / "tokenizers" / f"{model.name}-{digest}"
+    if not (folder / ".complete").exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        for name, text in files.items():
+            (folder / Path(name).name).write_text(text, encoding="utf-8")
+        (folder / ".complete").touch()
+    return folder
+
+
+# -- requests ----------------------------------------------------------------------------------
+
+
+class RemoteRequest:
+    """A submitted session. Non-blocking traces and sessions hand this out as their handle."""
+
+    def __init__(self, request_id: str | None, graph: Graph | None = None):
+        self.id = request_id
+        self.graph = graph
+
+    @classmethod
+    def submit(cls, body: bytes, graph: Graph | None = None, timeout_s: float | None = None) -> RemoteRequest:
+        headers = {"Content-Type": "application/octet-stream"}
+        if timeout_s is not None:
+            headers["X-Raysight-Timeout"] = str(timeout_s)
+        try:
+            with _client() as client:
+                response = client.post("/v1/requests", content=body, headers=headers)
+        except httpx.HTTPError as exc:
+            raise RemoteError(f"could not reach the raysight server at {CONFIG.host}: {exc}") from None
+        _raise_for(response)
+        return cls(response.json()["id"], graph)
+
+    def status(self) -> dict:
+        with _client() as client:
+            response = client.get(f"/v1/requests/{self.id}")
+        _raise_for(response)
+        return response.json()
+
+    def cancel(self) -> None:
+        with _client() as client:
+            _raise_for(client.delete(f"/v1/requests/{self.id}"))
+
+    def events(self, last_id: str | None = None) -> Iterator[tuple[str | None, str, dict]]:
+        """(id, event, data) until the request ends; resumes after a dropped connection."""
+        retries = 3
+        while True:
+            headers = {"Last-Event-ID": last_id} if last_id is not None else {}
+            try:
+                with _client(read_timeout=120.0) as client, client.stream(
+                    "GET", f"/v1/requests/{self.id}/events", headers=headers
+                ) as response:
+                    if response.status_code >= 400:
+                        response.read()
+                        _raise_for(response)
+                    for event_id, kind, data in _parse_sse(response.iter_lines()):
+                        last_id = event_id
+                        yield event_id, kind, data
+                        if kind in TERMINAL:
+                            return
+            except httpx.TransportError:
+                retries -= 1
+                if retries < 0:
+                    raise
+                continue
+            return
+
+    def wait(self, display: StatusLine, source: Iterator | None = None) -> bytes | None:
+        """Follow the events until the request ends; raise RemoteError unless it completed.
+        Returns the result bytes when the COMPLETED event carried them inline."""
+        last_id = None
+        source = source if source is not None else self.events()
+        while True:
+            try:
+                for event_id, kind, data in source:
+                    last_id = event_id
+                    if kind == "RECEIVED" and "id" in data:
+                        self.id = data["id"]
+                        display.request_id = self.id
+                    elif kind in TERMINAL:
+                        return self._end(kind, data)
+                    else:
+                        _show(display, kind, data)
+            except httpx.TransportError:
+                if self.id is None:
+                    raise
+            source = self.events(last_id)  # the stream dropped (or ended early): resume by id
+
+    def _end(self, kind: str, data: dict) -> bytes | None:
+        if kind == "ERROR":
+            raise RemoteError(data["message"], _loc(data.get("location")), data.get("code"))
+        if kind == "CANCELLED":
+            raise RemoteError(f"request {self.id} was cancelled", code="cancelled")
+        return base64.b64decode(data["result"]) if "result" in data else None
+
+    def fetch(self, display: StatusLine | None = None) -> dict[int, Any]:
+        """Download and decode the saved values (node id -> value)."""
+        chunks = []
+        with _client(read_timeout=300.0) as client, client.stream("GET", f"/v1/requests/{self.id}/result") as response:
+            if response.status_code >= 400:
+                response.read()
+                _raise_for(response)
+            total = int(response.headers.get("content-length", 0))
+            for chunk in response.iter_bytes():
+                chunks.append(chunk)
+                if display is not None and total > 2**20:
+                    display.update(f"downloading {response.num_bytes_downloaded / 2**20:.1f}/{total / 2**20:.1f} MB")
+        values, _ = decode_result(b"".join(chunks))
+        return values
+
+    def result(self, frame=None) -> dict[int, Any]:
+        """Wait for the request, then give saved proxies their values and rebind the names in
+        `frame` (default: the caller's)."""
+        from client_sdk.rebind import rebind_frame
+
+        with StatusLine(self.id) as display:
+            inline = self.wait(display)
+            values = decode_result(inline)[0] if inline is not None else self.fetch(display)
+        if self.graph is not None:
+            self.graph.resolve(values)
+            rebind_frame(frame or sys._getframe(1), self.graph)
+        return values
+
+
+def run(graph: Graph) -> dict[int, Any] | None:
+    """Submit the graph's session; wait for its values unless it is non-blocking."""
+    body = encode_session(graph.session_ir(), graph.tensors)
+    if not graph.blocking:
+        graph.handle = RemoteRequest.submit(body, graph)
+        return None
+    request = RemoteRequest(None, graph)
+    with StatusLine("") as display:
+        inline = request.wait(display, _submit_streaming(body))
+        return decode_result(inline)[0] if inline is not None else request.fetch(display)
+
+
+def _submit_streaming(body: bytes) -> Iterator[tuple[str | None, str, dict]]:
+    """POST the session and read its events from the same response (one round trip)."""
+    headers = {"Content-Type": "application/octet-stream", "Accept": "text/event-stream"}
+    try:
+        with _client(read_timeout=120.0) as client, client.stream(
+            "POST", "/v1/requests", content=body, headers=headers
+        ) as response:
+            if response.status_code >= 400:
+                response.read()
+                _raise_for(response)
+            yield from _parse_sse(response.iter_lines())
+    except httpx.ConnectError as exc:
+        raise RemoteError(f"could not reach the raysight server at {CONFIG.host}: {exc}") from None
+
+
+def _show(display: StatusLine, kind: str, data: dict) -> None:
+    if kind == "LOG":
+        display.log(data["message"])
+    elif kind == "QUEUED":
+        display.update(f"queued at {data.get('model', '')} (position {data['position']})")
+    elif kind == "RUNNING":
+        display.update(f"running trace {data['trace']}/{data['of']} on {data['model']}")
+
+
+def _parse_sse(lines: Iterator[str]) -> Iterator[tuple[str | None, str, dict]]:
+    event_id, kind, data = None, "message", []
+    for line in lines:
+        if not line:
+            if data:
+                yield event_id, kind, json.loads("\n".join(data))
+            kind, data = "message", []
+        elif line.startswith(":"):
+            continue
+        else:
+            field, _, value = line.partition(":")
+            value = value[1:] if value.startswith(" ") else value
+            if field == "id":
+                event_id = value
+            elif field == "event":
+                kind = value
+            elif field == "data":
+                data.append(value)

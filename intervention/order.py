@@ -1,0 +1,65 @@
+"""Module execution order: recorded once per model, used to reject out-of-order reads statically.
+
+A model's forward calls its modules in a fixed order. Recording which module input/output events
+fire first, on a tiny input, lets validation reject a trace that reads layer 3 and then layer 1
+before any model time is spent. Only first calls are compared; anything not observed in the
+recording is left to the engine's runtime check.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from intervention.errors import ValidationError
+from intervention.ir import TraceIR
+
+EventKey = tuple[str, str]  # (module path, "input" | "output")
+
+
+def record_order(model: torch.nn.Module, tokenizer: Any) -> list[EventKey]:
+    """The order in which module input/output events first fire on a short prompt."""
+    order: list[EventKey] = []
+    seen: set[EventKey] = set()
+
+    def note(key: EventKey) -> None:
+        if key not in seen:
+            seen.add(key)
+            order.append(key)
+
+    handles = []
+    for path, module in model.named_modules():
+        handles.append(module.register_forward_pre_hook(lambda m, a, p=path: note((p, "input"))))
+        handles.append(module.register_forward_hook(lambda m, a, o, p=path: note((p, "output"))))
+    try:
+        ids = tokenizer("order", return_tensors="pt")["input_ids"]
+        device = next(model.parameters()).device
+        with torch.no_grad():
+            model(input_ids=ids.to(device))
+    finally:
+        for h in handles:
+            h.remove()
+    return order
+
+
+def check_order(trace: TraceIR, order: list[EventKey]) -> None:
+    """Raise if a thread (invoke) of `trace` reads modules against the recorded order."""
+    rank = {key: i for i, key in enumerate(order)}
+    last: dict[int | None, tuple[int, Any]] = {}
+    for node in trace.nodes:
+        if not node.op.startswith("module.") or node.op == "module.call" or node.args[1] != 0:
+            continue
+        kind = "input" if node.op in ("module.input", "module.inputs", "module.set_input") else "output"
+        r = rank.get((node.args[0], kind))
+        if r is None:
+            continue
+        prev = last.get(node.invoke)
+        if prev is not None and r < prev[0]:
+            raise ValidationError(
+                f"'{node.args[0]}' {kind} is accessed after a module that runs later in the "
+                "forward pass: access modules in the order the model executes them",
+                node.loc,
+                code="out_of_order",
+            )
+        last[node.invoke] = (r, node)

@@ -1,0 +1,39 @@
+"""The Serve app builder: config args -> deployments.
+
+Works with Ray's own tools: `serve run deploy/serve-local.yaml` or `serve deploy ...` with
+`import_path: serve_app.app:build_app` and the AppConfig as `args`.
+
+    Ingress (FastAPI) ──► SessionRunner ──► ModelDeployment "model-<name>" (one per model)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ray.serve import Application
+
+from actors.model_deployment import ModelDeployment
+from actors.session_runner import SessionRunner
+from serve_app.config import AppConfig, ModelConfig
+from serve_app.ingress import Ingress
+
+
+def build_app(args: dict[str, Any]) -> Application:
+    config = AppConfig.model_validate(args)
+    models = {m.name: _model_app(m, config.result_ttl_s) for m in config.models}
+    runner = SessionRunner.bind(models, config.result_ttl_s)
+    return Ingress.bind(config.model_dump(), runner, models)
+
+
+def _model_app(m: ModelConfig, result_ttl_s: float) -> Application:
+    options: dict[str, Any] = {
+        "name": f"model-{m.name}",
+        "ray_actor_options": {"num_cpus": m.cpus_per_replica, "num_gpus": m.gpus_per_replica},
+        "max_ongoing_requests": m.max_ongoing_requests,
+    }
+    if m.autoscaling_config is not None:
+        options["autoscaling_config"] = m.autoscaling_config
+    else:
+        options["num_replicas"] = m.num_replicas or 1
+    spec = {"name": m.name, "path": m.resolved_path(), "dtype": m.dtype}
+    return ModelDeployment.options(**options).bind(spec, result_ttl_s)

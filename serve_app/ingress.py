@@ -1,0 +1,236 @@
+"""The HTTP ingress: auth, limits, validation, ids; then hands the session to the runner.
+
+Nothing invalid is queued: the body is decoded (safetensors + JSON, never pickle) and validated
+against the served models' module trees before the request exists. State lives in the request
+store, so this replica can restart without losing accepted requests.
+"""
+
+
+import asyncio
+import base64
+import json
+import uuid
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+
+from actors.request_store import TERMINAL, get_store
+from intervention.errors import InterventionError
+from intervention.module_tree import module_paths
+from intervention.validate import Limits, validate_session
+from intervention.wire import decode_session
+from serve_app import errors
+from serve_app.auth import KeyRing
+from serve_app.config import AppConfig
+from serve_app.errors import ApiError
+from serve_app.schemas import Accepted, ModelInfo, ModelSummary, RequestStatus
+
+app = FastAPI(
+    title="raysight",
+    version="1",
+    description="Run nnsight-style interventions on served models. Every route but /healthz needs "
+    "`Authorization: Bearer <key>`. Requests are safetensors files whose metadata holds the "
+    "session IR as JSON; results are safetensors files too.",
+)
+errors.install(app)
+
+SSE_HEARTBEAT_S = 15.0
+INLINE_RESULT_BYTES = 1 << 20  # results up to this size ride in the COMPLETED event of a stream
+
+
+# Helpers come before the class: serve.ingress snapshots the module's globals when it wraps it.
+
+
+def _event_stream(events, status_code: int = 200) -> StreamingResponse:
+    return StreamingResponse(events, status_code=status_code, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+def _no_such_request(request_id: str) -> ApiError:
+    return ApiError(404, "not_found", f"no request '{request_id}' (ids are visible to their owner only)")
+
+
+def _deployment_status() -> dict[str, dict]:
+    """Replica counts and states from Serve's controller."""
+    try:
+        status = serve.status()
+    except Exception:  # noqa: BLE001 - status is informative only
+        return {}
+    out = {}
+    for app_status in status.applications.values():
+        for name, dep in app_status.deployments.items():
+            running = dep.replica_states.get("RUNNING", 0) if dep.replica_states else 0
+            out[name] = {"replicas": running, "state": str(dep.status.value if hasattr(dep.status, "value") else dep.status)}
+    return out
+
+
+@serve.deployment(max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
+@serve.ingress(app)
+class Ingress:
+    def __init__(self, config: dict[str, Any], runner: Any, models: dict[str, Any]):
+        self.config = AppConfig.model_validate(config)
+        self.runner = runner
+        self.models = models
+        self.keys = KeyRing(self.config.auth)
+        self.store = get_store(self.config.result_ttl_s)
+        self.infos: dict[str, dict] = {}
+        self.paths: dict[str, set[str]] = {}
+        self.orders: dict[str, list[tuple[str, str]]] = {}
+        self.watchers: set[asyncio.Task] = set()
+        lim = self.config.limits
+        self.limits = Limits(max_traces=lim.max_traces, max_nodes=lim.max_nodes, max_tensor_bytes=lim.max_request_bytes)
+
+    # -- health and models ---------------------------------------------------------------------
+
+    @app.get("/healthz", tags=["health"])
+    async def healthz(self) -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models", response_model=list[ModelSummary], tags=["models"])
+    async def list_models(self, request: Request) -> list[ModelSummary]:
+        self.keys.user_for(request)
+        status = _deployment_status()
+        out = []
+        for name, handle in self.models.items():
+            stats = await handle.stats.remote()
+            st = status.get(f"model-{name}", {})
+            out.append(ModelSummary(name=name, replicas=st.get("replicas", 0), state=st.get("state", "UNKNOWN"),
+                                    queue_length=stats["waiting"] + stats["running"]))
+        return out
+
+    @app.get("/v1/models/{name}", response_model=ModelInfo, tags=["models"])
+    async def model_info(self, name: str, request: Request) -> dict:
+        self.keys.user_for(request)
+        return await self._info(name)
+
+    async def _info(self, name: str) -> dict:
+        if name not in self.models:
+            raise ApiError(404, "unknown_model", f"no model named '{name}' is served (served: {', '.join(self.models)})")
+        if name not in self.infos:
+            info = await self.models[name].info.remote()
+            self.infos[name] = info
+            self.paths[name] = set(module_paths(info["module_tree"]))
+            self.orders[name] = [tuple(e) for e in info["module_order"]]
+        return self.infos[name]
+
+    # -- requests ------------------------------------------------------------------------------
+
+    @app.post("/v1/requests", status_code=202, response_model=Accepted, tags=["requests"])
+    async def submit(self, request: Request) -> Response:
+        """Submit a session (a safetensors body) -> 202 {id}. Optional header
+        `X-Raysight-Timeout`: seconds, capped by the server's limit.
+
+        With `Accept: text/event-stream` the answer is instead the request's event stream (its
+        first event, RECEIVED, carries the id) whose COMPLETED event carries a small result inline
+        (base64 `result`): a blocking client needs one round trip, not three."""
+        user = self.keys.user_for(request)
+        body = await self._read_body(request)
+        try:
+            session, tensors = decode_session(body)
+            for name in {t.model for t in session.traces}:
+                if name in self.models:
+                    await self._info(name)
+            served = {n: self.paths.get(n, set()) for n in self.models}  # used ones were fetched above
+            validate_session(session, tensors, served, self.limits, self.orders)
+        except InterventionError as err:
+            raise errors.from_intervention(err) from None
+        request_id = uuid.uuid4().hex
+        cap = self.config.limits.max_concurrent_per_user
+        if not await self.store.admit.remote(request_id, user, len(session.traces), cap):
+            raise ApiError(429, "too_many_requests", f"at most {cap} requests per user may run at once; wait for one to finish")
+        timeout = self._timeout(request)
+        watcher = asyncio.ensure_future(self._watch(request_id, self.runner.run.remote(request_id, body, timeout)))
+        self.watchers.add(watcher)
+        watcher.add_done_callback(self.watchers.discard)
+        if "text/event-stream" in request.headers.get("accept", ""):
+            return _event_stream(self._sse(request_id, user, 0, INLINE_RESULT_BYTES), status_code=202)
+        return JSONResponse({"id": request_id}, status_code=202)
+
+    async def _watch(self, request_id: str, response: Any) -> None:
+        try:
+            await response
+        except Exception as exc:  # the runner itself failed; the request must still end
+            message = f"the session runner failed ({type(exc).__name__}); retry the request"
+            await self.store.finish.remote(request_id, "ERROR", {"code": "runner_failed", "message": message, "location": None})
+
+    async def _read_body(self, request: Request) -> bytes:
+        cap = self.config.limits.max_request_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > cap:
+            raise ApiError(413, "too_large", f"the request is {declared} bytes; the limit is {cap}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > cap:
+                raise ApiError(413, "too_large", f"the request exceeds the limit of {cap} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    def _timeout(self, request: Request) -> float:
+        limit = self.config.limits.request_timeout_s
+        asked = request.headers.get("x-raysight-timeout")
+        try:
+            return min(limit, float(asked)) if asked else limit
+        except ValueError:
+            raise ApiError(422, "invalid_request", "X-Raysight-Timeout must be a number of seconds") from None
+
+    @app.get("/v1/requests/{request_id}", response_model=RequestStatus, tags=["requests"])
+    async def status(self, request_id: str, request: Request) -> dict:
+        user = self.keys.user_for(request)
+        status = await self.store.status.remote(request_id, user)
+        if status is None:
+            raise _no_such_request(request_id)
+        return status
+
+    @app.get("/v1/requests/{request_id}/events", tags=["requests"])
+    async def events(self, request_id: str, request: Request) -> StreamingResponse:
+        """Server-sent events: RECEIVED, QUEUED{position}, RUNNING{trace, of}, LOG{message},
+        COMPLETED, ERROR{code, message, location}, CANCELLED. Resume with `Last-Event-ID`."""
+        user = self.keys.user_for(request)
+        after = int(request.headers.get("last-event-id", "-1")) + 1
+        first = await self.store.events.remote(request_id, user, after, 0.0)
+        if first is None:
+            raise _no_such_request(request_id)
+        return _event_stream(self._sse(request_id, user, after))
+
+    async def _sse(self, request_id: str, user: str, after: int, inline_limit: int = 0):
+        while True:
+            batch = await self.store.events.remote(request_id, user, after, SSE_HEARTBEAT_S, inline_limit)
+            if batch is None:
+                return
+            if not batch:
+                yield ": heartbeat\n\n"
+                continue
+            for event in batch:
+                data = event["data"]
+                if "result" in event:
+                    data = {**data, "result": base64.b64encode(event["result"]).decode()}
+                yield f"id: {after}\nevent: {event['event']}\ndata: {json.dumps(data)}\n\n"
+                after += 1
+                if event["event"] in TERMINAL:
+                    return
+
+    @app.get("/v1/requests/{request_id}/result", tags=["requests"],
+             responses={200: {"content": {"application/octet-stream": {}}}})
+    async def result(self, request_id: str, request: Request) -> Response:
+        """The saved values as a safetensors file (kept until fetched or the TTL passes)."""
+        user = self.keys.user_for(request)
+        found = await self.store.result.remote(request_id, user)
+        if found is None:
+            raise _no_such_request(request_id)
+        state, data = found
+        if data is None:
+            if state == "COMPLETED":
+                raise ApiError(410, "expired", "the result was already fetched and has expired")
+            raise ApiError(409, "not_ready", f"the request is {state}; there is no result yet")
+        return Response(data, media_type="application/octet-stream")
+
+    @app.delete("/v1/requests/{request_id}", status_code=202, tags=["requests"])
+    async def cancel(self, request_id: str, request: Request) -> dict:
+        user = self.keys.user_for(request)
+        state = await self.store.request_cancel.remote(request_id, user)
+        if state is None:
+            raise _no_such_request(request_id)
+        return {"id": request_id, "state": state, "cancel_requested": state not in TERMINAL}

@@ -1,0 +1,40 @@
+"""Response models of the HTTP API (they document the OpenAPI schema at /docs)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel
+
+
+class Accepted(BaseModel):
+    id: str
+
+
+class ModelSummary(BaseModel):
+    name: str
+    replicas: int
+    state: str
+    queue_length: int
+
+
+class ModelInfo(BaseModel):
+    name: str
+    module_tree: dict[str, Any]
+    config: dict[str, Any]
+    tokenizer_files: dict[str, str]
+    dtype: str
+    placement: dict[str, str]
+    module_order: list[list[str]]
+
+
+class RequestStatus(BaseModel):
+    id: str
+    state: str
+    created: float
+    finished: float | None
+    traces: int
+    queue_position: int | None
+    running: dict[str, Any] | None
+    result_available: bool
+    error: dict[str, Any] | None
