@@ -18,6 +18,7 @@ from ray import serve
 
 from actors.model_loader import load_model, placement, tokenizer_files
 from actors.request_store import get_store
+from intervention.args import ArgError
 from intervention.engine import Cancelled, run_trace
 from intervention.errors import InterventionError
 from intervention.inputs import prepare_batch
@@ -73,11 +74,13 @@ class ModelDeployment:
         segment need (`out_keep`) go to the object store. Returns the saves (result bytes), those
         exports as ObjectRefs, and whether a stop ended the session; or an error."""
         self.waiting.append(request_id)
-        self._report_queue()
+        if self.lock.locked() or len(self.waiting) > 1:  # only a request that waits is queued
+            self._report_queue()
         try:
             async with self.lock:
                 self.waiting.remove(request_id)
-                self._report_queue()
+                if self.waiting:
+                    self._report_queue()
                 # From this thread, so it reaches the store after this request's QUEUED events.
                 self.store.add_event.remote(request_id, "RUNNING", {"trace": first + 1, "of": count, "model": self.name})
                 traces_ir = [TraceIR.model_validate(t) for t in traces]
@@ -135,9 +138,35 @@ class ModelDeployment:
             if result.stopped == "session":
                 stopped = "session"
                 break
-        return {"saves": encode_result(saves), "values": values, "stopped": stopped, "traces_run": k + 1}
+        try:
+            data = encode_result(saves)
+        except ArgError:
+            return {"error": _unsendable(traces, saves)}
+        return {"saves": data, "values": values, "stopped": stopped, "traces_run": k + 1}
 
     def _report_queue(self) -> None:
+        """Tell waiting requests their position. Every move changes every position, so beyond the
+        first few only round numbers are reported: O(n) events per move would make a long queue
+        slower still (each event is work for the store and every open stream)."""
         ahead = 1 if self.lock.locked() else 0
         for pos, rid in enumerate(self.waiting):
-            self.store.add_event.remote(rid, "QUEUED", {"position": pos + ahead, "model": self.name})
+            position = pos + ahead
+            if position < 4 or position % 8 == 0 or rid == self.waiting[-1]:
+                self.store.add_event.remote(rid, "QUEUED", {"position": position, "model": self.name})
+
+
+def _unsendable(traces: list[TraceIR], saves: dict[int, Any]) -> dict[str, Any]:
+    """The error for a saved value the wire cannot carry (e.g. a layer's .inputs holding a KV
+    cache object), at the line that saved it. Locally such a value comes back as is."""
+    locs = {n.id: n.loc for t in traces for n in t.nodes}
+    for node_id, value in saves.items():
+        try:
+            encode_result({node_id: value})
+        except ArgError as exc:
+            loc = locs.get(node_id)
+            return {
+                "code": "unsendable_value",
+                "message": f"this saved value cannot be sent back from the cluster ({exc}): save the tensors in it instead",
+                "location": {"file": loc[0], "line": loc[1], "code": loc[2]} if loc else None,
+            }
+    return {"code": "unsendable_value", "message": "a saved value cannot be sent back from the cluster", "location": None}

@@ -32,6 +32,8 @@ class _Request:
     finished: float | None = None
     fetched: float | None = None
     cancel_requested: bool = False
+    # Per request, so an event wakes only that request's readers, not every open stream.
+    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
 
 @ray.remote(num_cpus=0)
@@ -39,7 +41,6 @@ class RequestStore:
     def __init__(self, result_ttl_s: float = 3600.0):
         self.requests: dict[str, _Request] = {}
         self.ttl = result_ttl_s
-        self.changed = asyncio.Condition()
         self._sweeper: asyncio.Task | None = None
 
     # -- lifecycle -----------------------------------------------------------------------------
@@ -72,8 +73,8 @@ class RequestStore:
             return
         req.events.append({"event": kind, "data": data, "time": time.time()})
         req.state = kind if kind != "LOG" else req.state
-        async with self.changed:
-            self.changed.notify_all()
+        async with req.changed:
+            req.changed.notify_all()
 
     async def request_cancel(self, request_id: str, owner: str) -> str | None:
         req = self._owned(request_id, owner)
@@ -81,8 +82,8 @@ class RequestStore:
             return None
         if req.state not in TERMINAL:
             req.cancel_requested = True
-            async with self.changed:
-                self.changed.notify_all()
+            async with req.changed:
+                req.changed.notify_all()
         return req.state
 
     async def wait_cancel(self, request_id: str) -> bool:
@@ -90,8 +91,8 @@ class RequestStore:
         req = self.requests.get(request_id)
         if req is None:
             return True
-        async with self.changed:
-            await self.changed.wait_for(lambda: req.cancel_requested or req.state in TERMINAL)
+        async with req.changed:
+            await req.changed.wait_for(lambda: req.cancel_requested or req.state in TERMINAL)
         return req.cancel_requested
 
     # -- reading -------------------------------------------------------------------------------
@@ -127,17 +128,17 @@ class RequestStore:
         if req is None:
             return None
         if len(req.events) <= after and req.state not in TERMINAL:
-            async with self.changed:
+            async with req.changed:
                 try:
                     await asyncio.wait_for(
-                        self.changed.wait_for(lambda: len(req.events) > after or req.state in TERMINAL),
+                        req.changed.wait_for(lambda: len(req.events) > after or req.state in TERMINAL),
                         timeout_s,
                     )
                 except TimeoutError:
                     pass
         batch = req.events[after:]
-        if inline_limit and batch and batch[-1]["event"] == "COMPLETED" and req.result is not None:
-            if len(req.result) <= inline_limit:
+        last = batch[-1] if batch else None
+        if inline_limit and last and last["event"] == "COMPLETED" and req.result is not None and len(req.result) <= inline_limit:
                 batch = batch[:-1] + [{**batch[-1], "result": req.result}]
                 req.fetched = req.fetched or time.time()
         return batch

@@ -71,7 +71,7 @@ class SessionRunner:
             except asyncio.CancelledError:
                 response.cancel()  # stops the forward on the replica and frees it
                 raise
-            except Exception as exc:  # the replica died or Serve could not reach it
+            except Exception as exc:  # noqa: BLE001 - the replica died or Serve could not reach it
                 return "ERROR", _replica_failure(traces[0], first, exc), None
             if "error" in out:
                 return "ERROR", out["error"], None

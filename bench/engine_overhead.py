@@ -1,6 +1,6 @@
 """Engine overhead: what a local raysight trace costs over a bare forward, beside nnsight 0.8.1.
 
-    .venv/bin/python bench/engine_overhead.py [--rounds 40] [--json PATH] [--profile]
+    .venv/bin/python bench/engine_overhead.py [--json PATH] [--clock cpu|wall] [--profile]
 
 Both libraries run the same experiments on the same tiny random Llama (built into a temp folder,
 4 layers, hidden 64), in this one process, interleaved round by round so drift hits both alike:
@@ -14,10 +14,14 @@ Both libraries run the same experiments on the same tiny random Llama (built int
 - edits:  empty plus N in-place edits `module.output[:] += 0.5` on the same modules.
 
 Per-read and per-edit overheads are least-squares slopes over N in {0, 4, 8, 16} (N = 0 is the
-empty trace). Every configuration is timed `--inner` times per round and the fastest call kept
-(background load only adds time); the figures are then the median, min and max over rounds. Both sides tokenize the prompt on every
-trace (the bare forward does not), and nnsight runs under torch.no_grad() (its traces otherwise
-record autograd); raysight's engine turns grad off itself.
+empty trace). Every configuration is timed `--inner` times per round, its calls spread over the
+round, and the fastest kept (background load only adds time); the figures are the median, min and
+max over rounds (for ratios: the ratio of the medians, and its extremes over 5 blocks of rounds). The
+default clock is this process's CPU time, which other processes on a shared machine barely
+disturb; `--clock wall` measures elapsed time (the same on an idle machine: all work here is one
+thread at a time). Both sides tokenize the prompt on every trace (the bare forward does not), and
+nnsight runs under torch.no_grad() (its traces otherwise record autograd); raysight's engine
+turns grad off itself. Both run with torch.set_num_threads(1).
 
 nnsight re-reads the source of each `with` block, so its experiments must live in this file, as
 plain functions; raysight's experiments mirror them statement for statement.
@@ -43,6 +47,7 @@ import torch
 
 PROMPT = "The Eiffel Tower is in the city of"
 NS = (0, 4, 8, 16)  # numbers of reads / edits; 0 is the empty trace
+BLOCKS = 5  # ratios' min and max: over this many blocks of consecutive rounds
 EDIT = 0.5
 
 
@@ -140,17 +145,6 @@ def check_same_numbers(rs, nn) -> None:
 CLOCKS = {"cpu": time.process_time, "wall": time.perf_counter}
 
 
-def timed(fn: Callable[[], object], inner: int, clock: Callable[[], float]) -> float:
-    """Fastest of `inner` calls, in seconds: other processes on a shared machine only ever add
-    time, so the minimum of a few calls is the least noisy estimate of what the call costs."""
-    best = float("inf")
-    for _ in range(inner):
-        t0 = clock()
-        fn()
-        best = min(best, clock() - t0)
-    return best
-
-
 def slope(xs: tuple[int, ...], ys: list[float]) -> float:
     """Least-squares slope of ys over xs."""
     mx, my = statistics.fmean(xs), statistics.fmean(ys)
@@ -187,15 +181,33 @@ def configs(rs, nn) -> dict[str, Callable[[], object]]:
 
 
 def measure(
-    calls: dict[str, Callable[[], object]], rounds: int, inner: int, clock: Callable[[], float]
+    calls: dict[str, Callable[[], object]],
+    rounds: int,
+    inner: int,
+    clock: Callable[[], float],
+    budget_s: float,
 ) -> list[dict[str, float]]:
+    """Per round, each configuration's time. Stops early (after at least 10 rounds) when
+    `budget_s` of wall time is spent, so a loaded machine still finishes in bounded time."""
     for fn in calls.values():  # warm up: first-call costs (caches, lazy imports) are not overhead
         for _ in range(3):
             fn()
+    start = time.perf_counter()
     per_round = []
     for _ in range(rounds):
-        gc.collect()
-        per_round.append({name: timed(fn, inner, clock) for name, fn in calls.items()})
+        gc.collect()  # no collection left pending by the previous round
+        # The fastest of `inner` calls: other processes on a shared machine only ever add time.
+        # The calls of one configuration are spread over the round, not made back to back, so
+        # a burst of load elsewhere does not spoil all of them.
+        best = dict.fromkeys(calls, float("inf"))
+        for _ in range(inner):
+            for name, fn in calls.items():
+                t0 = clock()
+                fn()
+                best[name] = min(best[name], clock() - t0)
+        per_round.append(best)
+        if len(per_round) >= 10 and time.perf_counter() - start > budget_s:
+            break
     return per_round
 
 
@@ -219,13 +231,28 @@ def figures(per_round: list[dict[str, float]]) -> dict[str, dict[str, float]]:
             add(f"{lib}_per_read_us", slope(NS, [r[f"{lib} reads {n}"] for n in NS]) * 1e6)
             edits = [empty] + [r[f"{lib} edits {n}"] for n in NS[1:]]
             add(f"{lib}_per_edit_us", slope(NS, edits) * 1e6)
-        for what, key in (("trace_overhead_ms", "engine_overhead_ratio_vs_nnsight"),
-                          ("per_read_us", "per_read_ratio_vs_nnsight"),
-                          ("per_edit_us", "per_edit_ratio_vs_nnsight")):
-            add(key, derived[f"raysight_{what}"][-1] / derived[f"nnsight_{what}"][-1])
-    return {
+    figs = {
         k: {"median": statistics.median(v), "min": min(v), "max": max(v)} for k, v in derived.items()
     }
+    # Ratios: one round's slope is noisy and can be near zero or negative, so a per-round ratio
+    # means little. The median is the ratio of the two medians; min and max are the extremes of
+    # the same ratio over BLOCKS consecutive blocks of rounds (how much it moved during the run).
+    n_blocks = max(1, min(BLOCKS, len(per_round) // 4))
+    for what, key in (("trace_overhead_ms", "engine_overhead_ratio_vs_nnsight"),
+                      ("per_read_us", "per_read_ratio_vs_nnsight"),
+                      ("per_edit_us", "per_edit_ratio_vs_nnsight")):
+        rs, nn = derived[f"raysight_{what}"], derived[f"nnsight_{what}"]
+        size = len(rs) // n_blocks
+        blocks = [
+            statistics.median(rs[i : i + size]) / statistics.median(nn[i : i + size])
+            for i in range(0, size * n_blocks, size)
+        ]
+        figs[key] = {
+            "median": statistics.median(rs) / statistics.median(nn),
+            "min": min(blocks),
+            "max": max(blocks),
+        }
+    return figs
 
 
 def table(figs: dict[str, dict[str, float]]) -> str:
@@ -269,12 +296,16 @@ def profile(rs, n: int = 16, calls: int = 300) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=40, help="timing rounds (default 40)")
+    parser.add_argument("--rounds", type=int, default=80, help="timing rounds (default 80)")
     parser.add_argument("--inner", type=int, default=5, help="calls per configuration per round")
     parser.add_argument(
         "--clock", choices=sorted(CLOCKS), default="cpu",
         help="cpu: this process's CPU time (default; other processes' load does not count), "
         "wall: elapsed time",
+    )
+    parser.add_argument(
+        "--budget-s", type=float, default=75.0,
+        help="stop timing after this many seconds (at least 10 rounds run; default 75)",
     )
     parser.add_argument("--json", type=Path, help="write the figures here")
     parser.add_argument("--profile", action="store_true", help="also print a cProfile of raysight")
@@ -287,8 +318,16 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_tiny_llama(Path(tmp) / "tiny-llama", seed=0)
         rs, nn = load(model_dir)
+        cfg = rs.local_module.config
+        model_text = (
+            f"tiny Llama: {cfg.num_hidden_layers} layers, hidden {cfg.hidden_size}, intermediate "
+            f"{cfg.intermediate_size}, {cfg.num_attention_heads} heads ({cfg.num_key_value_heads} kv), "
+            f"vocab {cfg.vocab_size}; prompt of {len(rs.tokenizer(PROMPT)['input_ids'])} tokens"
+        )
         check_same_numbers(rs, nn)
-        per_round = measure(configs(rs, nn), args.rounds, args.inner, CLOCKS[args.clock])
+        per_round = measure(
+            configs(rs, nn), args.rounds, args.inner, CLOCKS[args.clock], args.budget_s
+        )
         figs = figures(per_round)
         print(table(figs))
         if args.profile:
@@ -298,8 +337,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     result = {
         **figs,
+        "configs_ms": {  # each configuration's time, median over rounds
+            name: statistics.median(r[name] for r in per_round) * 1e3 for name in per_round[0]
+        },
         "settings": {
-            "rounds": args.rounds, "inner": args.inner, "clock": args.clock,
+            "rounds": len(per_round), "inner": args.inner, "clock": args.clock,
             "n_values": list(NS), "prompt": PROMPT,
             "edit": f"module.output[:] += {EDIT}", "torch_threads": torch.get_num_threads(),
         },
@@ -307,11 +349,14 @@ def main(argv: list[str] | None = None) -> dict:
             "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "nnsight": nnsight.__version__,
             "cpu_count": os.cpu_count(), "platform": platform.platform(),
-            "model": "tiny Llama: 4 layers, hidden 64, intermediate 128, 4 heads (2 kv), vocab ~800",
+            "model": model_text, "load_average_end": [round(x, 2) for x in os.getloadavg()],
         },
         "wall_s": time.perf_counter() - start,
     }
-    print(f"\n{args.rounds} rounds x {args.inner} calls per configuration, {result['wall_s']:.0f} s")
+    print(
+        f"\n{len(per_round)} rounds x {args.inner} calls per configuration, {args.clock} clock, "
+        f"{result['wall_s']:.0f} s in all"
+    )
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
     return result

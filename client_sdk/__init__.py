@@ -11,6 +11,7 @@
 from client_sdk.config import CONFIG
 from client_sdk.language_model import LanguageModel
 from client_sdk.proxy import Proxy, TracingError
+from client_sdk.remote import RemoteError
 from client_sdk.tracing import Session, Tracer, log, save, session, stop
 from intervention.errors import ExecutionError, InterventionError, ValidationError
 
@@ -20,6 +21,7 @@ __all__ = [
     "InterventionError",
     "LanguageModel",
     "Proxy",
+    "RemoteError",
     "Session",
     "Tracer",
     "TracingError",

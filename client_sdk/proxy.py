@@ -8,7 +8,7 @@ iterating) raises an error that says what to do instead.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import torch
 
@@ -24,7 +24,7 @@ class TracingError(InterventionError):
 
 
 class Proxy:
-    __slots__ = ("_graph", "_id", "_loc", "_value", "_state", "__weakref__")
+    __slots__ = ("__weakref__", "_graph", "_id", "_loc", "_state", "_value")
 
     def __init__(self, graph: Graph, node_id: int, loc):
         self._graph = graph
@@ -55,6 +55,12 @@ class Proxy:
                 "the outermost `with` block. Use it inside the trace, or .save() it and use it after",
                 self._graph.location_now(),
             )
+        if self._state == "ready":  # kept where rebinding does not reach, e.g. an attribute
+            return TracingError(
+                f"the value saved at {where} is in this proxy's .value: use that outside the trace "
+                "(names in the scope of the `with` block hold it directly)",
+                self._graph.location_now(),
+            )
         if self._state == "not_run":
             return TracingError(
                 f"the value from {where} was never computed: the trace stopped before reaching it",
@@ -68,36 +74,36 @@ class Proxy:
 
     # -- things that need a concrete value -----------------------------------------------------
 
-    def _concrete(self, what: str):
+    def _concrete(self, what: str) -> TracingError:
         if self._state != "pending":
-            raise self._unavailable()
-        raise TracingError(
+            return self._unavailable()
+        return TracingError(
             f"{what} needs the concrete value, which does not exist while tracing: the model has "
             "not run yet. Use tensor operations instead (e.g. torch.where), or .save() the value "
             "and decide after the block",
             self._graph.location_now(),
         )
 
-    def __bool__(self):
-        self._concrete("using a traced value as a condition (if/while/and/or)")
+    def __bool__(self) -> NoReturn:
+        raise self._concrete("using a traced value as a condition (if/while/and/or)")
 
-    def __int__(self):
-        self._concrete("int() of a traced value")
+    def __int__(self) -> NoReturn:
+        raise self._concrete("int() of a traced value")
 
-    def __float__(self):
-        self._concrete("float() of a traced value")
+    def __float__(self) -> NoReturn:
+        raise self._concrete("float() of a traced value")
 
-    def __index__(self):
-        self._concrete("using a traced value as a Python index")
+    def __index__(self) -> NoReturn:
+        raise self._concrete("using a traced value as a Python index")
 
-    def __len__(self):
-        self._concrete("len() of a traced value")
+    def __len__(self) -> NoReturn:
+        raise self._concrete("len() of a traced value")
 
-    def __iter__(self):
-        self._concrete("iterating over a traced value")
+    def __iter__(self) -> NoReturn:
+        raise self._concrete("iterating over a traced value")
 
-    def __contains__(self, item):
-        self._concrete("`in` on a traced value")
+    def __contains__(self, item) -> NoReturn:
+        raise self._concrete("`in` on a traced value")
 
     def __repr__(self) -> str:
         if self._state == "ready":
@@ -153,7 +159,7 @@ class Proxy:
 class _Method:
     """`proxy.method` before it is called: records a method node when called."""
 
-    __slots__ = ("proxy", "name")
+    __slots__ = ("name", "proxy")
 
     def __init__(self, proxy: Proxy, name: str):
         self.proxy, self.name = proxy, name

@@ -261,7 +261,7 @@ def _parse_sse(lines: Iterator[str]) -> Iterator[tuple[str | None, str, dict]]:
             continue
         else:
             field, _, value = line.partition(":")
-            value = value[1:] if value.startswith(" ") else value
+            value = value.removeprefix(" ")
             if field == "id":
                 event_id = value
             elif field == "event":

@@ -8,6 +8,7 @@ download progress) while logs print above it on stdout, in order. Off a terminal
 from __future__ import annotations
 
 import sys
+from typing import Self
 
 from rich.console import Console
 from rich.live import Live
@@ -23,7 +24,7 @@ class StatusLine:
         self.live: Live | None = None
         self.spinner = Spinner("dots", text=f"raysight {request_id[:8]}: submitted")
 
-    def __enter__(self) -> StatusLine:
+    def __enter__(self) -> Self:
         if CONFIG.show_status and self.console.is_terminal:
             self.live = Live(self.spinner, console=self.console, transient=True, redirect_stdout=True)
             self.live.__enter__()

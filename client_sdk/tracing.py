@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Self
 
 import torch
 
@@ -65,7 +65,7 @@ class Graph:
         if tracer is None:
             raise TracingError(f"'{op}' must be used inside a trace (a `with model.trace(...)` block)", user_location())
         loc = user_location()
-        node = Node(
+        node = _new_node(
             id=self.next_id,
             op=op,
             args=self.encode(args, loc),
@@ -81,7 +81,13 @@ class Graph:
 
     def encode(self, value: Any, loc) -> Any:
         try:
-            encoded = argcodec.encode(value, self._store_tensor, self._ref_of)
+            try:
+                encoded = argcodec.encode(value, self._store_tensor, self._ref_of)
+            except argcodec.ArgError:
+                # Saved proxies of earlier sessions cannot be encoded as they are, only as their
+                # values. Substituting them only when encoding failed keeps every other value
+                # (this runs for each recorded operation) to one pass; storing tensors is idempotent.
+                encoded = argcodec.encode(_saved_values(value, self), self._store_tensor, self._ref_of)
         except argcodec.ArgError as exc:
             raise TracingError(str(exc), loc) from None
         return encoded["$dict"] if isinstance(value, dict) else encoded
@@ -143,11 +149,61 @@ class Graph:
                 proxy._state = "not_run"
             else:
                 proxy._state = "unsaved"
+        self._release_proxies()
 
     def abandon(self) -> None:
         self.done = True
         for proxy in self.proxies:
             proxy._state = "unsaved"
+        self._release_proxies()
+
+    def _release_proxies(self) -> None:
+        """Proxies point at their graph and the graph at them: a reference cycle that only
+        Python's cyclic collector frees, so every finished session left its graph, nodes and
+        proxies to it (~10 objects per operation), and those collections grew costlier than the
+        traces themselves. Once the proxies have their final state the graph needs them no more."""
+        self.proxies = []
+        self.saved = {}
+
+
+def _saved_values(value: Any, graph: Graph) -> Any:
+    """`value` with the saved proxies of earlier sessions replaced by their values, which are
+    sent like any client value (a proxy kept where rebinding does not reach, e.g. an attribute)."""
+    if isinstance(value, Proxy):
+        return value._value if value._graph is not graph and value._state == "ready" else value
+    if type(value) in (list, tuple):
+        return type(value)(_saved_values(v, graph) for v in value)
+    if type(value) is dict:
+        return {k: _saved_values(v, graph) for k, v in value.items()}
+    if type(value) is slice:
+        return slice(*(_saved_values(v, graph) for v in (value.start, value.stop, value.step)))
+    return value
+
+
+def _unchecked_node(**fields: Any) -> Node:
+    """A Node without pydantic's validation, which costs more than the rest of recording an
+    operation. Only for nodes the tracer builds itself: every field has its type by construction
+    (the encoder's JSON, ints, the location tuple); servers validate what they receive anyway."""
+    node = object.__new__(Node)
+    object.__setattr__(node, "__dict__", fields)
+    object.__setattr__(node, "__pydantic_fields_set__", set(fields))
+    object.__setattr__(node, "__pydantic_extra__", None)
+    object.__setattr__(node, "__pydantic_private__", None)
+    return node
+
+
+def _pick_node_factory():
+    """`_unchecked_node` if this pydantic lays models out as it expects, else plain `Node`."""
+    probe = {"id": 0, "op": "save", "args": [{"$ref": 0}], "kwargs": {}, "invoke": None, "loc": ("f", 1, "x")}
+    try:
+        fast = _unchecked_node(**dict(probe))
+        same = fast == Node(**probe) and fast.model_dump_json() == Node(**probe).model_dump_json()
+    except (AttributeError, TypeError, ValueError):  # a pydantic whose internals differ
+        return Node
+    return _unchecked_node if same else Node
+
+
+_new_node = _pick_node_factory()
 
 
 def _enter_graph(graph: Graph) -> None:
@@ -189,7 +245,7 @@ class Session:
     def __init__(self, remote: bool = False, blocking: bool = True):
         self.graph = Graph(remote=remote, blocking=blocking)
 
-    def __enter__(self) -> Session:
+    def __enter__(self) -> Self:
         _enter_graph(self.graph)
         return self
 
@@ -240,7 +296,7 @@ class Tracer(Session):
         self.graph: Graph | None = None
         self.ir: TraceIR | None = None
 
-    def __enter__(self) -> Tracer:
+    def __enter__(self) -> Self:
         graph = current_graph()
         if graph is None:
             graph = Graph(remote=self.remote, blocking=self.blocking)
@@ -283,7 +339,7 @@ class Invoker:
     def __init__(self, tracer: Tracer, input: Any):
         self.tracer, self.input = tracer, input
 
-    def __enter__(self) -> Invoker:
+    def __enter__(self) -> Self:
         tracer = self.tracer
         if tracer.invoke_index is not None:
             raise TracingError("invokes cannot be nested", user_location())

@@ -41,8 +41,13 @@ _PLAIN = frozenset({int, str, bool, type(None)})  # exact types that encode to t
 
 def encode(value: Any, tensor_name: Callable[[torch.Tensor], str], ref_of: Callable[[Any], int | None]) -> Any:
     """Python value -> JSON. `ref_of` maps proxies to node ids; `tensor_name` stores a tensor."""
-    if type(value) in _PLAIN:  # the common case, and never a proxy: skip the ref_of call
+    # Fast paths for the common cases, none of which can be a proxy: skip the ref_of call.
+    if type(value) in _PLAIN:
         return value
+    if type(value) is float and math.isfinite(value):
+        return value
+    if type(value) is list:  # every node's argument list
+        return [v if type(v) in _PLAIN else encode(v, tensor_name, ref_of) for v in value]
     ref = ref_of(value)
     if ref is not None:
         return {"$ref": ref}
@@ -53,7 +58,8 @@ def encode(value: Any, tensor_name: Callable[[torch.Tensor], str], ref_of: Calla
     if isinstance(value, torch.Tensor):
         return {"$tensor": tensor_name(value)}
     if isinstance(value, slice):
-        return {"$slice": [encode(v, tensor_name, ref_of) for v in (value.start, value.stop, value.step)]}
+        parts = (value.start, value.stop, value.step)
+        return {"$slice": [v if type(v) in _PLAIN else encode(v, tensor_name, ref_of) for v in parts]}
     if value is Ellipsis:
         return {"$ellipsis": None}
     if isinstance(value, torch.dtype):
@@ -63,7 +69,7 @@ def encode(value: Any, tensor_name: Callable[[torch.Tensor], str], ref_of: Calla
     if isinstance(value, list):
         return [encode(v, tensor_name, ref_of) for v in value]
     if isinstance(value, tuple):  # torch.Size too
-        return {"$tuple": [encode(v, tensor_name, ref_of) for v in value]}
+        return {"$tuple": [v if type(v) in _PLAIN else encode(v, tensor_name, ref_of) for v in value]}
     if isinstance(value, dict):
         if not all(isinstance(k, str) for k in value):
             raise ArgError("only dicts with string keys can be sent")
@@ -78,6 +84,8 @@ def decode(value: Any, resolve: Callable[[int], Any], tensors: dict[str, torch.T
         return [decode(v, resolve, tensors) if isinstance(v, (list, dict)) else v for v in value]
     if not isinstance(value, dict):
         return value
+    if len(value) == 1 and type(value.get("$ref")) is int:  # the most common tag: skip _tag
+        return resolve(value["$ref"])
     tag, body = _tag(value)
     if tag == "$ref":
         return resolve(body)
@@ -146,6 +154,9 @@ def visit(value: Any, fn: Callable[[str, Any], None]) -> None:
             if isinstance(v, (list, dict)):
                 visit(v, fn)
     elif isinstance(value, dict):
+        if len(value) == 1 and type(value.get("$ref")) is int:  # the most common tag: skip _tag
+            fn("$ref", value["$ref"])
+            return
         tag, body = _tag(value)
         fn(tag, body)
         if tag in ("$slice", "$tuple"):
@@ -161,7 +172,11 @@ def refs_in(args: list, kwargs: dict) -> Iterator[int]:
         if tag == "$ref":
             refs.append(body)
 
-    visit(args, collect)
+    for v in args:  # visit(args, collect), with its most common case inline
+        if type(v) is dict and len(v) == 1 and type(v.get("$ref")) is int:
+            refs.append(v["$ref"])
+        elif isinstance(v, (list, dict)):
+            visit(v, collect)
     if kwargs:
         visit(list(kwargs.values()), collect)
     return iter(refs)

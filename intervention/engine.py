@@ -41,7 +41,7 @@ class TraceResult:
     stopped: str | None = None  # "trace" or "session" when a stop node ran
 
 
-class Cancelled(Exception):  # noqa: N818 - a signal, not an error of the user's
+class Cancelled(Exception):
     """The request was cancelled (or timed out) while its forward was running."""
 
 
@@ -59,7 +59,7 @@ class _Ref:
         self.id = id
 
 
-@dataclass
+@dataclass(slots=True)  # one per node of every trace: no per-instance dict, faster attributes
 class _Step:
     """A node compiled once: its event (if any), the refs it needs, and argument templates."""
 
@@ -71,6 +71,9 @@ class _Step:
     args: list
     kwargs: dict
     nested: bool  # refs inside containers: bind recursively
+    # Code outside invokes written after invoke blocks runs after them: (thread, steps it must
+    # have run) for each invoke thread with earlier nodes.
+    after: list = field(default_factory=list)
 
 
 @dataclass
@@ -115,18 +118,20 @@ class Engine:
 
     def _compile(self, trace: TraceIR, spans, tensors) -> list[_Thread]:
         by_invoke: dict[int | None, list[_Step]] = {}
+        all_refs: list[int] = []  # every node's refs, in order; a node's are those it appended
+
+        def ref(i: int) -> _Ref:
+            all_refs.append(i)
+            return _Ref(i)
+
         for node in trace.nodes:
-            refs: list[int] = []
-
-            def ref(i: int) -> _Ref:
-                refs.append(i)
-                return _Ref(i)
-
+            start = len(all_refs)
             args = decode(node.args, ref, tensors)
             kwargs = decode({"$dict": node.kwargs}, ref, tensors) if node.kwargs else {}
+            refs = all_refs[start:]
             # Nested: some ref is not a top-level positional argument (it sits in a container or
             # a kwarg), so binding must recurse. Counting refs says so without a second walk.
-            nested = len(refs) != sum(type(a) is _Ref for a in args)
+            nested = bool(refs) and len(refs) != sum(type(a) is _Ref for a in args)
             event = None
             if node.op in ops.MODULE_READS or node.op in ops.MODULE_WRITES:
                 kind = "input" if node.op in ("module.input", "module.inputs", "module.set_input") else "output"
@@ -139,7 +144,10 @@ class Engine:
             rows = None if (s, e) == (0, self.batch_size) else (s, e)
             threads.append(_Thread(by_invoke[invoke], rows))
         if None in by_invoke:
-            threads.append(_Thread(by_invoke[None], None))
+            body = _Thread(by_invoke[None], None)
+            for step in body.steps:
+                step.after = [(t, n) for t in threads if (n := sum(1 for x in t.steps if x.id < step.id))]
+            threads.append(body)
         return threads
 
     # -- run -----------------------------------------------------------------------------------
@@ -175,12 +183,26 @@ class Engine:
             for s in t.steps:
                 if s.event and s.event[0] not in first:
                     first[s.event[0]] = s
+        # With one thread, firing an event no step waits for changes nothing (the thread already
+        # ran up to its next event), so modules whose inputs nobody reads get only the output
+        # hook, which then counts the calls: a torch pre-hook costs ~3 us per module call.
+        # Several threads can unblock each other at any event, so they keep every hook.
+        inputs_read = {s.event[0] for t in self.threads for s in t.steps if s.event and s.event[1] == "input"}
+        lean = len(self.threads) == 1
         handles = []
+        # prepend: our edits come before any hook already there, e.g. the output-capturing hooks
+        # transformers keeps once output_hidden_states was used, so `hidden_states` shows them
+        # on every run, not only on the run that installed those hooks (nnsight does the same).
         for path in sorted(first):
             module = _submodule(self.model, path, first[path])
             self.calls[path] = 0
-            handles.append(module.register_forward_pre_hook(self._pre_hook(path), with_kwargs=True))
-            handles.append(module.register_forward_hook(self._hook(path)))
+            if lean and path not in inputs_read:
+                handles.append(module.register_forward_hook(self._hook(path, counts=True), prepend=True))
+                continue
+            handles.append(
+                module.register_forward_pre_hook(self._pre_hook(path), with_kwargs=True, prepend=True)
+            )
+            handles.append(module.register_forward_hook(self._hook(path), prepend=True))
         return handles
 
     def _pre_hook(self, path: str):
@@ -197,10 +219,14 @@ class Engine:
 
         return hook
 
-    def _hook(self, path: str):
+    def _hook(self, path: str, counts: bool = False):
+        """The output hook; `counts`: there is no pre-hook, so this one counts the calls."""
+
         def hook(module, args, output):
             if self.paused:
                 return None
+            if counts:
+                self.calls[path] += 1
             self.current = output
             self._fire((path, "output", self.calls[path] - 1))
             new, self.current = self.current, None
@@ -222,6 +248,8 @@ class Engine:
         steps, values = thread.steps, self.values
         while thread.pos < len(steps):
             step = steps[thread.pos]
+            if step.after and any(t.pos < n for t, n in step.after):
+                return  # invoke code written before this line has not run yet
             if step.event is not None:
                 if step.event != event:
                     if step.event in self.fired:
@@ -263,11 +291,11 @@ class Engine:
 
     def _run_module_step(self, step: _Step, rows: Rows) -> None:
         try:
-            args, _ = self._bind(step)
             op, kind = step.op, step.event[1]
-            if op in ops.MODULE_READS:
+            if op in ops.MODULE_READS:  # a read's arguments are constants: nothing to bind
                 self.values[step.id] = self._read(op, rows)
             else:
+                args, _ = self._bind(step)
                 self._write(kind, args[2], rows)
                 self.last_write = step
         except InterventionError:
@@ -304,9 +332,14 @@ class Engine:
             self.inputs_replaced = True
 
     def _run_step(self, step: _Step) -> None:
+        values = self.values
         try:
-            args, kwargs = self._bind(step)
-            self.values[step.id] = self._execute(step, args, kwargs)
+            if step.nested:
+                args, kwargs = self._bind(step)
+            else:  # _bind's common case inline: this runs for every computed value
+                args = [values[a.id] if type(a) is _Ref else a for a in step.args]
+                kwargs = step.kwargs
+            values[step.id] = self._execute(step, args, kwargs)
         except (InterventionError, _Stop):
             raise
         except Exception as exc:
@@ -314,6 +347,9 @@ class Engine:
 
     def _execute(self, step: _Step, args: list, kwargs: dict) -> Any:
         op = step.op
+        if op == "save":  # one per saved value, the most common op: test it first
+            self.saved.append(step.refs[0])
+            return None
         if self.device.type != "cpu":
             args = _same_device(args, self.device)
         if op == "getitem":
@@ -333,16 +369,17 @@ class Engine:
                 raise TypeError(f".{name}() needs a tensor, got {type(obj).__name__}")
             if name.endswith("_"):
                 self.last_write = step
+            if name in ops.ALLOCATING_METHODS:
+                ops.check_allocation(name, args[2:], kwargs, obj)
             return getattr(obj, name)(*args[2:], **kwargs)
         if op == "function":
+            if args[0] in ops.ALLOCATING_FUNCTIONS:
+                ops.check_allocation(args[0], args[1:], kwargs)
             return ops.FUNCTIONS[args[0]](*args[1:], **kwargs)
         if op == "getattr":
             return _getattr(args[0], args[1])
         if op == "module.call":
             return self._call_module(step, args, kwargs)
-        if op == "save":
-            self.saved.append(step.refs[0])
-            return None
         if op == "log":
             self.on_log(" ".join(_log_text(a) for a in args))
             return None
@@ -522,7 +559,7 @@ def _log_text(value: Any) -> str:
 
 
 def _out_of_order(step: _Step) -> ExecutionError:
-    path, kind, call = step.event
+    path, kind, _ = step.event
     return ExecutionError(
         f"'{path}' {kind} was accessed after the model had already run past it: access modules "
         "in the order the model executes them",

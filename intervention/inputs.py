@@ -60,7 +60,12 @@ def prepare_batch(
         if r:
             ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
             mask[i, width - len(r) :] = 1
-    return {"input_ids": ids, "attention_mask": mask}, spans
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if not bool(mask.all()):
+        # Left padding shifts absolute positions: count each row from its first real token (as
+        # nnsight does), so a padded prompt sees what it sees alone, also with learned positions.
+        batch["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    return batch, spans
 
 
 def _pad_id(tokenizer: Any) -> int:

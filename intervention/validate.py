@@ -82,7 +82,14 @@ def _check_node(node: Node, trace: TraceIR, tensors: dict, paths: set[str], seen
         fail(f"operation {node.op!r} takes {lo}{'' if hi == lo else '+' if hi is None else f'-{hi}'} arguments, got {len(node.args)}")
     if node.invoke is not None and not 0 <= node.invoke < len(trace.invokes):
         fail(f"invoke {node.invoke} does not exist in this trace")
-    _check_tags([node.args, list(node.kwargs.values())], tensors, seen, node.loc)
+    for v in node.args:  # _check_tags(node.args, ...), with its most common case inline
+        if type(v) is dict and len(v) == 1 and type(v.get("$ref")) is int:
+            if v["$ref"] not in seen:
+                _check_tags(v, tensors, seen, node.loc)  # raises, with the usual message
+        elif isinstance(v, (list, dict)):
+            _check_tags(v, tensors, seen, node.loc)
+    if node.kwargs:  # most nodes have none: skip building the list
+        _check_tags(list(node.kwargs.values()), tensors, seen, node.loc)
     a = node.args
     if node.op.startswith("module."):
         if not isinstance(a[0], str) or a[0] not in paths:

@@ -38,7 +38,7 @@ def decode_session(data: bytes) -> tuple[SessionIR, dict[str, torch.Tensor]]:
         raise
     except KeyError:
         raise ValidationError(f"the request has no '{SESSION_KEY}' metadata") from None
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any parse failure is the client's malformed body
         raise ValidationError(f"malformed request: {_short(exc)}") from None
     return session, tensors
 

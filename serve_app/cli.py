@@ -76,6 +76,9 @@ def serve(
     def announce(url: str) -> None:
         names = ", ".join(m.name for m in app_config.models)
         typer.echo(f"raysight is ready at {url} (models: {names})")
+        metrics = _metrics_url()
+        if metrics:
+            typer.echo(f"Prometheus metrics (Ray's export): {metrics}")
         if generated:
             typer.echo(f"API key (shown once): {generated}")
         typer.echo("Ctrl-C to stop.")
@@ -84,11 +87,18 @@ def serve(
 
 
 @app.command()
-def demo(port: Annotated[int, typer.Option(help="HTTP port on 127.0.0.1 (another if busy).")] = 8000) -> None:
-    """Fetch the default model, serve it locally, run the seed session against it, stop."""
+def demo(
+    examples: Annotated[
+        list[str] | None,
+        typer.Argument(help="Examples to run: names in examples/, or 'all' (default: seed_session).", show_default=False),
+    ] = None,
+    port: Annotated[int, typer.Option(help="HTTP port on 127.0.0.1 (another if busy).")] = 8000,
+) -> None:
+    """Fetch the default model, serve it locally (float32 and bfloat16), run the seed session
+    (or the examples named) against it, stop."""
     from serve_app.demo import run_demo
 
-    raise typer.Exit(run_demo(port))
+    raise typer.Exit(run_demo(port, examples))
 
 
 @models_app.command("fetch")
@@ -149,6 +159,17 @@ def keys_hash(key: Annotated[str, typer.Argument(help='The API key, or "-" to re
         err.print("[red]error:[/] empty key")
         raise typer.Exit(2)
     typer.echo(hash_key(key))
+
+
+def _metrics_url() -> str | None:
+    """Where this node's Ray metrics agent serves Prometheus text (Serve's metrics among them)."""
+    import ray
+
+    try:
+        port = next((n.get("MetricsExportPort") for n in ray.nodes() if n.get("Alive")), None)
+    except Exception:  # noqa: BLE001 - informative only
+        return None
+    return f"http://127.0.0.1:{port}/metrics" if port else None
 
 
 def _login_name() -> str:

@@ -1,7 +1,10 @@
 """`raysight demo` (what `make demo` runs): the default model, a local server, the seed example.
 
-Fetches SmolLM2-135M once (cached), starts `raysight serve` in-process with a fresh API key on
-127.0.0.1, runs examples/seed_session.py against it in another process, and stops the cluster.
+Fetches SmolLM2-135M once (cached), starts raysight in-process with a fresh API key on 127.0.0.1,
+serving that model twice: "smollm2-135m" (float32) and "smollm2-135m-bf16" (bfloat16, same
+folder), so every script in examples/ runs against it (examples/cross_model.py uses both). Runs
+examples/seed_session.py — or the examples named on the command line — against it in other
+processes, then stops the cluster.
 """
 
 from __future__ import annotations
@@ -17,24 +20,49 @@ from serve_app import launcher, model_store
 from serve_app.config import AppConfig, hash_key
 
 DEFAULT_MODEL = "smollm2-135m"
-EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "seed_session.py"
+BF16_MODEL = f"{DEFAULT_MODEL}-bf16"
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLE = EXAMPLES / "seed_session.py"
 
 
-def run_demo(port: int = 8000) -> int:
+def example_names() -> list[str]:
+    return sorted(p.stem for p in EXAMPLES.glob("*.py") if not p.stem.startswith(("_", "seed_session_")))
+
+
+def run_demo(port: int = 8000, examples: list[str] | None = None) -> int:
+    """Serve the demo models, run `examples` (names in examples/, or "all"; default: the seed
+    session) one after the other, stop. Returns the first non-zero exit status, else 0."""
+    names = examples or [EXAMPLE.stem]
+    if "all" in names:
+        names = [EXAMPLE.stem] + [n for n in example_names() if n != EXAMPLE.stem]
+    unknown = [n for n in names if not (EXAMPLES / f"{n}.py").is_file()]
+    if unknown:
+        known = ", ".join([*example_names(), "all"])
+        print(f"no example named {', '.join(unknown)} (known: {known})", file=sys.stderr)
+        return 2
     folder = model_store.fetch_model(DEFAULT_MODEL)
     key = secrets.token_urlsafe(24)
     config = AppConfig.model_validate(
         {
-            "models": [{"name": DEFAULT_MODEL, "path": str(folder)}],
+            "models": [
+                {"name": DEFAULT_MODEL, "path": str(folder), "dtype": "float32"},
+                {"name": BF16_MODEL, "path": str(folder), "dtype": "bfloat16"},
+            ],
             "auth": {"api_keys": [{"user": "demo", "key_sha256": hash_key(key)}]},
         }
     )
-    print(f"starting raysight with {DEFAULT_MODEL} ...", flush=True)
+    print(f"starting raysight with {DEFAULT_MODEL} and {BF16_MODEL} ...", flush=True)
     url = launcher.start(config, port=port if _port_free(port) else _any_port())
     try:
-        print(f"raysight is ready at {url}; running {EXAMPLE.name}", flush=True)
         env = {**os.environ, "RAYSIGHT_HOST": url, "RAYSIGHT_API_KEY": key}
-        return subprocess.run([sys.executable, str(EXAMPLE), DEFAULT_MODEL], env=env, check=False).returncode
+        print(f"raysight is ready at {url}", flush=True)
+        status = 0
+        for name in names:
+            print(f"--- examples/{name}.py", flush=True)
+            script = str(EXAMPLES / f"{name}.py")
+            rc = subprocess.run([sys.executable, script], env=env, check=False).returncode
+            status = status or rc
+        return status
     finally:
         launcher.stop()
 

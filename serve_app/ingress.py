@@ -43,6 +43,12 @@ INLINE_RESULT_BYTES = 1 << 20  # results up to this size ride in the COMPLETED e
 # Helpers come before the class: serve.ingress snapshots the module's globals when it wraps it.
 
 
+def _superseded(batch: list[dict], i: int) -> bool:
+    """QUEUED/RUNNING are states, not news: one directly followed by another is stale."""
+    status = ("QUEUED", "RUNNING")
+    return i + 1 < len(batch) and batch[i]["event"] in status and batch[i + 1]["event"] in status
+
+
 def _event_stream(events, status_code: int = 200) -> StreamingResponse:
     return StreamingResponse(events, status_code=status_code, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})
@@ -136,11 +142,11 @@ class Ingress:
             validate_session(session, tensors, served, self.limits, self.orders)
         except InterventionError as err:
             raise errors.from_intervention(err) from None
+        timeout = self._timeout(request)  # a bad header is refused before the request exists
         request_id = uuid.uuid4().hex
         cap = self.config.limits.max_concurrent_per_user
         if not await self.store.admit.remote(request_id, user, len(session.traces), cap):
             raise ApiError(429, "too_many_requests", f"at most {cap} requests per user may run at once; wait for one to finish")
-        timeout = self._timeout(request)
         watcher = asyncio.ensure_future(self._watch(request_id, self.runner.run.remote(request_id, body, timeout)))
         self.watchers.add(watcher)
         watcher.add_done_callback(self.watchers.discard)
@@ -151,7 +157,7 @@ class Ingress:
     async def _watch(self, request_id: str, response: Any) -> None:
         try:
             await response
-        except Exception as exc:  # the runner itself failed; the request must still end
+        except Exception as exc:  # noqa: BLE001 - the runner failed; the request must still end
             message = f"the session runner failed ({type(exc).__name__}); retry the request"
             await self.store.finish.remote(request_id, "ERROR", {"code": "runner_failed", "message": message, "location": None})
 
@@ -203,7 +209,10 @@ class Ingress:
             if not batch:
                 yield ": heartbeat\n\n"
                 continue
-            for event in batch:
+            for i, event in enumerate(batch):
+                if _superseded(batch, i):  # a newer status in the same batch: skip the stale one
+                    after += 1
+                    continue
                 data = event["data"]
                 if "result" in event:
                     data = {**data, "result": base64.b64encode(event["result"]).decode()}

@@ -13,9 +13,11 @@ from contextlib import contextmanager
 from typing import Any
 
 import httpx
+import pytest
+import torch
 
 from client_sdk import tracing
-from intervention.wire import encode_session
+from intervention.wire import SESSION_KEY, encode_session, read_metadata
 
 P1 = "The Eiffel Tower is in the city of"
 P2 = "Buckingham Palace is in the city of"
@@ -35,15 +37,73 @@ def record(body: Callable[[], None]) -> bytes:
     return encode_session(session.graph.session_ir(), session.graph.tensors)
 
 
-def slow_session(model: Any, n: int) -> bytes:
-    """A session of `n` small traces on one model: long enough to act on while it runs."""
+def unfinished_requests() -> list[tuple[str, str, str]]:
+    """(id, owner, state) of every request the cluster's request store holds that has not ended.
+    Read from the real store actor (the test process is the cluster's Ray driver)."""
+    import ray
 
-    def body() -> None:
-        for _ in range(n):
-            with model.trace(P1):
-                model.lm_head.output[0, -1].argmax().save()
+    from actors.request_store import get_store
 
-    return record(body)
+    def unfinished(store):
+        return [(k, r.owner, r.state) for k, r in store.requests.items() if r.state not in TERMINAL]
+
+    return ray.get(get_store().__ray_call__.remote(unfinished))
+
+
+@pytest.fixture
+def no_leftover_requests(cluster) -> Iterator[None]:
+    """After the test, none of its requests is still open: each test leaves the cluster idle (a
+    request stuck open would also count against its user's concurrency cap for good)."""
+    yield
+    left = unfinished_requests()
+    deadline = time.monotonic() + 10.0
+    while left and time.monotonic() < deadline:  # e.g. a cancel still reaching the replica
+        time.sleep(0.1)
+        left = unfinished_requests()
+    assert not left, f"requests left open: {left}"
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """Local runs with one torch thread, as the replicas run (Ray gives a `num_cpus: 0` actor
+    OMP_NUM_THREADS=1): another thread count may change the last bit of a float sum."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def rewrite(body: bytes, edit: Callable[[dict], None]) -> bytes:
+    """`body` with its session IR changed by `edit` (a dict, in place): requests no client would
+    build, to check the server's own validation."""
+    import safetensors.torch
+
+    meta = read_metadata(body)
+    session = json.loads(meta[SESSION_KEY])
+    edit(session)
+    return safetensors.torch.save(
+        safetensors.torch.load(body), metadata={**meta, SESSION_KEY: json.dumps(session)}
+    )
+
+
+def slow_traces(model: Any, n: int, size: int = 1024) -> None:
+    """Record `n` traces of the (Llama) model in the current session, each doing a large matmul at
+    every layer: ~0.1 s of replica time per trace on a laptop CPU, with a module boundary (where a
+    cancel takes effect) every few ms."""
+    for _ in range(n):
+        with model.trace(P1):
+            work = 0
+            for layer in model.model.layers:
+                x = layer.output.new_ones(size, size)
+                work = work + (x @ x)[0, 0]  # used by a save: no optimizer may drop it
+            (model.lm_head.output[0, -1].argmax() + work * 0).save()
+
+
+def slow_session(model: Any, n: int = 60, size: int = 1024) -> bytes:
+    """The body of a session that runs for many seconds unless stopped."""
+    return record(lambda: slow_traces(model, n, size))
 
 
 class Api:
@@ -51,7 +111,9 @@ class Api:
 
     def __init__(self, url: str, key: str | None):
         headers = {"Authorization": f"Bearer {key}"} if key is not None else {}
-        self.http = httpx.Client(base_url=url, headers=headers, timeout=httpx.Timeout(30.0, read=120.0))
+        self.http = httpx.Client(
+            base_url=url, headers=headers, timeout=httpx.Timeout(30.0, read=120.0)
+        )
 
     def close(self) -> None:
         self.http.close()
@@ -74,14 +136,23 @@ class Api:
         assert r.status_code == 202, r.text
         return r.json()
 
-    def events(self, request_id: str, after: int | None = None) -> Iterator[tuple[str, dict]]:
-        """(event, data) pairs from the raw SSE stream until a terminal event."""
+    def events(
+        self, request_id: str, after: int | None = None, deadline_s: float = 120.0
+    ) -> Iterator[tuple[str, dict]]:
+        """(event, data) pairs from the raw SSE stream until a terminal event. A request that never
+        ends fails the test after `deadline_s` instead of hanging it (heartbeats keep the stream
+        alive forever)."""
         headers = {"Last-Event-ID": str(after)} if after is not None else {}
+        deadline = time.monotonic() + deadline_s
         with self.http.stream("GET", f"/v1/requests/{request_id}/events", headers=headers) as r:
             assert r.status_code == 200, r.read()
             assert r.headers["content-type"].startswith("text/event-stream")
             kind, data = None, []
             for line in r.iter_lines():
+                if time.monotonic() > deadline:
+                    raise AssertionError(
+                        f"request {request_id} did not end within {deadline_s:g} s"
+                    )
                 if line.startswith(":"):
                     continue
                 if not line:

@@ -39,7 +39,13 @@ class Arch:
         return root.model.norm if self.name == "llama" else root.transformer.ln_f
 
     def batch(self, prompts: list[str]) -> dict[str, torch.Tensor]:
-        return self.lm.tokenizer(prompts, return_tensors="pt", padding=True)
+        """Left-padded, each row's positions counted from its first token (nnsight's rule), so
+        a padded prompt sees what it sees alone."""
+        batch = dict(self.lm.tokenizer(prompts, return_tensors="pt", padding=True))
+        mask = batch["attention_mask"]
+        if not mask.all():
+            batch["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+        return batch
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +69,14 @@ def _assert_clean(archs) -> None:
         if a.lm._module is None:
             continue
         for name, m in a.hf.named_modules():
-            assert not (m._forward_hooks or m._forward_pre_hooks), f"hook left on {name!r}"
+            assert not _our_hooks(m), f"hook left on {name!r}"
+
+
+def _our_hooks(module: torch.nn.Module) -> list:
+    """Hooks on `module` not installed by transformers itself (it keeps output-capturing hooks
+    for output_hidden_states once they are first needed)."""
+    hooks = [*module._forward_hooks.values(), *module._forward_pre_hooks.values()]
+    return [h for h in hooks if not getattr(h, "__module__", "").startswith("transformers.")]
 
 
 @contextmanager
@@ -340,6 +353,96 @@ def test_torch_functions(arch: Arch) -> None:
     assert torch.equal(norm, torch.linalg.vector_norm(ref["h"], dim=-1))
 
 
+def test_operators_with_client_tensors_on_either_side(arch: Arch) -> None:
+    w = torch.randn(64, 64, generator=torch.Generator().manual_seed(6)) / 8
+    v = torch.randn(64, generator=torch.Generator().manual_seed(8))
+    with arch.lm.trace(P1):
+        h = arch.layers(arch.lm)[1].output
+        results = [
+            (v - h).save(), (h - v).save(), (1 - h).save(), (h @ w).save(), (w @ h[0, -1]).save(),
+            (2 ** h.clamp(-1, 1)).save(), (-h / 3).save(), (h > 0).save(), abs(h).save(),
+            h.to(torch.float16).save(),
+        ]
+    ref: dict = {}
+    forward(arch, [P1], (arch.layers(arch.hf)[1], capture(ref, "h")))
+    x = ref["h"]
+    expected = [
+        v - x, x - v, 1 - x, x @ w, w @ x[0, -1], 2 ** x.clamp(-1, 1), -x / 3, x > 0, abs(x),
+        x.to(torch.float16),
+    ]
+    for i, (got, want) in enumerate(zip(results, expected, strict=True)):
+        assert got.dtype == want.dtype and torch.equal(got, want), i
+
+
+def test_traced_indices_and_masks(arch: Arch) -> None:
+    with arch.lm.trace(P1):
+        h = arch.layers(arch.lm)[1].output
+        top = h[0, -1].argmax()
+        picked = h[0, :, top].save()
+        h[h < 0] = 0  # ReLU in place, with a traced mask
+        logits = arch.lm.lm_head.output.save()
+        best = logits[0, -1, logits[0, -1].argmax()].save()
+    ref: dict = {}
+
+    def edit(module, args, output):
+        ref["picked"] = output[0, :, output[0, -1].argmax()]  # a view, as in the trace
+        output[output < 0] = 0
+
+    expected = forward(arch, [P1], (arch.layers(arch.hf)[1], edit))
+    assert torch.equal(picked, ref["picked"])
+    assert torch.equal(logits, expected)
+    assert torch.equal(best, expected[0, -1].max())
+
+
+def test_forward_kwargs_and_model_output_fields(arch: Arch) -> None:
+    with arch.lm.trace(P2, output_hidden_states=True):
+        hidden = arch.lm.output.hidden_states
+        states = [hidden[i].save() for i in range(5)]
+    ref: dict = {}
+    layers = arch.layers(arch.hf)
+    forward(arch, [P2], *[(layer, capture(ref, str(i))) for i, layer in enumerate(layers)])
+    for i in range(3):  # the last entry is normed by both models
+        assert torch.equal(states[i + 1], ref[str(i)]), i
+
+
+def test_hidden_states_show_edits_on_every_run(arch: Arch) -> None:
+    """transformers keeps output-capturing hooks once output_hidden_states was used; edits must
+    show in `hidden_states` on every run, not only the run that installed those hooks."""
+    for _ in range(2):
+        with arch.lm.trace(P1, output_hidden_states=True):
+            layer = arch.layers(arch.lm)[1]
+            layer.output = layer.output * 0 + 1
+            received = arch.layers(arch.lm)[2].input.save()
+            state = arch.lm.output.hidden_states[2].save()
+        assert torch.equal(received, torch.ones_like(received))
+        assert torch.equal(state, received)
+
+
+def test_token_id_inputs(arch: Arch) -> None:
+    ids = arch.lm.tokenizer(P1)["input_ids"]
+    with arch.lm.trace(ids):
+        from_list = arch.lm.lm_head.output.save()
+    with arch.lm.trace(torch.tensor([ids])):
+        from_tensor = arch.lm.lm_head.output.save()
+    expected = forward(arch, [P1])
+    assert torch.equal(from_list, expected) and torch.equal(from_tensor, expected)
+
+
+def test_an_invoke_with_several_prompts(arch: Arch) -> None:
+    with arch.lm.trace() as tracer:
+        with tracer.invoke([P1, SHORT]):
+            arch.layers(arch.lm)[0].output[:, -1] = 0
+            first = arch.lm.lm_head.output.save()
+        with tracer.invoke(P2):
+            second = arch.lm.lm_head.output.save()
+
+    def edit(module, args, output):
+        output[:2, -1] = 0
+
+    expected = forward(arch, [P1, SHORT, P2], (arch.layers(arch.hf)[0], edit))
+    assert torch.equal(first, expected[:2]) and torch.equal(second, expected[2:])
+
+
 # -- batching --------------------------------------------------------------------------------------
 
 
@@ -414,6 +517,11 @@ def test_padded_invokes_equal_hooks_on_the_padded_batch(arch: Arch) -> None:
     assert a.shape == b.shape == (1, 8, expected.shape[-1])  # each invoke sees the padded width
     assert torch.equal(a, expected[:1]) and torch.equal(b, expected[1:])
     assert torch.equal(h, ref["h"])
+    # Padding changes nothing the prompt sees: its last position matches a run on its own (up
+    # to float error from the masked keys; with shifted positions GPT-2 is off by ~0.5).
+    assert close(a, forward(arch, [P1]))
+    alone = forward(arch, [SHORT], (arch.layers(arch.hf)[0], lambda m, a, o: o + steer))
+    assert torch.allclose(b[:, -1], alone[:, -1], rtol=1e-4, atol=1e-4)
 
 
 def test_trace_on_a_list_of_prompts(arch: Arch) -> None:
@@ -519,6 +627,24 @@ def test_client_sdk_stop_inside_an_invoke(arch: Arch) -> None:
         client_sdk.stop()
         later = arch.layers(arch.lm)[2].output.save()
     assert isinstance(h, torch.Tensor) and isinstance(later, client_sdk.Proxy)
+
+
+def test_tracer_stop_in_a_session_stops_only_its_trace(arch: Arch) -> None:
+    lm = arch.lm
+    with lm.session():
+        with lm.trace(P1) as tracer:
+            h = arch.layers(lm)[-1].output[:, -1]
+            tracer.stop()
+        with lm.trace(P2):
+            arch.layers(lm)[1].output[:, -1] = h  # a value of the stopped trace, computed before
+            logits = lm.lm_head.output.save()
+    ref: dict = {}
+    forward(arch, [P1], (arch.layers(arch.hf)[-1], capture(ref, "h")))
+
+    def edit(module, args, output):
+        output[:, -1] = ref["h"][:, -1]
+
+    assert torch.equal(logits, forward(arch, [P2], (arch.layers(arch.hf)[1], edit)))
 
 
 def test_session_stop_between_traces(arch: Arch) -> None:

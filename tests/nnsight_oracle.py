@@ -1,0 +1,94 @@
+"""The same experiments written with nnsight 0.8.1: the oracle for raysight's semantics.
+
+nnsight re-reads the source of each `with` block, so this code must live in a real file. Each
+function takes the folder of a tiny model and returns plain tensors. Traces run under
+`torch.no_grad()`: nnsight leaves autograd on, raysight runs without it.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import cache
+from typing import Any
+
+import torch
+
+
+@contextmanager
+def save_mounted() -> Iterator[None]:
+    """nnsight, at import, mounts `.save()` onto `object` for the whole process. Left in place,
+    every object of the test session has a `save` attribute (Ray Serve replicas started later
+    fail: anyio refuses the unannotated attribute), so mount it only while the oracle runs."""
+    import nnsight
+    from nnsight._c import mount, unmount
+
+    if not hasattr(object, "save"):
+        mount(nnsight.save, "save")
+    try:
+        yield
+    finally:
+        unmount("save")
+
+
+@cache
+def load(path: str) -> Any:
+    """An nnsight model for `path`, loaded once per test session."""
+    from nnsight.modeling.transformers import TransformersModel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return TransformersModel(path, task="text-generation", device_map="cpu", dispatch=True)
+
+
+def layers(model: Any) -> Any:
+    """Decoder layers of Llama (`model.layers`) or GPT-2 (`transformer.h`)."""
+    return model.transformer.h if hasattr(model, "transformer") else model.model.layers
+
+
+def seed_experiment(path: str, p1: str, p2: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Last layer of p1 at the last token, patched into layer 1 of p2."""
+    model = load(path)
+    with torch.no_grad(), model.session():
+        with model.trace(p1):
+            hs = layers(model)[-1].output[:, -1, :]
+            t1 = model.lm_head.output.argmax(dim=-1).save()
+        with model.trace(p2):
+            layers(model)[1].output[:, -1, :] = hs
+            logits2 = model.lm_head.output.save()
+    return t1, logits2
+
+
+def steering(path: str, prompt: str, layer: int, vector: torch.Tensor) -> torch.Tensor:
+    model = load(path)
+    with torch.no_grad(), model.trace(prompt):
+        block = layers(model)[layer]
+        block.output = block.output + vector
+        logits = model.lm_head.output.save()
+    return logits
+
+
+def invokes(path: str, prompts: list[str], layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One trace, one invoke per prompt; the first invoke zeroes `layer` at its last token."""
+    model = load(path)
+    saved = []
+    with torch.no_grad(), model.trace() as tracer:
+        for i, prompt in enumerate(prompts):
+            with tracer.invoke(prompt):
+                if i == 0:
+                    layers(model)[layer].output[:, -1, :] = 0
+                hidden = layers(model)[layer].output.save()
+                logits = model.lm_head.output.save()
+                saved.append((hidden, logits))
+    return [(h, lg) for h, lg in saved]
+
+
+def logit_lens(path: str, prompt: str) -> list[torch.Tensor]:
+    model = load(path)
+    norm = model.transformer.ln_f if hasattr(model, "transformer") else model.model.norm
+    lens = []
+    with torch.no_grad(), model.trace(prompt):
+        for block in layers(model):
+            lens.append(model.lm_head(norm(block.output)).save())
+    return lens
