@@ -9,7 +9,9 @@ later trace needs are put in Ray's object store here and only their ObjectRefs t
 from __future__ import annotations
 
 import asyncio
+import itertools
 import threading
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -39,7 +41,7 @@ class ModelDeployment:
         self.order = record_order(self.model, self.tokenizer)
         self.store = get_store(result_ttl_s)
         self.lock = asyncio.Lock()  # one forward at a time; FIFO
-        self.waiting: list[str] = []
+        self.waiting: list[_EventSender] = []
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{self.name}")
 
     def info(self) -> dict[str, Any]:
@@ -73,30 +75,27 @@ class ModelDeployment:
         Values passed between these traces stay in this process; values that traces after the
         segment need (`out_keep`) go to the object store. Returns the saves (result bytes), those
         exports as ObjectRefs, and whether a stop ended the session; or an error."""
-        self.waiting.append(request_id)
+        events = _EventSender(self.store, request_id)
+        self.waiting.append(events)
         if self.lock.locked() or len(self.waiting) > 1:  # only a request that waits is queued
             self._report_queue()
         try:
             async with self.lock:
-                self.waiting.remove(request_id)
+                self.waiting.remove(events)
                 if self.waiting:
                     self._report_queue()
-                # From this thread, so it reaches the store after this request's QUEUED events.
-                self.store.add_event.remote(request_id, "RUNNING", {"trace": first + 1, "of": count, "model": self.name})
+                events.send("RUNNING", {"trace": first + 1, "of": count, "model": self.name})
                 traces_ir = [TraceIR.model_validate(t) for t in traces]
-                return await self._run(request_id, traces_ir, first, count, tensors, externals, keeps, set(out_keep))
+                return await self._run(events, traces_ir, first, count, tensors, externals, keeps, set(out_keep))
         finally:
-            if request_id in self.waiting:  # cancelled while queued
-                self.waiting.remove(request_id)
+            if events in self.waiting:  # cancelled while queued
+                self.waiting.remove(events)
                 self._report_queue()
 
-    async def _run(self, request_id, traces, first, count, tensors, externals, keeps, out_keep) -> dict[str, Any]:
+    async def _run(self, events, traces, first, count, tensors, externals, keeps, out_keep) -> dict[str, Any]:
         values = await asyncio.gather(*externals.values())
         ext = dict(zip(externals, values, strict=True))
-        events: list[ray.ObjectRef] = []
-
-        def emit(kind: str, data: dict) -> None:  # called from the forward thread
-            events.append(self.store.add_event.remote(request_id, kind, data))
+        emit = events.send  # called from the forward thread too
 
         cancel = threading.Event()
         job = asyncio.get_running_loop().run_in_executor(
@@ -109,7 +108,7 @@ class ModelDeployment:
             await asyncio.wait([job])
             raise
         finally:
-            await asyncio.gather(*events)  # LOG events land before whatever the caller reports next
+            await asyncio.gather(*events.sent)  # LOG events land before the caller reports the end
         if "error" in outcome:
             return outcome
         values = outcome.pop("values")
@@ -149,10 +148,25 @@ class ModelDeployment:
         first few only round numbers are reported: O(n) events per move would make a long queue
         slower still (each event is work for the store and every open stream)."""
         ahead = 1 if self.lock.locked() else 0
-        for pos, rid in enumerate(self.waiting):
+        for pos, waiter in enumerate(self.waiting):
             position = pos + ahead
-            if position < 4 or position % 8 == 0 or rid == self.waiting[-1]:
-                self.store.add_event.remote(rid, "QUEUED", {"position": position, "model": self.name})
+            if position < 4 or position % 8 == 0 or waiter is self.waiting[-1]:
+                waiter.send("QUEUED", {"position": position, "model": self.name})
+
+
+class _EventSender:
+    """One segment call's events to the request store, numbered: the store is an async actor, so
+    calls may start out of order; it puts numbered events back in order (LOGs stay in order)."""
+
+    def __init__(self, store: Any, request_id: str):
+        self.store, self.request_id = store, request_id
+        self.source = uuid.uuid4().hex
+        self.numbers = itertools.count()  # next() is atomic: the forward thread sends too
+        self.sent: list[ray.ObjectRef] = []
+
+    def send(self, kind: str, data: dict) -> None:
+        order = (self.source, next(self.numbers))
+        self.sent.append(self.store.add_event.remote(self.request_id, kind, data, order))
 
 
 def _unsendable(traces: list[TraceIR], saves: dict[int, Any]) -> dict[str, Any]:

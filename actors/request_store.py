@@ -32,6 +32,8 @@ class _Request:
     finished: float | None = None
     fetched: float | None = None
     cancel_requested: bool = False
+    held: dict[str, dict[int, tuple]] = field(default_factory=dict)  # numbered events, early
+    next_number: dict[str, int] = field(default_factory=dict)
     # Per request, so an event wakes only that request's readers, not every open stream.
     changed: asyncio.Condition = field(default_factory=asyncio.Condition)
 
@@ -55,8 +57,21 @@ class RequestStore:
         await self._add(request_id, "RECEIVED", {"id": request_id})
         return True
 
-    async def add_event(self, request_id: str, kind: str, data: dict[str, Any] | None = None) -> None:
-        await self._add(request_id, kind, data or {})
+    async def add_event(
+        self, request_id: str, kind: str, data: dict[str, Any] | None = None, order: tuple[str, int] | None = None
+    ) -> None:
+        """Record an event. With `order` = (source, n), events of one source are recorded in n
+        order even if their calls arrive out of order (Ray does not order async actor calls)."""
+        req = self.requests.get(request_id)
+        if order is None or req is None:
+            await self._add(request_id, kind, data or {})
+            return
+        source, n = order
+        held = req.held.setdefault(source, {})
+        held[n] = (kind, data or {})
+        while (nxt := req.next_number.get(source, 0)) in held:
+            req.next_number[source] = nxt + 1
+            await self._add(request_id, *held.pop(nxt))
 
     async def finish(self, request_id: str, kind: str, data: dict[str, Any], result: bytes | None = None) -> None:
         """Record the terminal event; the first one wins (a late COMPLETED after CANCELLED is dropped)."""

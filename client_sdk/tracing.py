@@ -7,6 +7,7 @@ proxy its real value and rebinds the user's names to those values.
 
 from __future__ import annotations
 
+import math
 import sys
 import threading
 from typing import TYPE_CHECKING, Any, Self
@@ -80,6 +81,10 @@ class Graph:
         return proxy
 
     def encode(self, value: Any, loc) -> Any:
+        if type(value) is list:  # a node's argument list: most hold only our proxies and scalars
+            fast = self._encode_simple(value)
+            if fast is not None:
+                return fast
         try:
             try:
                 encoded = argcodec.encode(value, self._store_tensor, self._ref_of)
@@ -91,6 +96,23 @@ class Graph:
         except argcodec.ArgError as exc:
             raise TracingError(str(exc), loc) from None
         return encoded["$dict"] if isinstance(value, dict) else encoded
+
+    def _encode_simple(self, values: list) -> list | None:
+        """What argcodec.encode gives for a list of this graph's proxies, plain scalars (ints,
+        strings, bools, None, finite floats) and slices of ints/None/... (`x[:]`), without a call
+        per item; None for any other list, which takes the general path."""
+        plain = argcodec.PLAIN_TYPES
+        out = []
+        for v in values:
+            if type(v) is Proxy and v._graph is self:
+                out.append({"$ref": v._id})
+            elif type(v) in plain or (type(v) is float and math.isfinite(v)):
+                out.append(v)
+            elif type(v) is slice and type(v.start) in plain and type(v.stop) in plain and type(v.step) in plain:
+                out.append({"$slice": [v.start, v.stop, v.step]})
+            else:
+                return None
+        return out
 
     def _store_tensor(self, t: torch.Tensor) -> str:
         entry = self._tensor_names.get(id(t))

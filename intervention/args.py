@@ -37,6 +37,7 @@ class ArgError(ValueError):
 
 
 _PLAIN = frozenset({int, str, bool, type(None)})  # exact types that encode to themselves
+PLAIN_TYPES = _PLAIN  # for callers with their own fast paths (the tracer)
 
 
 def encode(value: Any, tensor_name: Callable[[torch.Tensor], str], ref_of: Callable[[Any], int | None]) -> Any:
@@ -104,6 +105,23 @@ def decode(value: Any, resolve: Callable[[int], Any], tensors: dict[str, torch.T
     if tag == "$dtype":
         return DTYPES[body]
     return float(body)  # $float, checked by _tag
+
+
+_JSON_SCALARS = frozenset({int, float, str, bool, type(None)})  # hold no tags
+
+
+def plain_slice(value: Any) -> list | None:
+    """The body of `value` if it is a well-formed {"$slice": [a, b, c]} whose parts hold no tags
+    (`x[:]`, `x[0:3]`), else None. Such slices are the most common argument after refs: callers
+    handle them without the general walk, which would find nothing in them to resolve or check."""
+    if type(value) is dict and len(value) == 1:
+        body = value.get("$slice")
+        if (
+            type(body) is list and len(body) == 3
+            and type(body[0]) in _JSON_SCALARS and type(body[1]) in _JSON_SCALARS and type(body[2]) in _JSON_SCALARS
+        ):
+            return body
+    return None
 
 
 # tag -> check of its body. Built once: _tag runs for every tagged object of every node.

@@ -26,7 +26,7 @@ import torch
 from transformers.utils import ModelOutput
 
 from intervention import ops
-from intervention.args import decode
+from intervention.args import decode, plain_slice
 from intervention.errors import ExecutionError, InterventionError
 from intervention.ir import TraceIR
 
@@ -57,6 +57,13 @@ class _Ref:
 
     def __init__(self, id: int):
         self.id = id
+
+
+# op -> the kind of module event it waits for; ops that wait for none are absent.
+_EVENT_KIND = {
+    op: "input" if op in ("module.input", "module.inputs", "module.set_input") else "output"
+    for op in ops.MODULE_READS | ops.MODULE_WRITES
+}
 
 
 @dataclass(slots=True)  # one per node of every trace: no per-instance dict, faster attributes
@@ -126,16 +133,14 @@ class Engine:
 
         for node in trace.nodes:
             start = len(all_refs)
-            args = decode(node.args, ref, tensors)
+            args, top_refs = _decode_args(node.args, ref, tensors)
             kwargs = decode({"$dict": node.kwargs}, ref, tensors) if node.kwargs else {}
             refs = all_refs[start:]
             # Nested: some ref is not a top-level positional argument (it sits in a container or
             # a kwarg), so binding must recurse. Counting refs says so without a second walk.
-            nested = bool(refs) and len(refs) != sum(type(a) is _Ref for a in args)
-            event = None
-            if node.op in ops.MODULE_READS or node.op in ops.MODULE_WRITES:
-                kind = "input" if node.op in ("module.input", "module.inputs", "module.set_input") else "output"
-                event = (args[0], kind, args[1])
+            nested = len(refs) != top_refs
+            kind = _EVENT_KIND.get(node.op)
+            event = None if kind is None else (args[0], kind, args[1])
             step = _Step(node.id, node.op, node.loc, event, tuple(refs), args, kwargs, nested)
             by_invoke.setdefault(node.invoke, []).append(step)
         threads = []
@@ -145,7 +150,7 @@ class Engine:
             threads.append(_Thread(by_invoke[invoke], rows))
         if None in by_invoke:
             body = _Thread(by_invoke[None], None)
-            for step in body.steps:
+            for step in body.steps if threads else ():  # no invoke threads: nothing to wait for
                 step.after = [(t, n) for t in threads if (n := sum(1 for x in t.steps if x.id < step.id))]
             threads.append(body)
         return threads
@@ -411,6 +416,25 @@ class Engine:
         if self.last_write is not None:
             return ExecutionError(f"the model failed after this intervention: {msg}", self.last_write.loc)
         return ExecutionError(f"the model's forward pass failed: {msg}", self.trace.loc)
+
+
+def _decode_args(args: list, ref, tensors) -> tuple[list, int]:
+    """`decode(args, ref, tensors)` with its most common cases inline (a top-level ref, a
+    scalar, a plain slice): this runs for every node of every trace. Also returns how many refs
+    sit at the top level, which tells `_compile` whether binding must recurse."""
+    out = []
+    top_refs = 0
+    for a in args:
+        if type(a) is dict and len(a) == 1 and type(a.get("$ref")) is int:
+            out.append(ref(a["$ref"]))
+            top_refs += 1
+        elif not isinstance(a, (list, dict)):
+            out.append(a)
+        elif (body := plain_slice(a)) is not None:
+            out.append(slice(*body))
+        else:
+            out.append(decode(a, ref, tensors))
+    return out, top_refs
 
 
 def run_trace(

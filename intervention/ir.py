@@ -73,6 +73,8 @@ class SessionIR(BaseModel):
         """For each trace, the ids of its nodes that a later trace uses (kept in the cluster)."""
         from intervention.args import refs_in
 
+        if len(self.traces) == 1:  # the common case: nothing comes after the only trace
+            return [set()]
         owner: dict[int, int] = {}
         needed: list[set[int]] = [set() for _ in self.traces]
         for i, trace in enumerate(self.traces):

@@ -43,9 +43,23 @@ def record_order(model: torch.nn.Module, tokenizer: Any) -> list[EventKey]:
     return order
 
 
+# id(order) -> (order, its rank table). A model's order list never changes once recorded, and
+# rebuilding the table cost more than the check itself; holding the list keeps its id unique.
+_RANKS: dict[int, tuple[list, dict]] = {}
+
+
+def _rank_of(order: list[EventKey]) -> dict[EventKey, int]:
+    cached = _RANKS.get(id(order))
+    if cached is None or cached[0] is not order or len(cached[1]) != len(order):
+        if len(_RANKS) > 64:  # orders come from a handful of models: bound it all the same
+            _RANKS.clear()
+        cached = _RANKS[id(order)] = (order, {key: i for i, key in enumerate(order)})
+    return cached[1]
+
+
 def check_order(trace: TraceIR, order: list[EventKey]) -> None:
     """Raise if a thread (invoke) of `trace` reads modules against the recorded order."""
-    rank = {key: i for i, key in enumerate(order)}
+    rank = _rank_of(order)
     last: dict[int | None, tuple[int, Any]] = {}
     for node in trace.nodes:
         if not node.op.startswith("module.") or node.op == "module.call" or node.args[1] != 0:

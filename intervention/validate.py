@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from intervention import ops
-from intervention.args import ArgError, visit
+from intervention.args import ArgError, plain_slice, visit
 from intervention.errors import ValidationError
 from intervention.ir import IR_VERSION, Node, SessionIR, TraceIR
 from intervention.order import check_order
@@ -86,7 +86,7 @@ def _check_node(node: Node, trace: TraceIR, tensors: dict, paths: set[str], seen
         if type(v) is dict and len(v) == 1 and type(v.get("$ref")) is int:
             if v["$ref"] not in seen:
                 _check_tags(v, tensors, seen, node.loc)  # raises, with the usual message
-        elif isinstance(v, (list, dict)):
+        elif isinstance(v, (list, dict)) and plain_slice(v) is None:  # plain slices: nothing to check
             _check_tags(v, tensors, seen, node.loc)
     if node.kwargs:  # most nodes have none: skip building the list
         _check_tags(list(node.kwargs.values()), tensors, seen, node.loc)
