@@ -9,6 +9,7 @@ store, so this replica can restart without losing accepted requests.
 import asyncio
 import base64
 import json
+import math
 import uuid
 from typing import Any
 
@@ -177,10 +178,15 @@ class Ingress:
     def _timeout(self, request: Request) -> float:
         limit = self.config.limits.request_timeout_s
         asked = request.headers.get("x-raysight-timeout")
+        if not asked:
+            return limit
         try:
-            return min(limit, float(asked)) if asked else limit
+            seconds = float(asked)
         except ValueError:
-            raise ApiError(422, "invalid_request", "X-Raysight-Timeout must be a number of seconds") from None
+            seconds = math.nan
+        if not seconds > 0 or math.isinf(seconds):  # nan fails `> 0` too
+            raise ApiError(422, "invalid_request", f"X-Raysight-Timeout must be a positive number of seconds, got {asked!r}")
+        return min(limit, seconds)
 
     @app.get("/v1/requests/{request_id}", response_model=RequestStatus, tags=["requests"])
     async def status(self, request_id: str, request: Request) -> dict:

@@ -206,11 +206,13 @@ def test_malformed_session_json_is_422(alice, small_body) -> None:
 
 
 def test_bad_timeout_header_is_422_and_leaves_no_request_behind(alice, small_body) -> None:
-    for _ in range(4):  # more than the per-user cap: none of them may count against it
+    # more than the per-user cap: none of them may count against it
+    for bad in ("soon", "0", "-3", "nan", "inf"):
         r = alice.http.post(
-            "/v1/requests", content=small_body, headers={"X-Raysight-Timeout": "soon"}
+            "/v1/requests", content=small_body, headers={"X-Raysight-Timeout": bad}
         )
         assert_error(r, 422, "invalid_request")
+        assert "positive number of seconds" in r.json()["error"]["message"]
     rid = alice.submit(small_body)
     assert alice.end(rid)[0] == "COMPLETED"
 
