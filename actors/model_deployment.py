@@ -62,7 +62,7 @@ class ModelDeployment:
     async def run_segment(
         self,
         request_id: str,
-        traces: list[dict],
+        traces: list[TraceIR],  # validated at the ingress; passed as objects, not re-parsed
         first: int,
         count: int,
         tensors: dict,
@@ -85,8 +85,7 @@ class ModelDeployment:
                 if self.waiting:
                     self._report_queue()
                 events.send("RUNNING", {"trace": first + 1, "of": count, "model": self.name})
-                traces_ir = [TraceIR.model_validate(t) for t in traces]
-                return await self._run(events, traces_ir, first, count, tensors, externals, keeps, set(out_keep))
+                return await self._run(events, traces, first, count, tensors, externals, keeps, set(out_keep))
         finally:
             if events in self.waiting:  # cancelled while queued
                 self.waiting.remove(events)

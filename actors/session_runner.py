@@ -61,7 +61,7 @@ class SessionRunner:
             last = first + len(traces)
             needed = _needed_after(session.traces, exports, first, last)
             response = self.models[traces[0].model].run_segment.remote(
-                request_id, [t.model_dump() for t in traces], first, len(session.traces),
+                request_id, traces, first, len(session.traces),
                 _blobs_of(traces, tensors),
                 {k: externals[k] for t in traces for k in _refs_of(t) if k in externals},
                 [sorted(exports[i]) for i in range(first, last)], sorted(needed),

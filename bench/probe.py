@@ -130,13 +130,12 @@ class Probe:
         remote._submit_streaming = submit_streaming
         remote.decode_result = decode_result
         remote.RemoteRequest.fetch = fetch_result
-        # client_sdk pools one httpx client per (host, key, read timeout): put counting ones there.
+        # client_sdk pools one httpx client per (host, key): put a counting one there.
         headers = {"Authorization": f"Bearer {CONFIG.api_key}"}
-        for read in (60.0, 120.0, 300.0):
-            remote._clients[(CONFIG.host, CONFIG.api_key, read)] = httpx.Client(
-                base_url=CONFIG.host, headers=headers, timeout=httpx.Timeout(30.0, read=read),
-                transport=CountingTransport(self),
-            )
+        remote._clients[(CONFIG.host, CONFIG.api_key)] = httpx.Client(
+            base_url=CONFIG.host, headers=headers, timeout=httpx.Timeout(30.0, read=60.0),
+            transport=CountingTransport(self),
+        )
 
     def uninstall(self) -> None:
         if not self._saved:
@@ -145,8 +144,7 @@ class Probe:
         remote._submit_streaming = self._saved["_submit_streaming"]
         remote.decode_result = self._saved["decode_result"]
         remote.RemoteRequest.fetch = self._saved["fetch"]
-        for read in (60.0, 120.0, 300.0):
-            client = remote._clients.pop((CONFIG.host, CONFIG.api_key, read), None)
-            if client is not None:
-                client.close()
+        client = remote._clients.pop((CONFIG.host, CONFIG.api_key), None)
+        if client is not None:
+            client.close()
         self._saved = {}

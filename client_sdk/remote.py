@@ -12,7 +12,6 @@ import hashlib
 import json
 import sys
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -44,17 +43,20 @@ class RemoteError(InterventionError):
 _clients: dict[tuple, httpx.Client] = {}
 
 
-@contextmanager
-def _client(read_timeout: float = 60.0) -> Iterator[httpx.Client]:
+def _client() -> httpx.Client:
     """A pooled client per (host, key): building one costs tens of ms (its SSL context), and
-    keep-alive connections save a handshake per call."""
-    key = (CONFIG.host, CONFIG.api_key, read_timeout)
+    keep-alive connections save a handshake per call. Long reads pass their own timeout."""
+    key = (CONFIG.host, CONFIG.api_key)
     client = _clients.get(key)
     if client is None:
         headers = {"Authorization": f"Bearer {CONFIG.api_key}"} if CONFIG.api_key else {}
-        timeout = httpx.Timeout(30.0, read=read_timeout)
+        timeout = httpx.Timeout(30.0, read=60.0)
         client = _clients[key] = httpx.Client(base_url=CONFIG.host, headers=headers, timeout=timeout)
-    yield client
+    return client
+
+
+def _read_timeout(seconds: float) -> httpx.Timeout:
+    return httpx.Timeout(30.0, read=seconds)
 
 
 def _raise_for(response: httpx.Response) -> None:
@@ -76,8 +78,7 @@ def _loc(location: dict | None):
 
 def fetch_model_info(name: str) -> dict:
     try:
-        with _client() as client:
-            response = client.get(f"/v1/models/{name}")
+        response = _client().get(f"/v1/models/{name}")
     except httpx.HTTPError as exc:
         raise RemoteError(
             f"'{name}' is not a local folder, and the server at {CONFIG.host} could not be reached "
@@ -116,22 +117,19 @@ class RemoteRequest:
         if timeout_s is not None:
             headers["X-Raysight-Timeout"] = str(timeout_s)
         try:
-            with _client() as client:
-                response = client.post("/v1/requests", content=body, headers=headers)
+            response = _client().post("/v1/requests", content=body, headers=headers)
         except httpx.HTTPError as exc:
             raise RemoteError(f"could not reach the raysight server at {CONFIG.host}: {exc}") from None
         _raise_for(response)
         return cls(response.json()["id"], graph)
 
     def status(self) -> dict:
-        with _client() as client:
-            response = client.get(f"/v1/requests/{self.id}")
+        response = _client().get(f"/v1/requests/{self.id}")
         _raise_for(response)
         return response.json()
 
     def cancel(self) -> None:
-        with _client() as client:
-            _raise_for(client.delete(f"/v1/requests/{self.id}"))
+        _raise_for(_client().delete(f"/v1/requests/{self.id}"))
 
     def events(self, last_id: str | None = None) -> Iterator[tuple[str | None, str, dict]]:
         """(id, event, data) until the request ends; resumes after a dropped connection."""
@@ -139,8 +137,8 @@ class RemoteRequest:
         while True:
             headers = {"Last-Event-ID": last_id} if last_id is not None else {}
             try:
-                with _client(read_timeout=120.0) as client, client.stream(
-                    "GET", f"/v1/requests/{self.id}/events", headers=headers
+                with _client().stream(
+                    "GET", f"/v1/requests/{self.id}/events", headers=headers, timeout=_read_timeout(120.0)
                 ) as response:
                     if response.status_code >= 400:
                         response.read()
@@ -188,7 +186,7 @@ class RemoteRequest:
     def fetch(self, display: StatusLine | None = None) -> dict[int, Any]:
         """Download and decode the saved values (node id -> value)."""
         chunks = []
-        with _client(read_timeout=300.0) as client, client.stream("GET", f"/v1/requests/{self.id}/result") as response:
+        with _client().stream("GET", f"/v1/requests/{self.id}/result", timeout=_read_timeout(300.0)) as response:
             if response.status_code >= 400:
                 response.read()
                 _raise_for(response)
@@ -230,8 +228,8 @@ def _submit_streaming(body: bytes) -> Iterator[tuple[str | None, str, dict]]:
     """POST the session and read its events from the same response (one round trip)."""
     headers = {"Content-Type": "application/octet-stream", "Accept": "text/event-stream"}
     try:
-        with _client(read_timeout=120.0) as client, client.stream(
-            "POST", "/v1/requests", content=body, headers=headers
+        with _client().stream(
+            "POST", "/v1/requests", content=body, headers=headers, timeout=_read_timeout(120.0)
         ) as response:
             if response.status_code >= 400:
                 response.read()
