@@ -21,12 +21,13 @@ from ray import serve
 from actors.model_loader import load_model, placement, tokenizer_files
 from actors.request_store import get_store
 from intervention.args import ArgError
-from intervention.engine import Cancelled, run_trace
-from intervention.errors import InterventionError
-from intervention.inputs import prepare_batch
+from intervention.errors import Cancelled, location_dict
+from intervention.events import LOG, QUEUED, RUNNING
 from intervention.ir import TraceIR
 from intervention.module_tree import module_tree
 from intervention.order import record_order
+from intervention.plan import Segment
+from intervention.session import run_segment
 from intervention.wire import encode_result
 
 
@@ -62,19 +63,16 @@ class ModelDeployment:
     async def run_segment(
         self,
         request_id: str,
-        traces: list[TraceIR],  # validated at the ingress; passed as objects, not re-parsed
-        first: int,
-        count: int,
+        segment: Segment,  # validated at the ingress; passed as objects, not re-parsed
+        n_traces: int,
         tensors: dict,
-        externals: dict[int, ray.ObjectRef],
-        keeps: list[list[int]],
-        out_keep: list[int],
+        imports: dict[int, ray.ObjectRef],
     ) -> dict[str, Any]:
         """Run consecutive traces of a session (all on this model) in order, in one go.
 
-        Values passed between these traces stay in this process; values that traces after the
-        segment need (`out_keep`) go to the object store. Returns the saves (result bytes), those
-        exports as ObjectRefs, and whether a stop ended the session; or an error."""
+        Values passed between these traces stay in this process; values that later segments need
+        (`segment.exports`) go to the object store. Returns the saves (result bytes), those exports
+        as ObjectRefs, and whether a stop ended the session; or an error."""
         events = _EventSender(self.store, request_id)
         self.waiting.append(events)
         if self.lock.locked() or len(self.waiting) > 1:  # only a request that waits is queued
@@ -84,63 +82,49 @@ class ModelDeployment:
                 self.waiting.remove(events)
                 if self.waiting:
                     self._report_queue()
-                events.send("RUNNING", {"trace": first + 1, "of": count, "model": self.name})
-                return await self._run(events, traces, first, count, tensors, externals, keeps, set(out_keep))
+                return await self._run(events, segment, n_traces, tensors, imports)
         finally:
             if events in self.waiting:  # cancelled while queued
                 self.waiting.remove(events)
                 self._report_queue()
 
-    async def _run(self, events, traces, first, count, tensors, externals, keeps, out_keep) -> dict[str, Any]:
-        values = await asyncio.gather(*externals.values())
-        ext = dict(zip(externals, values, strict=True))
+    async def _run(self, events, segment: Segment, n_traces: int, tensors, imports) -> dict[str, Any]:
+        values = await asyncio.gather(*imports.values())
+        imported = dict(zip(imports, values, strict=True))
         emit = events.send  # called from the forward thread too
+
+        def on_trace(index: int) -> None:
+            emit(RUNNING, {"trace": index + 1, "of": n_traces, "model": self.name})
 
         cancel = threading.Event()
         job = asyncio.get_running_loop().run_in_executor(
-            self.pool, self._forward, traces, first, count, tensors, ext, keeps, emit, cancel
+            self.pool, lambda: run_segment(
+                self.model, self.tokenizer, segment, imported, tensors,
+                on_log=lambda m: emit(LOG, {"message": m}), on_trace=on_trace, cancel=cancel,
+            )
         )
         try:
             outcome = await asyncio.shield(job)
         except asyncio.CancelledError:
-            cancel.set()  # the forward stops at the next module boundary
+            cancel.set()  # the forward stops at the next layer
             await asyncio.wait([job])
             raise
         finally:
             await asyncio.gather(*events.sent)  # LOG events land before the caller reports the end
-        if "error" in outcome:
-            return outcome
-        values = outcome.pop("values")
-        outcome["exports"] = {i: ray.put(values[i]) for i in out_keep if i in values}
-        return outcome
-
-    def _forward(self, traces, first, count, tensors, externals, keeps, emit, cancel) -> dict[str, Any]:
-        saves: dict[int, Any] = {}
-        values = dict(externals)
-        stopped = None
-        for k, trace in enumerate(traces):
-            if k:
-                emit("RUNNING", {"trace": first + k + 1, "of": count, "model": self.name})
-            try:
-                batch, spans = prepare_batch(self.tokenizer, trace, tensors)
-                result = run_trace(
-                    self.model, trace, batch, spans, tensors=tensors, externals=values,
-                    keep=set(keeps[k]), on_log=lambda m: emit("LOG", {"message": m}), cancel=cancel,
-                )
-            except InterventionError as err:
-                return {"error": {**err.to_dict(), "trace": first + k + 1}}
-            except Cancelled:
+        if outcome.error is not None:
+            if isinstance(outcome.error, Cancelled):
                 return {"error": {"code": "cancelled", "message": "cancelled", "location": None}}
-            saves.update(result.saves)
-            values.update(result.exports)
-            if result.stopped == "session":
-                stopped = "session"
-                break
+            return {"error": {**outcome.error.to_dict(), "trace": outcome.error_trace + 1}}
         try:
-            data = encode_result(saves)
+            data = encode_result(outcome.saves)
         except ArgError:
-            return {"error": _unsendable(traces, saves)}
-        return {"saves": data, "values": values, "stopped": stopped, "traces_run": k + 1}
+            return {"error": _unsendable(segment.traces, outcome.saves)}
+        return {
+            "saves": data,
+            "exports": {i: ray.put(v) for i, v in outcome.exports.items()},
+            "stopped": outcome.stopped,
+            "traces_run": outcome.traces_run,
+        }
 
     def _report_queue(self) -> None:
         """Tell waiting requests their position. Every move changes every position, so beyond the
@@ -150,7 +134,7 @@ class ModelDeployment:
         for pos, waiter in enumerate(self.waiting):
             position = pos + ahead
             if position < 4 or position % 8 == 0 or waiter is self.waiting[-1]:
-                waiter.send("QUEUED", {"position": position, "model": self.name})
+                waiter.send(QUEUED, {"position": position, "model": self.name})
 
 
 class _EventSender:
@@ -180,6 +164,6 @@ def _unsendable(traces: list[TraceIR], saves: dict[int, Any]) -> dict[str, Any]:
             return {
                 "code": "unsendable_value",
                 "message": f"this saved value cannot be sent back from the cluster ({exc}): save the tensors in it instead",
-                "location": {"file": loc[0], "line": loc[1], "code": loc[2]} if loc else None,
+                "location": location_dict(loc),
             }
     return {"code": "unsendable_value", "message": "a saved value cannot be sent back from the cluster", "location": None}

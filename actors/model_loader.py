@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-from client_sdk.tokenizer import load_tokenizer
+from intervention.tokenizer import load_tokenizer
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "auto": "auto"}
 TOKENIZER_FILES = (

@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # one thread: less scheduler noise on a small shared machine
 
-    from serve_app.tiny_models import build_tiny_llama
+    from fixtures.tiny_models import build_tiny_llama
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

@@ -64,8 +64,8 @@ def main(argv: list[str] | None = None) -> dict:
     started = time.perf_counter()
     machine = describe_machine()
 
+    from fixtures.tiny_models import build_tiny_llama
     from serve_app.model_store import fetch_model
-    from serve_app.tiny_models import build_tiny_llama
 
     with tempfile.TemporaryDirectory(prefix="raysight-bench-") as tmp_name:
         tmp = Path(tmp_name)

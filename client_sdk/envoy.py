@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from client_sdk.graph import Graph, current_graph
 from client_sdk.location import user_location
 from client_sdk.proxy import Proxy, TracingError
-from client_sdk.tracing import current_graph
 from intervention.ir import format_location
 
 if TYPE_CHECKING:
@@ -71,28 +71,35 @@ class Envoy:
 
     # -- module values -------------------------------------------------------------------------
 
+    # Reads and writes bind to a call of the module: the trace's current call index (its first
+    # call, unless a generation step loop says otherwise).
+
     @property
     def output(self) -> Proxy:
-        """What this module's forward returned (at its first call)."""
-        return self._graph().record("module.output", [self._path, 0])
+        """What this module's forward returned."""
+        return self._record("module.output")
 
     @output.setter
     def output(self, value: Any) -> None:
-        self._graph().record("module.set_output", [self._path, 0, value])
+        self._record("module.set_output", value)
 
     @property
     def input(self) -> Proxy:
         """The first argument this module was called with."""
-        return self._graph().record("module.input", [self._path, 0])
+        return self._record("module.input")
 
     @input.setter
     def input(self, value: Any) -> None:
-        self._graph().record("module.set_input", [self._path, 0, value])
+        self._record("module.set_input", value)
 
     @property
     def inputs(self) -> Proxy:
         """(args, kwargs) this module was called with."""
-        return self._graph().record("module.inputs", [self._path, 0])
+        return self._record("module.inputs")
+
+    def _record(self, op: str, *value: Any) -> Proxy:
+        graph = self._graph()
+        return graph.record(op, [self._path, graph.tracer.call_index, *value])
 
     def __call__(self, *args: Any, **kwargs: Any) -> Proxy:
         """Run this module on traced values (outside the model's own forward)."""
@@ -104,7 +111,7 @@ class Envoy:
             return
         raise AttributeError(f"cannot set '{name}' on {self._describe()}: only .output and .input can be assigned")
 
-    def _graph(self):
+    def _graph(self) -> Graph:
         graph = current_graph()
         tracer = graph.tracer if graph else None
         if tracer is None:

@@ -13,8 +13,10 @@ from typing import Any
 import torch
 
 from client_sdk.envoy import Envoy
+from client_sdk.remote import fetch_model_info, tokenizer_dir
 from client_sdk.tracing import Session, Tracer
 from intervention.module_tree import module_tree
+from intervention.tokenizer import load_tokenizer
 
 
 class LanguageModel:
@@ -126,13 +128,9 @@ class LanguageModel:
         return self._tokenizer
 
     def _load_tokenizer(self):
-        from client_sdk.tokenizer import load_tokenizer
-
         if self.is_local:
             return load_tokenizer(self.name)
-        from client_sdk.remote import tokenizer_dir
-
-        return load_tokenizer(tokenizer_dir(self))
+        return load_tokenizer(tokenizer_dir(self.name, self.remote_info["tokenizer_files"]))
 
     @property
     def config(self) -> dict:
@@ -143,8 +141,6 @@ class LanguageModel:
     @property
     def remote_info(self) -> dict:
         if self._remote_info is None:
-            from client_sdk.remote import fetch_model_info
-
             self._remote_info = fetch_model_info(self.name)
         return self._remote_info
 

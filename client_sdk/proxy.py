@@ -16,7 +16,7 @@ from intervention import ops
 from intervention.errors import InterventionError
 
 if TYPE_CHECKING:
-    from client_sdk.tracing import Graph
+    from client_sdk.graph import Graph
 
 
 class TracingError(InterventionError):

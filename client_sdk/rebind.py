@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from client_sdk.proxy import Proxy
 
 if TYPE_CHECKING:
-    from client_sdk.tracing import Graph
+    from client_sdk.graph import Graph
 
 _MAX_DEPTH = 4
 

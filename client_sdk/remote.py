@@ -10,7 +10,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,15 +18,12 @@ import httpx
 
 from client_sdk.config import CONFIG
 from client_sdk.status import StatusLine
-from intervention.errors import InterventionError
+from intervention.errors import InterventionError, location_from_dict
+from intervention.events import CANCELLED, ERROR, LOG, QUEUED, RECEIVED, RUNNING, TERMINAL
 from intervention.wire import decode_result, encode_session
 
 if TYPE_CHECKING:
-    from client_sdk.language_model import LanguageModel
-    from client_sdk.tracing import Graph
-
-
-TERMINAL = ("COMPLETED", "ERROR", "CANCELLED")
+    from client_sdk.graph import Graph
 
 
 class RemoteError(InterventionError):
@@ -66,11 +62,7 @@ def _raise_for(response: httpx.Response) -> None:
         err = response.json()["error"]
     except (ValueError, KeyError, TypeError):
         err = {"code": "http_error", "message": response.text[:500], "location": None}
-    raise RemoteError(err["message"], _loc(err.get("location")), err.get("code"), response.status_code)
-
-
-def _loc(location: dict | None):
-    return (location["file"], location["line"], location.get("code", "")) if location else None
+    raise RemoteError(err["message"], location_from_dict(err.get("location")), err.get("code"), response.status_code)
 
 
 # -- models ------------------------------------------------------------------------------------
@@ -88,15 +80,14 @@ def fetch_model_info(name: str) -> dict:
     return response.json()
 
 
-def tokenizer_dir(model: LanguageModel) -> Path:
-    """The served model's tokenizer files, cached on disk by content."""
-    files = model.remote_info["tokenizer_files"]
+def tokenizer_dir(name: str, files: dict[str, str]) -> Path:
+    """A served model's tokenizer files (from its info), cached on disk by content."""
     digest = hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()[:16]
-    folder = Path.home() / ".cache" / "raysight" / "tokenizers" / f"{model.name}-{digest}"
+    folder = Path.home() / ".cache" / "raysight" / "tokenizers" / f"{name}-{digest}"
     if not (folder / ".complete").exists():
         folder.mkdir(parents=True, exist_ok=True)
-        for name, text in files.items():
-            (folder / Path(name).name).write_text(text, encoding="utf-8")
+        for file, text in files.items():
+            (folder / Path(file).name).write_text(text, encoding="utf-8")
         (folder / ".complete").touch()
     return folder
 
@@ -107,12 +98,11 @@ def tokenizer_dir(model: LanguageModel) -> Path:
 class RemoteRequest:
     """A submitted session. Non-blocking traces and sessions hand this out as their handle."""
 
-    def __init__(self, request_id: str | None, graph: Graph | None = None):
+    def __init__(self, request_id: str | None):
         self.id = request_id
-        self.graph = graph
 
     @classmethod
-    def submit(cls, body: bytes, graph: Graph | None = None, timeout_s: float | None = None) -> RemoteRequest:
+    def submit(cls, body: bytes, timeout_s: float | None = None) -> RemoteRequest:
         headers = {"Content-Type": "application/octet-stream"}
         if timeout_s is not None:
             headers["X-Raysight-Timeout"] = str(timeout_s)
@@ -121,7 +111,7 @@ class RemoteRequest:
         except httpx.HTTPError as exc:
             raise RemoteError(f"could not reach the raysight server at {CONFIG.host}: {exc}") from None
         _raise_for(response)
-        return cls(response.json()["id"], graph)
+        return cls(response.json()["id"])
 
     def status(self) -> dict:
         response = _client().get(f"/v1/requests/{self.id}")
@@ -164,7 +154,7 @@ class RemoteRequest:
             try:
                 for event_id, kind, data in source:
                     last_id = event_id
-                    if kind == "RECEIVED" and "id" in data:
+                    if kind == RECEIVED and "id" in data:
                         self.id = data["id"]
                         display.request_id = self.id
                     elif kind in TERMINAL:
@@ -177,9 +167,9 @@ class RemoteRequest:
             source = self.events(last_id)  # the stream dropped (or ended early): resume by id
 
     def _end(self, kind: str, data: dict) -> bytes | None:
-        if kind == "ERROR":
-            raise RemoteError(data["message"], _loc(data.get("location")), data.get("code"))
-        if kind == "CANCELLED":
+        if kind == ERROR:
+            raise RemoteError(data["message"], location_from_dict(data.get("location")), data.get("code"))
+        if kind == CANCELLED:
             raise RemoteError(f"request {self.id} was cancelled", code="cancelled")
         return base64.b64decode(data["result"]) if "result" in data else None
 
@@ -198,30 +188,30 @@ class RemoteRequest:
         values, _ = decode_result(b"".join(chunks))
         return values
 
-    def result(self, frame=None) -> dict[int, Any]:
-        """Wait for the request, then give saved proxies their values and rebind the names in
-        `frame` (default: the caller's)."""
-        from client_sdk.rebind import rebind_frame
-
+    def result(self) -> dict[int, Any]:
+        """Wait for the request; return the saved values (node id -> value)."""
         with StatusLine(self.id) as display:
             inline = self.wait(display)
-            values = decode_result(inline)[0] if inline is not None else self.fetch(display)
-        if self.graph is not None:
-            self.graph.resolve(values)
-            rebind_frame(frame or sys._getframe(1), self.graph)
-        return values
+            return decode_result(inline)[0] if inline is not None else self.fetch(display)
 
 
-def run(graph: Graph) -> dict[int, Any] | None:
-    """Submit the graph's session; wait for its values unless it is non-blocking."""
-    body = encode_session(graph.session_ir(), graph.tensors)
-    if not graph.blocking:
-        graph.handle = RemoteRequest.submit(body, graph)
-        return None
-    request = RemoteRequest(None, graph)
-    with StatusLine("") as display:
-        inline = request.wait(display, _submit_streaming(body))
-        return decode_result(inline)[0] if inline is not None else request.fetch(display)
+class RemoteBackend:
+    """Runs sessions on the raysight server at CONFIG.host."""
+
+    remote = True
+
+    def __init__(self, blocking: bool = True):
+        self.blocking = blocking
+
+    def run(self, graph: Graph) -> dict[int, Any] | RemoteRequest:
+        """Submit the graph's session; wait for its values unless non-blocking (then the handle)."""
+        body = encode_session(graph.session_ir(), graph.tensors)
+        if not self.blocking:
+            return RemoteRequest.submit(body)
+        request = RemoteRequest(None)
+        with StatusLine("") as display:
+            inline = request.wait(display, _submit_streaming(body))
+            return decode_result(inline)[0] if inline is not None else request.fetch(display)
 
 
 def _submit_streaming(body: bytes) -> Iterator[tuple[str | None, str, dict]]:
@@ -240,11 +230,11 @@ def _submit_streaming(body: bytes) -> Iterator[tuple[str | None, str, dict]]:
 
 
 def _show(display: StatusLine, kind: str, data: dict) -> None:
-    if kind == "LOG":
+    if kind == LOG:
         display.log(data["message"])
-    elif kind == "QUEUED":
+    elif kind == QUEUED:
         display.update(f"queued at {data.get('model', '')} (position {data['position']})")
-    elif kind == "RUNNING":
+    elif kind == RUNNING:
         display.update(f"running trace {data['trace']}/{data['of']} on {data['model']}")
 
 

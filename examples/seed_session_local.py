@@ -3,7 +3,7 @@
     python examples/seed_session_local.py MODEL_DIR
 
 MODEL_DIR is a Hugging Face causal-LM folder (config, weights, tokenizer), e.g. the tiny Llama that
-`python -m serve_app.tiny_models /tmp/models` writes to /tmp/models/tiny-llama (its predictions are
+`python -m fixtures.tiny_models /tmp/models` writes to /tmp/models/tiny-llama (its predictions are
 random tokens; a real model such as SmolLM2 answers " Paris" to the first prompt).
 
 One session, three traces, run in order when the session block ends:

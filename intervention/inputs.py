@@ -1,22 +1,39 @@
-"""Turning invoke inputs into one left-padded batch.
+"""Turning invoke inputs into one left-padded batch, for one program or several.
 
 Each invoke contributes rows: a prompt is one row, a list of prompts several, token ids one row
 per list. Rows are left-padded to a common length, as nnsight does, so `[:, -1]` is every prompt's
-last token. The spans say which rows belong to which invoke.
+last token, and each row's positions count from its first real token, so a padded prompt sees what
+it sees alone. Several programs (traces of different requests) stack their rows in one batch: each
+gets its row offset, and `pos`, the padding it only has because a longer prompt shares the batch.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from intervention.args import decode
+from intervention.args import ArgError, decode, no_refs
 from intervention.errors import ValidationError
 from intervention.ir import TraceIR
 
+Rows = list[list[int]]
 
-def token_rows(tokenizer: Any, value: Any) -> list[list[int]]:
+
+@dataclass
+class Batch:
+    """The forward's keyword arguments, and where each program's rows are in it."""
+
+    kwargs: dict[str, torch.Tensor]
+    starts: list[int]  # each program's first row
+    spans: list[list[tuple[int, int]]]  # each program's invokes' rows, relative to its start
+    pos: list[int]  # each program's leading positions that are shared-batch padding only
+    size: int
+    width: int  # 0 when no program has such padding
+
+
+def token_rows(tokenizer: Any, value: Any) -> Rows:
     """One invoke's input -> rows of token ids."""
     if isinstance(value, str):
         return [tokenizer(value)["input_ids"]]
@@ -37,38 +54,46 @@ def token_rows(tokenizer: Any, value: Any) -> list[list[int]]:
     )
 
 
-def prepare_batch(
-    tokenizer: Any, trace: TraceIR, tensors: dict[str, torch.Tensor]
-) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
-    """The forward's keyword arguments (input_ids, attention_mask) and each invoke's rows."""
-    rows: list[list[int]] = []
+def trace_rows(tokenizer: Any, trace: TraceIR, tensors: dict[str, torch.Tensor]) -> tuple[Rows, list[tuple[int, int]]]:
+    """A trace's rows, and which of them each invoke owns."""
+    rows: Rows = []
     spans: list[tuple[int, int]] = []
     for invoke in trace.invokes:
         try:
-            new = token_rows(tokenizer, decode(invoke.input, _no_ref, tensors))
-        except ValueError as exc:
+            new = token_rows(tokenizer, decode(invoke.input, no_refs, tensors))
+        except (ValueError, ArgError) as exc:
             raise ValidationError(str(exc), trace.loc, code="invalid_input") from None
         spans.append((len(rows), len(rows) + len(new)))
         rows.extend(new)
     if not rows:
         raise ValidationError("this trace has no input: pass a prompt to trace() or use invoke()", trace.loc)
+    return rows, spans
+
+
+def stack(parts: list[tuple[Rows, list[tuple[int, int]]]], pad_id: int) -> Batch:
+    """One left-padded batch from each program's (rows, spans)."""
+    rows = [r for part, _ in parts for r in part]
     width = max(len(r) for r in rows)
-    pad = _pad_id(tokenizer)
-    ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
         if r:
             ids[i, width - len(r) :] = torch.tensor(r, dtype=torch.long)
             mask[i, width - len(r) :] = 1
-    batch = {"input_ids": ids, "attention_mask": mask}
+    kwargs = {"input_ids": ids, "attention_mask": mask}
     if not bool(mask.all()):
         # Left padding shifts absolute positions: count each row from its first real token (as
         # nnsight does), so a padded prompt sees what it sees alone, also with learned positions.
-        batch["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
-    return batch, spans
+        kwargs["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)
+    starts, pos, start = [], [], 0
+    for part, _ in parts:
+        starts.append(start)
+        start += len(part)
+        pos.append(width - max(len(r) for r in part) if len(parts) > 1 else 0)
+    return Batch(kwargs, starts, [spans for _, spans in parts], pos, len(rows), width if any(pos) else 0)
 
 
-def _pad_id(tokenizer: Any) -> int:
+def pad_id(tokenizer: Any) -> int:
     for attr in ("pad_token_id", "eos_token_id"):
         value = getattr(tokenizer, attr, None)
         if value is not None:
@@ -76,5 +101,9 @@ def _pad_id(tokenizer: Any) -> int:
     return 0
 
 
-def _no_ref(i: int) -> Any:
-    raise ValueError("an input cannot refer to a value computed in a trace")
+def prepare_batch(
+    tokenizer: Any, trace: TraceIR, tensors: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
+    """One trace's forward keyword arguments (input_ids, attention_mask) and each invoke's rows."""
+    batch = stack([trace_rows(tokenizer, trace, tensors)], pad_id(tokenizer))
+    return batch.kwargs, batch.spans[0]

@@ -5,20 +5,25 @@ invoke) and a flat list of nodes in program order. A node is one operation from 
 `ops.py`; its arguments are JSON values in which a few tagged objects stand for things JSON cannot
 say (see `args.py`): references to other nodes (possibly of earlier traces), tensor blobs, slices.
 
-Everything here is plain data: pydantic models, no code, nothing pickled. New features add ops and
-optional fields; existing ones never change meaning (`IR_VERSION` bumps only if they must).
+Everything here is plain data, nothing pickled. The classes are slotted dataclasses, cheap to build
+while tracing; JSON goes through pydantic at the wire (`SESSION_ADAPTER`), which also enforces the
+types and rejects unknown fields of untrusted requests. New features add ops and optional fields;
+existing ones never change meaning (`IR_VERSION` bumps only if they must).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, TypeAdapter
 
 IR_VERSION = 1
 
 # Where a node came from in the user's code; every error names it.
 Location = tuple[str, int, str]  # (file, line, source line text)
+
+_STRICT = ConfigDict(extra="forbid")
 
 
 def format_location(loc: Location | None) -> str:
@@ -29,60 +34,58 @@ def format_location(loc: Location | None) -> str:
     return f"{text}\n    {code}" if code else text
 
 
-class Node(BaseModel):
+@dataclass(slots=True)
+class Node:
     """One operation. `id` is unique within the whole session, so later traces can refer to it."""
 
-    model_config = ConfigDict(extra="forbid")
+    __pydantic_config__ = _STRICT
 
     id: int
     op: str
-    args: list[Any] = Field(default_factory=list)
-    kwargs: dict[str, Any] = Field(default_factory=dict)
-    # Which invoke's rows this node sees; None: the whole batch of the trace (code outside invokes).
+    args: list[Any] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    # Which invoke's rows this node sees; None: all the rows of its trace (code outside invokes).
     invoke: int | None = None
     loc: Location | None = None
 
 
-class Invoke(BaseModel):
+@dataclass(slots=True)
+class Invoke:
     """One input of a batched forward. `input` is a prompt, a list of prompts, token ids
     (list or nested list of ints), or a tensor-blob argument."""
 
-    model_config = ConfigDict(extra="forbid")
+    __pydantic_config__ = _STRICT
 
     input: Any
 
 
-class TraceIR(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+@dataclass(slots=True)
+class TraceIR:
+    __pydantic_config__ = _STRICT
 
     model: str
     kind: Literal["forward"] = "forward"  # "generate" is the next kind; new kinds, not new meanings
-    invokes: list[Invoke] = Field(default_factory=list)
-    kwargs: dict[str, Any] = Field(default_factory=dict)  # forward kwargs, JSON args
-    nodes: list[Node] = Field(default_factory=list)
+    invokes: list[Invoke] = field(default_factory=list)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # forward kwargs, JSON args
+    nodes: list[Node] = field(default_factory=list)
     loc: Location | None = None
 
 
-class SessionIR(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+@dataclass(slots=True)
+class SessionIR:
+    __pydantic_config__ = _STRICT
 
     version: int = IR_VERSION
-    traces: list[TraceIR] = Field(default_factory=list)
+    traces: list[TraceIR] = field(default_factory=list)
 
-    def exports(self) -> list[set[int]]:
-        """For each trace, the ids of its nodes that a later trace uses (kept in the cluster)."""
-        from intervention.args import refs_in
 
-        if len(self.traces) == 1:  # the common case: nothing comes after the only trace
-            return [set()]
-        owner: dict[int, int] = {}
-        needed: list[set[int]] = [set() for _ in self.traces]
-        for i, trace in enumerate(self.traces):
-            for node in trace.nodes:
-                for ref in refs_in(node.args, node.kwargs):
-                    j = owner.get(ref)
-                    if j is not None and j != i:
-                        needed[j].add(ref)
-            for node in trace.nodes:
-                owner[node.id] = i
-        return needed
+SESSION_ADAPTER: TypeAdapter[SessionIR] = TypeAdapter(SessionIR)
+
+
+def session_to_json(session: SessionIR) -> str:
+    return SESSION_ADAPTER.dump_json(session).decode()
+
+
+def session_from_json(text: str | bytes) -> SessionIR:
+    """Parse and type-check a session; raises pydantic's ValidationError on anything malformed."""
+    return SESSION_ADAPTER.validate_json(text)

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 # name -> (min args, max args); args[0] is a module path for module ops.
 MODULE_READS = {"module.output", "module.input", "module.inputs"}
 MODULE_WRITES = {"module.set_output", "module.set_input"}
+INPUT_OPS = {"module.input", "module.inputs", "module.set_input"}  # wait for a module's input event
 CONTROL_OPS = {"save", "log", "stop"}
 
 ARITY: dict[str, tuple[int, int | None]] = {
@@ -49,6 +50,7 @@ BINARY = {
     "ipow": operator.ipow, "imatmul": operator.imatmul, "iand": operator.iand,
     "ior": operator.ior, "ixor": operator.ixor,
 }
+IN_PLACE = frozenset(op for op in BINARY if op.startswith("i"))  # `x[...] += v` edits x
 UNARY = {"neg": operator.neg, "pos": operator.pos, "abs": operator.abs, "invert": operator.invert}
 for _name in BINARY:
     ARITY[_name] = (2, 2)

@@ -1,7 +1,13 @@
-"""Running a whole session in one process: traces in order, values flowing between them.
+"""The session loop: traces strictly in order, values flowing between them, a stop or an error
+ending the session. One loop, driven by every executor:
 
-Local execution uses this directly. The cluster runs the same loop in its session actor, with
-each trace sent to its model's deployment and the values between traces kept in Ray's object store.
+- `SessionLoop` walks a plan's segments (runs of traces on one model). Local execution drives it
+  in-process; the cluster's session runner drives it with one replica call per segment.
+- `SegmentLoop` walks the traces of one segment. Local execution and the model deployment drive
+  it, running each trace as an engine program (the deployment, with traces of other requests).
+
+Both are plain state machines — `next_…()` hands out the next unit of work with the values it
+needs, `record_…()` takes its outcome — so synchronous and asyncio drivers share them.
 """
 
 from __future__ import annotations
@@ -12,43 +18,127 @@ from typing import Any
 
 import torch
 
-from intervention.engine import run_trace
-from intervention.inputs import prepare_batch
-from intervention.ir import SessionIR
-
-# name -> (module, tokenizer)
-Loader = Callable[[str], tuple[torch.nn.Module, Any]]
+from intervention.engine import run_forward
+from intervention.errors import InterventionError
+from intervention.plan import Segment, SessionPlan
+from intervention.program import Program, ProgramResult
 
 
 @dataclass
-class SessionOutcome:
+class Outcome:
+    """What a segment or a whole session produced. `error_trace` is the 0-based index of the
+    trace that failed; `exports`: values later segments need (segment outcomes only)."""
+
     saves: dict[int, Any] = field(default_factory=dict)
+    exports: dict[int, Any] = field(default_factory=dict)
     stopped: str | None = None
     traces_run: int = 0
+    error: InterventionError | None = None
+    error_trace: int | None = None
+
+    @property
+    def ended(self) -> bool:
+        """Nothing after this may run: a session stop or an error."""
+        return self.stopped == "session" or self.error is not None
+
+
+@dataclass
+class TraceWork:
+    index: int  # in the session
+    trace: Any
+    values: dict[int, Any]  # values of earlier traces this one may use
+    keep: set[int]  # its values later traces use
+
+
+class SegmentLoop:
+    def __init__(self, segment: Segment, imports: dict[int, Any]):
+        self.segment = segment
+        self.values = dict(imports)
+        self.outcome = Outcome()
+        self._next = 0
+
+    def next_trace(self) -> TraceWork | None:
+        seg, k = self.segment, self._next
+        if self.outcome.ended or k >= len(seg.traces):
+            return None
+        return TraceWork(seg.first + k, seg.traces[k], self.values, seg.keeps[k])
+
+    def record_trace(self, result: ProgramResult) -> None:
+        out = self.outcome
+        index = self.segment.first + self._next
+        self._next += 1
+        out.traces_run += 1
+        if result.error is not None:
+            out.error, out.error_trace = result.error, index
+            return
+        out.saves.update(result.saves)
+        self.values.update(result.exports)
+        if result.stopped == "session":
+            out.stopped = "session"
+        if self.outcome.ended or self._next == len(self.segment.traces):
+            out.exports = {i: v for i, v in self.values.items() if i in self.segment.exports}
+
+
+class SessionLoop:
+    def __init__(self, plan: SessionPlan):
+        self.plan = plan
+        self.values: dict[int, Any] = {}  # exports of finished segments (values, or handles)
+        self.outcome = Outcome()
+        self._next = 0
+
+    def next_segment(self) -> tuple[Segment, dict[int, Any]] | None:
+        if self.outcome.ended or self._next >= len(self.plan.segments):
+            return None
+        seg = self.plan.segments[self._next]
+        return seg, {i: self.values[i] for i in seg.imports if i in self.values}
+
+    def record_segment(self, part: Outcome) -> None:
+        self._next += 1
+        out = self.outcome
+        out.traces_run += part.traces_run
+        out.saves.update(part.saves)
+        self.values.update(part.exports)
+        out.stopped = part.stopped or out.stopped
+        out.error, out.error_trace = part.error, part.error_trace
+
+
+def run_segment(
+    model: torch.nn.Module,
+    tokenizer: Any,
+    segment: Segment,
+    imports: dict[int, Any],
+    tensors: dict[str, torch.Tensor],
+    *,
+    on_log: Callable[[str], None] = print,
+    on_trace: Callable[[int], None] | None = None,
+    cancel: Any = None,
+) -> Outcome:
+    """Run a segment's traces in this process, one forward each."""
+    loop = SegmentLoop(segment, imports)
+    while (work := loop.next_trace()) is not None:
+        if on_trace is not None:
+            on_trace(work.index)
+        try:
+            program = Program(work.trace, tensors=tensors, externals=work.values, keep=work.keep,
+                              on_log=on_log, cancel=cancel)
+        except InterventionError as err:
+            loop.record_trace(ProgramResult(error=err))
+            continue
+        run_forward(model, tokenizer, [program])
+        loop.record_trace(program.result())
+    return loop.outcome
 
 
 def run_session(
-    session: SessionIR,
+    plan: SessionPlan,
     tensors: dict[str, torch.Tensor],
-    load: Loader,
+    load: Callable[[str], tuple[torch.nn.Module, Any]],
     on_log: Callable[[str], None] = print,
-    on_trace: Callable[[int, int], None] | None = None,
-) -> SessionOutcome:
-    outcome = SessionOutcome()
-    exports = session.exports()
-    externals: dict[int, Any] = {}
-    for i, trace in enumerate(session.traces):
-        if on_trace:
-            on_trace(i, len(session.traces))
-        module, tokenizer = load(trace.model)
-        batch, spans = prepare_batch(tokenizer, trace, tensors)
-        result = run_trace(
-            module, trace, batch, spans, tensors=tensors, externals=externals, keep=exports[i], on_log=on_log
-        )
-        outcome.saves.update(result.saves)
-        externals.update(result.exports)
-        outcome.traces_run += 1
-        if result.stopped == "session":
-            outcome.stopped = "session"
-            break
-    return outcome
+) -> Outcome:
+    """Run a whole session in this process (`load(name)` -> (module, tokenizer))."""
+    loop = SessionLoop(plan)
+    while (item := loop.next_segment()) is not None:
+        segment, imports = item
+        model, tokenizer = load(segment.model)
+        loop.record_segment(run_segment(model, tokenizer, segment, imports, tensors, on_log=on_log))
+    return loop.outcome

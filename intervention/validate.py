@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from intervention import ops
-from intervention.args import ArgError, plain_slice, visit
+from intervention.args import ArgError, visit, visit_args
 from intervention.errors import ValidationError
 from intervention.ir import IR_VERSION, Node, SessionIR, TraceIR
 from intervention.order import check_order
@@ -63,7 +63,8 @@ def _check_trace(trace: TraceIR, tensors: dict, paths: set[str], seen: set[int])
     if bad:
         raise ValidationError(f"forward argument {min(bad)!r} is not supported", trace.loc)
     for invoke in trace.invokes:
-        _check_tags(invoke.input, tensors, seen, trace.loc, allow_refs=False)
+        _check_input(invoke.input, tensors, trace.loc)
+    _check_input(list(trace.kwargs.values()), tensors, trace.loc)
     for node in trace.nodes:
         _check_node(node, trace, tensors, paths, seen)
         if node.id in seen:
@@ -82,14 +83,7 @@ def _check_node(node: Node, trace: TraceIR, tensors: dict, paths: set[str], seen
         fail(f"operation {node.op!r} takes {lo}{'' if hi == lo else '+' if hi is None else f'-{hi}'} arguments, got {len(node.args)}")
     if node.invoke is not None and not 0 <= node.invoke < len(trace.invokes):
         fail(f"invoke {node.invoke} does not exist in this trace")
-    for v in node.args:  # _check_tags(node.args, ...), with its most common case inline
-        if type(v) is dict and len(v) == 1 and type(v.get("$ref")) is int:
-            if v["$ref"] not in seen:
-                _check_tags(v, tensors, seen, node.loc)  # raises, with the usual message
-        elif isinstance(v, (list, dict)) and plain_slice(v) is None:  # plain slices: nothing to check
-            _check_tags(v, tensors, seen, node.loc)
-    if node.kwargs:  # most nodes have none: skip building the list
-        _check_tags(list(node.kwargs.values()), tensors, seen, node.loc)
+    _check_tags(node, tensors, seen)
     a = node.args
     if node.op.startswith("module."):
         if not isinstance(a[0], str) or a[0] not in paths:
@@ -114,14 +108,27 @@ def _check_node(node: Node, trace: TraceIR, tensors: dict, paths: set[str], seen
         fail("save() takes a traced value")
 
 
-def _check_tags(value, tensors: dict, seen: set[int], loc, allow_refs: bool = True) -> None:
+def _check_tags(node: Node, tensors: dict, seen: set[int]) -> None:
     def check(tag: str, body) -> None:
-        if tag == "$ref" and (not allow_refs or body not in seen):
+        if tag == "$ref" and body not in seen:
+            raise ValidationError(f"reference to value {body}, which is not defined before this point", node.loc)
+        if tag == "$tensor" and body not in tensors:
+            raise ValidationError(f"tensor blob {body!r} is missing from the request", node.loc)
+
+    try:
+        visit_args(node.args, node.kwargs, check)
+    except ArgError as exc:
+        raise ValidationError(str(exc), node.loc) from None
+
+
+def _check_input(value, tensors: dict, loc) -> None:
+    def check(tag: str, body) -> None:
+        if tag == "$ref":
             raise ValidationError(f"reference to value {body}, which is not defined before this point", loc)
         if tag == "$tensor" and body not in tensors:
             raise ValidationError(f"tensor blob {body!r} is missing from the request", loc)
 
     try:
-        visit(value, check)  # `walk` without its generators: this runs for every node
+        visit(value, check)
     except ArgError as exc:
         raise ValidationError(str(exc), loc) from None

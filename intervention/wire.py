@@ -18,21 +18,21 @@ from transformers.utils import ModelOutput
 
 from intervention import args as argcodec
 from intervention.errors import ValidationError
-from intervention.ir import SessionIR
+from intervention.ir import SessionIR, session_from_json, session_to_json
 
 SESSION_KEY = "raysight.session"
 RESULT_KEY = "raysight.result"
 
 
 def encode_session(session: SessionIR, tensors: dict[str, torch.Tensor]) -> bytes:
-    return _pack(tensors, {SESSION_KEY: session.model_dump_json()})
+    return _pack(tensors, {SESSION_KEY: session_to_json(session)})
 
 
 def decode_session(data: bytes) -> tuple[SessionIR, dict[str, torch.Tensor]]:
     """Parse a request body. Raises ValidationError on anything malformed."""
     try:
         meta = read_metadata(data)
-        session = SessionIR.model_validate_json(meta[SESSION_KEY])
+        session = session_from_json(meta[SESSION_KEY])
         tensors = safetensors.torch.load(data)
     except ValidationError:
         raise
@@ -59,7 +59,7 @@ def encode_result(saves: dict[int, Any], info: dict[str, Any] | None = None) -> 
 def decode_result(data: bytes) -> tuple[dict[int, Any], dict[str, Any]]:
     body = json.loads(read_metadata(data)[RESULT_KEY])
     tensors = safetensors.torch.load(data)
-    values = {int(k): argcodec.decode(v, _no_ref, tensors) for k, v in body.pop("values").items()}
+    values = {int(k): argcodec.decode(v, argcodec.no_refs, tensors) for k, v in body.pop("values").items()}
     return values, body
 
 
@@ -91,10 +91,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
     return value
-
-
-def _no_ref(i: int) -> Any:
-    raise ValueError("results cannot contain references")
 
 
 def _short(exc: Exception) -> str:

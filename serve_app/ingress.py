@@ -148,7 +148,7 @@ class Ingress:
         cap = self.config.limits.max_concurrent_per_user
         if not await self.store.admit.remote(request_id, user, len(session.traces), cap):
             raise ApiError(429, "too_many_requests", f"at most {cap} requests per user may run at once; wait for one to finish")
-        watcher = asyncio.ensure_future(self._watch(request_id, self.runner.run.remote(request_id, body, timeout)))
+        watcher = asyncio.ensure_future(self._watch(request_id, self.runner.run.remote(request_id, session, tensors, timeout)))
         self.watchers.add(watcher)
         watcher.add_done_callback(self.watchers.discard)
         if "text/event-stream" in request.headers.get("accept", ""):

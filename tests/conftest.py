@@ -19,7 +19,7 @@ os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep Ray on 127.0.0.1 (
 @pytest.fixture(scope="session")
 def tiny_llama_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder with the seed-0 tiny Llama and its tokenizer, built once per test session."""
-    from serve_app.tiny_models import build_tiny_llama
+    from fixtures.tiny_models import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("models") / "tiny-llama", seed=0)
 
@@ -27,7 +27,7 @@ def tiny_llama_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_gpt2_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Folder with the seed-0 tiny GPT-2 and its tokenizer, built once per test session."""
-    from serve_app.tiny_models import build_tiny_gpt2
+    from fixtures.tiny_models import build_tiny_gpt2
 
     return build_tiny_gpt2(tmp_path_factory.mktemp("models") / "tiny-gpt2", seed=0)
 

@@ -17,24 +17,19 @@ import pytest
 import torch
 
 from client_sdk import tracing
+from intervention.events import TERMINAL
 from intervention.wire import SESSION_KEY, encode_session, read_metadata
 
 P1 = "The Eiffel Tower is in the city of"
 P2 = "Buckingham Palace is in the city of"
 P3 = "The Kremlin is in the city of"
-TERMINAL = ("COMPLETED", "ERROR", "CANCELLED")
 
 
 def record(body: Callable[[], None]) -> bytes:
     """The request body a remote session would send for what `body()` traces, without sending it."""
-    session = tracing.Session(remote=True)
-    tracing._enter_graph(session.graph)
-    try:
+    with tracing.recording(remote=True) as graph:
         body()
-    finally:
-        tracing._local.graph = None
-    session.graph.done = True
-    return encode_session(session.graph.session_ir(), session.graph.tensors)
+    return encode_session(graph.session_ir(), graph.tensors)
 
 
 def unfinished_requests() -> list[tuple[str, str, str]]:

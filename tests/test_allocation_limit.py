@@ -9,7 +9,6 @@ import torch
 
 from client_sdk import ExecutionError, LanguageModel
 from intervention.engine import run_trace
-from intervention.inputs import prepare_batch
 from intervention.ir import Invoke, Node, TraceIR
 
 
@@ -25,9 +24,8 @@ def model(tiny_llama_path):
 def test_oversized_factory_calls_in_the_ir_are_refused(model, args):
     loc = ("hostile.py", 7, "x = torch.zeros(...)")
     trace = TraceIR(model="m", invokes=[Invoke(input="The Eiffel Tower")], nodes=[Node(id=0, op="function", args=args, loc=loc)])
-    batch, spans = prepare_batch(model.tokenizer, trace, {})
     with pytest.raises(ExecutionError) as info:
-        run_trace(model.local_module, trace, batch, spans)
+        run_trace(model.local_module, trace, model.tokenizer)
     assert "the limit is" in str(info.value) and "hostile.py" in str(info.value)
 
 

@@ -25,7 +25,6 @@ from client_sdk import (
     ValidationError,
 )
 from intervention.engine import run_trace
-from intervention.inputs import prepare_batch
 from intervention.ir import Invoke, Node, TraceIR
 
 P = "The Eiffel Tower is in the city of"
@@ -330,8 +329,7 @@ def test_error_inside_an_invoke(model: LanguageModel) -> None:
 def _run_ir(model: LanguageModel, *nodes: Node) -> None:
     """Run hand-written IR on the engine directly, past validation: its runtime checks."""
     trace = TraceIR(model="m", invokes=[Invoke(input=P)], nodes=list(nodes))
-    batch, spans = prepare_batch(model.tokenizer, trace, {})
-    run_trace(model.local_module, trace, batch, spans)
+    run_trace(model.local_module, trace, model.tokenizer)
 
 
 def test_module_that_never_ran(model: LanguageModel) -> None:

@@ -22,7 +22,7 @@ from remote_helpers import (
 
 from client_sdk import LanguageModel
 from client_sdk.remote import RemoteError
-from client_sdk.tokenizer import load_tokenizer
+from intervention.tokenizer import load_tokenizer
 from intervention.wire import decode_result
 
 pytestmark = pytest.mark.usefixtures("remote_client", "no_leftover_requests")

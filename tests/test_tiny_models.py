@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from serve_app.tiny_models import build_tokenizer, tiny_gpt2, tiny_llama
+from fixtures.tiny_models import build_tokenizer, tiny_gpt2, tiny_llama
 
 PROMPT = "The Eiffel Tower is in the city of"
 BUILDERS = {"llama": tiny_llama, "gpt2": tiny_gpt2}

@@ -216,16 +216,11 @@ def test_recorded_ir(model: LanguageModel) -> None:
     """What a block records: one node per operation, in program order, each at its line."""
     from client_sdk import tracing
 
-    graph = tracing.Graph()
-    tracing._enter_graph(graph)
-    try:
-        with model.trace(P1) as tracer:
-            h = model.model.layers[1].output
-            model.model.layers[2].output = h * 2 + torch.ones(64)
-            client_sdk.log("h", h[0, -1, 0])
-            tracer.stop()
-    finally:
-        tracing._local.graph = None
+    with tracing.recording() as graph, model.trace(P1) as tracer:
+        h = model.model.layers[1].output
+        model.model.layers[2].output = h * 2 + torch.ones(64)
+        client_sdk.log("h", h[0, -1, 0])
+        tracer.stop()
     (trace,) = graph.session_ir().traces
     assert trace.model == model.name and trace.invokes[0].input == P1
     assert [n.op for n in trace.nodes] == [

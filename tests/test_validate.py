@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
 from client_sdk import LanguageModel
-from client_sdk.local import run as run_local
+from client_sdk.local import LocalBackend
 from intervention.errors import ValidationError
 from intervention.ir import Invoke, Node, SessionIR, TraceIR
 from intervention.module_tree import module_paths
@@ -51,7 +52,7 @@ def _refused(session: SessionIR, code: str, tensors=None, limits: Limits = DEFAU
 def test_a_valid_session_passes() -> None:
     steer = torch.ones(64)
     nodes = [
-        _node("add", {"$ref": 1}, {"$tensor": "steer"}).model_copy(update={"id": 2}),
+        replace(_node("add", {"$ref": 1}, {"$tensor": "steer"}), id=2),
         Node(id=3, op="module.set_output", args=["model.layers.1", 0, {"$ref": 2}]),
         Node(id=4, op="method", args=["to", {"$ref": 3}, {"$dtype": "float16"}]),
         Node(id=5, op="method", args=["softmax", {"$ref": 1}], kwargs={"dim": -1}),
@@ -201,7 +202,7 @@ def test_forward_kwargs_whitelist() -> None:
 
 
 def test_node_of_an_invoke_that_does_not_exist() -> None:
-    bad = _node("neg", {"$ref": 1}).model_copy(update={"invoke": 3})
+    bad = replace(_node("neg", {"$ref": 1}), invoke=3)
     _refused(_session(bad), "invalid_request")
 
 
@@ -216,7 +217,7 @@ def test_limits() -> None:
 
 
 def test_bad_version_and_empty_session() -> None:
-    err = _refused(_session().model_copy(update={"version": 99}), "invalid_request", loc=None)
+    err = _refused(replace(_session(), version=99), "invalid_request", loc=None)
     assert "99" in err.message
     _refused(SessionIR(traces=[]), "invalid_request", loc=None)
 
@@ -227,15 +228,10 @@ def test_sdk_sessions_validate_after_a_wire_round_trip(tiny_llama_path: Path) ->
 
     model = LanguageModel(str(tiny_llama_path))
     steer = torch.ones(64)
-    graph = tracing.Graph()
-    tracing._enter_graph(graph)
-    try:
-        with model.trace("The Eiffel Tower is in the city of"):
-            h = model.model.layers[1].output
-            model.model.layers[2].output = h + steer
-            model.lm_head(model.model.norm(h[:, -1])).softmax(dim=-1).save()
-    finally:
-        tracing._local.graph = None
+    with tracing.recording() as graph, model.trace("The Eiffel Tower is in the city of"):
+        h = model.model.layers[1].output
+        model.model.layers[2].output = h + steer
+        model.lm_head(model.model.norm(h[:, -1])).softmax(dim=-1).save()
     session, tensors = decode_session(encode_session(graph.session_ir(), graph.tensors))
     paths = set(module_paths(model.module_tree))
     validate_session(session, tensors, {model.name: paths})
@@ -243,6 +239,6 @@ def test_sdk_sessions_validate_after_a_wire_round_trip(tiny_llama_path: Path) ->
     # The local runner refuses an invalid session before the model runs.
     graph.traces[0].nodes[0].args[0] = "model.layers.9"
     with pytest.raises(ValidationError) as info:
-        run_local(graph)
+        LocalBackend().run(graph)
     assert info.value.code == "unknown_module"
     assert info.value.location[0] == __file__

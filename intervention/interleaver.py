@@ -1,0 +1,193 @@
+"""The interleaver: hands each module call to the programs waiting for it.
+
+For one driver run it wraps the `forward` of every module some program touches, counts each
+module's calls, and turns them into events — (path, "input" | "output", call index) — that it
+dispatches to every running program, in order. A program reads and edits the value at the event
+through `current`. When programs can be cancelled it also wraps every repeated block (the decoder
+layers), so a cancel is noticed at least once a layer however few modules the programs touch.
+
+Wrapping `forward` (an instance attribute, removed on exit) rather than registering hooks keeps
+PyTorch's fast call path and costs nothing to undo; it also lets the wrapper decide whether the
+module runs at all. Edits made at an output event are what any forward hook registered by someone
+else (e.g. transformers' hidden-state capture) sees, as with a prepended hook.
+
+When every program has ended (done, stopped, failed, cancelled), the rest of the model's work is
+useless: the interleaver raises `Ended` out of the forward, which the driver catches.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any, Self
+
+import torch
+
+from intervention.errors import ExecutionError
+from intervention.program import RUNNING, Event, Program
+from intervention.values import Shape, first_device, to_device_of
+
+_MISSING = object()
+
+
+class Ended(Exception):
+    """Every program of the run has ended: abandon the model's work."""
+
+
+class Interleaver:
+    def __init__(self, model: torch.nn.Module, programs: list[Program], shape: Shape):
+        self.model = model
+        self.programs = programs
+        self.shape = shape
+        self.calls: dict[str, int] = {}
+        self.fired: set[Event] = set()
+        self.current: Any = None  # the value at the firing event: output, or [args, kwargs]
+        self.inputs_replaced = False
+        self.paused = False  # a module the user calls explicitly is not a model event
+        self._restore: list[tuple[torch.nn.Module, Any]] = []
+
+    # -- lifetime ------------------------------------------------------------------------------
+
+    def __enter__(self) -> Self:
+        device = first_device(self.model)
+        wanted: dict[str, set[str]] = {}
+        for program in self.programs:
+            program.interleaver, program.device = self, device
+            for path, kinds in program.events.items():
+                wanted.setdefault(path, set()).update(kinds)
+        try:
+            for path in sorted(wanted):
+                module = self._module_for(path)
+                if module is not None:
+                    self._wrap(module, self._event_forward(path, module.forward, wanted[path]))
+            if any(p.cancel is not None for p in self.programs):
+                for module in repeated_blocks(self.model):
+                    self._wrap(module, self._checkpoint_forward(module.forward))
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for module, saved in reversed(self._restore):
+            if saved is _MISSING:
+                module.__dict__.pop("forward", None)
+            else:
+                module.__dict__["forward"] = saved
+        self._restore.clear()
+        self.current = None
+        for program in self.programs:
+            program.interleaver = None
+
+    def _wrap(self, module: torch.nn.Module, forward: Callable) -> None:
+        self._restore.append((module, module.__dict__.get("forward", _MISSING)))
+        module.__dict__["forward"] = forward
+
+    def _module_for(self, path: str) -> torch.nn.Module | None:
+        module = submodule(self.model, path)
+        if module is None:  # validation rejects unknown paths; this guards the engine used alone
+            for program in self.programs:
+                if path in program.events:
+                    step = next(s for t in program.threads for s in t.steps if s.event and s.event[0] == path)
+                    program.fail(ExecutionError(f"the model has no module '{path}'", step.loc, code="unknown_module"))
+        return module
+
+    # -- events --------------------------------------------------------------------------------
+
+    def _event_forward(self, path: str, forward: Callable, kinds: set[str]) -> Callable:
+        calls = self.calls
+        calls[path] = 0
+        inputs, outputs = "input" in kinds, "output" in kinds
+
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            if self.paused:
+                return forward(*args, **kwargs)
+            call = calls[path]
+            calls[path] = call + 1
+            if inputs:
+                args, kwargs = self._fire_input((path, "input", call), args, kwargs)
+            output = forward(*args, **kwargs)
+            if outputs:
+                self.current = output
+                self.fire((path, "output", call))
+                output, self.current = self.current, None
+            return output
+
+        return wrapped
+
+    def _fire_input(self, event: Event, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        self.current = [list(args), dict(kwargs)]
+        self.inputs_replaced = False
+        self.fire(event)
+        (new_args, new_kwargs), self.current = self.current, None
+        return (tuple(new_args), new_kwargs) if self.inputs_replaced else (args, kwargs)
+
+    def fire(self, event: Event) -> None:
+        """Dispatch `event` to every running program, in order; raise Ended once none runs."""
+        self.fired.add(event)
+        alive = False
+        for program in self.programs:
+            if program.state is RUNNING:
+                program.advance(event, self)
+                alive = alive or program.state is RUNNING
+        if not alive:
+            raise Ended
+
+    def _checkpoint_forward(self, forward: Callable) -> Callable:
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            if not self.paused:
+                self.check_cancel()
+            return forward(*args, **kwargs)
+
+        return wrapped
+
+    def check_cancel(self) -> None:
+        """End the cancelled programs; raise Ended once none runs."""
+        alive = False
+        for program in self.programs:
+            if program.state is RUNNING:
+                if program.cancel is not None and program.cancel.is_set():
+                    program.advance(None, self)  # notices the flag and ends as cancelled
+                alive = alive or program.state is RUNNING
+        if not alive:
+            raise Ended
+
+    # -- explicit module calls -----------------------------------------------------------------
+
+    def call_module(self, path: str, args: list, kwargs: dict, loc: Any) -> Any:
+        """`model.lm_head(h)` inside a trace: run a module on traced values, outside the model's
+        own forward (so it is no event, and no call of it is counted)."""
+        module = submodule(self.model, path)
+        if module is None:
+            raise ExecutionError(f"the model has no module '{path}'", loc, code="unknown_module")
+        device = first_device(module)
+        self.paused = True
+        try:
+            return module(*[to_device_of(a, device) for a in args], **kwargs)
+        finally:
+            self.paused = False
+
+
+def submodule(model: torch.nn.Module, path: str) -> torch.nn.Module | None:
+    # Walks `_modules` (where every submodule is registered) rather than `get_submodule`, whose
+    # getattr per path part is ~15x slower; this runs for every touched module of every run.
+    module = model
+    for name in path.split(".") if path else ():
+        module = module._modules.get(name)
+        if module is None:
+            return None
+    return module
+
+
+_BLOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The members of the model's ModuleLists (its decoder layers): where a cancel is checked.
+    Found once per model: walking every module costs more than a small trace."""
+    blocks = _BLOCKS.get(model)
+    if blocks is None:
+        blocks = _BLOCKS[model] = [
+            child for m in model.modules() if isinstance(m, torch.nn.ModuleList) for child in m
+        ]
+    return blocks

@@ -1,0 +1,473 @@
+"""A program: one trace of one request, compiled for the engine.
+
+Compiling turns the trace's nodes into *steps* grouped into *threads*: one thread per invoke (its
+nodes in program order, seeing only its rows) and one for the code outside invokes (seeing all the
+program's rows). A step either waits for a module event — module M's input or output at its k-th
+call — or computes a value from earlier values. The interleaver hands each event to every running
+program; a program then runs each of its threads as far as it can. A thread waiting on an event
+that has already passed is an out-of-order access; one still waiting when the driver is done names
+a module that never ran. Both are errors at the user's line.
+
+A program owns everything that belongs to one request: its values (node ids are per session, so
+two requests' ids never meet), its rows of the batch, its cancel flag, its stop and its error. One
+program's stop, error or cancel ends that program only; the others run on in the same forward.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from transformers.utils import ModelOutput
+
+from intervention import ops
+from intervention.args import ArgError, decode, decode_list
+from intervention.errors import Cancelled, ExecutionError, InterventionError
+from intervention.ir import TraceIR
+from intervention.values import (
+    Rows,
+    first_input,
+    materialize,
+    narrow,
+    same_device,
+    to_device_of,
+    write_rows,
+)
+
+if TYPE_CHECKING:
+    from intervention.interleaver import Interleaver
+
+Event = tuple[str, str, int]  # (module path, "input" | "output", call index)
+
+RUNNING, DONE, STOPPED, FAILED, CANCELLED = "running", "done", "stopped", "failed", "cancelled"
+
+
+@dataclass
+class ProgramResult:
+    """What one program produced: saved values and values later traces need (node id -> value),
+    how it ended, and its error if it failed."""
+
+    saves: dict[int, Any] = field(default_factory=dict)
+    exports: dict[int, Any] = field(default_factory=dict)
+    stopped: str | None = None  # "trace" or "session" when a stop node ran
+    error: InterventionError | None = None
+
+
+class _Stop(Exception):
+    def __init__(self, scope: str):
+        self.scope = scope
+
+
+class _Ref:
+    """Placeholder for a node reference inside a compiled argument template."""
+
+    __slots__ = ("id",)
+
+    def __init__(self, id: int):
+        self.id = id
+
+
+# op -> the kind of module event it waits for; ops that wait for none are absent.
+EVENT_KIND = {
+    op: "input" if op in ops.INPUT_OPS else "output" for op in ops.MODULE_READS | ops.MODULE_WRITES
+}
+
+
+@dataclass(slots=True)  # one per node of every trace: no per-instance dict, faster attributes
+class Step:
+    """A node compiled once: its event (if any), the refs it needs, argument templates, and the
+    function that computes it."""
+
+    id: int
+    op: str
+    loc: Any
+    event: Event | None
+    refs: tuple[int, ...]
+    args: list
+    kwargs: dict
+    nested: bool  # refs inside containers or kwargs: bind recursively
+    run: Callable | None  # compute steps: fn(program, step, args, kwargs) -> value
+    # Code outside invokes written after invoke blocks runs after them: (thread, steps it must
+    # have run) for each invoke thread with earlier nodes.
+    after: list = field(default_factory=list)
+
+
+class Thread:
+    __slots__ = ("pos", "rows", "steps")
+
+    def __init__(self, steps: list[Step]):
+        self.steps = steps
+        self.rows: Rows = None
+        self.pos = 0
+
+
+class Program:
+    """One trace compiled; `Interleaver` runs it, alone or beside others, in one driver run."""
+
+    def __init__(
+        self,
+        trace: TraceIR,
+        *,
+        tensors: dict[str, torch.Tensor] | None = None,
+        externals: dict[int, Any] | None = None,
+        keep: set[int] | frozenset[int] = frozenset(),
+        on_log: Callable[[str], None] = print,
+        cancel: threading.Event | None = None,
+    ):
+        self.trace = trace
+        self.tensors = tensors or {}
+        self.keep = keep
+        self.on_log = on_log
+        self.cancel = cancel
+        self.values: dict[int, Any] = dict(externals) if externals else {}
+        self.saved: list[int] = []
+        self.state = RUNNING
+        self.error: InterventionError | None = None
+        self.stopped: str | None = None
+        self.last_write: Step | None = None
+        self.device = torch.device("cpu")  # the model's; set by the interleaver that runs it
+        self.interleaver: Interleaver | None = None
+        self.invoke_threads, self.body = _compile(trace, self.tensors)
+        self.threads = [*self.invoke_threads, *([self.body] if self.body else [])]
+        # module path -> the event kinds some step waits for ("input", "output")
+        self.events: dict[str, set[str]] = {}
+        for thread in self.threads:
+            for step in thread.steps:
+                if step.event:
+                    self.events.setdefault(step.event[0], set()).add(step.event[1])
+
+    # -- placement in the batch ----------------------------------------------------------------
+
+    def place(self, start: int, spans: list[tuple[int, int]], batch: int, pos: int = 0) -> None:
+        """This program's invokes own rows `start + span` of a batch of `batch` rows; code outside
+        invokes owns them all. `pos`: leading positions the program must not see (padding that
+        only exists because it shares the batch with longer prompts)."""
+        total = spans[-1][1] if spans else 0
+
+        def rows(s: int, e: int) -> Rows:
+            return None if (s, e, pos) == (0, batch, 0) else (start + s, start + e, pos)
+
+        for thread, (s, e) in zip(self.invoke_threads, spans, strict=False):
+            thread.rows = rows(s, e)
+        if self.body is not None:
+            self.body.rows = rows(0, total)
+
+    # -- running -------------------------------------------------------------------------------
+
+    @property
+    def running(self) -> bool:
+        return self.state is RUNNING
+
+    def advance(self, event: Event | None, il: Interleaver) -> None:
+        """Run every thread as far as it can at `event` (None: before or after the model).
+        Errors, stops and cancels end this program, never the caller."""
+        if self.cancel is not None and self.cancel.is_set():
+            self._end(CANCELLED, Cancelled())
+            return
+        try:
+            if len(self.threads) == 1:
+                self._run_thread(self.threads[0], event, il)
+                return
+            moved = True
+            while moved:  # threads may unblock each other (a value another invoke computes)
+                moved = False
+                for thread in self.threads:
+                    pos = thread.pos
+                    self._run_thread(thread, event, il)
+                    moved = moved or thread.pos != pos
+        except _Stop as stop:
+            self.stopped = stop.scope
+            self._end(STOPPED)
+        except Cancelled as exc:
+            self._end(CANCELLED, exc)
+        except InterventionError as exc:
+            self._end(FAILED, exc)
+
+    def _run_thread(self, thread: Thread, event: Event | None, il: Interleaver) -> None:
+        steps, values = thread.steps, self.values
+        pos, n = thread.pos, len(steps)
+        try:
+            while pos < n:
+                step = steps[pos]
+                if step.after and any(t.pos < k for t, k in step.after):
+                    return  # invoke code written before this line has not run yet
+                if step.event is not None:
+                    if step.event != event:
+                        if step.event in il.fired:
+                            raise _out_of_order(step)
+                        return
+                    self._module_step(step, thread.rows, il)
+                else:
+                    for r in step.refs:
+                        if r not in values:
+                            return  # a value another invoke has not computed yet
+                    self._compute(step)
+                pos += 1
+        finally:
+            thread.pos = pos
+
+    def finish(self, il: Interleaver) -> None:
+        """After the driver: a thread still waiting is an error (or the forward was cut short
+        because every program had ended, which leaves nothing waiting)."""
+        if not self.running:
+            return
+        self.advance(None, il)
+        if not self.running:
+            return
+        for thread in self.threads:
+            if thread.pos < len(thread.steps):
+                self._end(FAILED, _dangling(thread.steps[thread.pos], il))
+                return
+        self._end(DONE)
+
+    def fail(self, error: InterventionError) -> None:
+        if self.running:
+            self._end(FAILED, error)
+
+    def _end(self, state: str, error: InterventionError | None = None) -> None:
+        self.state = state
+        self.error = error
+
+    def result(self) -> ProgramResult:
+        """Saved and exported values (only if the program did not fail), then drop the rest."""
+        out = ProgramResult(stopped=self.stopped, error=self.error)
+        if self.error is None:
+            values = self.values
+            out.saves = {i: materialize(values[i]) for i in self.saved if i in values}
+            out.exports = {i: materialize(values[i]) for i in self.keep if i in values}
+        self.values = {}
+        return out
+
+    # -- steps ---------------------------------------------------------------------------------
+
+    def _bind(self, step: Step) -> tuple[list, dict]:
+        values = self.values
+        if step.nested:
+            return _bind(step.args, values), _bind(step.kwargs, values)
+        return [values[a.id] if type(a) is _Ref else a for a in step.args], step.kwargs
+
+    def _compute(self, step: Step) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise Cancelled()
+        values = self.values
+        try:
+            if step.nested:
+                args, kwargs = self._bind(step)
+            else:  # _bind's common case inline: this runs for every computed value
+                args = [values[a.id] if type(a) is _Ref else a for a in step.args]
+                kwargs = step.kwargs
+            if self.device.type != "cpu":
+                args = same_device(args, self.device)
+            values[step.id] = step.run(self, step, args, kwargs)
+        except (InterventionError, _Stop):
+            raise
+        except Exception as exc:
+            raise ExecutionError(f"{type(exc).__name__}: {exc}", step.loc) from exc
+
+    def _module_step(self, step: Step, rows: Rows, il: Interleaver) -> None:
+        try:
+            if step.op in ops.MODULE_READS:  # a read's arguments are constants: nothing to bind
+                self.values[step.id] = self._read(step.op, rows, il)
+            else:
+                args, _ = self._bind(step)
+                self._write(step.event[1], args[2], rows, il)
+                self.last_write = step
+        except InterventionError:
+            raise
+        except Exception as exc:
+            raise ExecutionError(f"{type(exc).__name__}: {exc}", step.loc) from exc
+
+    def _read(self, op: str, rows: Rows, il: Interleaver) -> Any:
+        if op == "module.output":
+            return narrow(il.current, rows, il.shape)
+        args, kwargs = il.current
+        if op == "module.inputs":
+            return narrow((tuple(args), kwargs), rows, il.shape)
+        return narrow(first_input(args, kwargs), rows, il.shape)
+
+    def _write(self, kind: str, value: Any, rows: Rows, il: Interleaver) -> None:
+        if kind == "output":
+            value = to_device_of(value, il.current)
+            if rows is None:
+                il.current = value
+            else:
+                write_rows(il.current, value, rows, il.shape)
+            return
+        args, kwargs = il.current
+        target = first_input(args, kwargs)
+        value = to_device_of(value, target)
+        if rows is not None:
+            write_rows(target, value, rows, il.shape)
+        elif args:
+            args[0] = value
+            il.inputs_replaced = True
+        else:
+            kwargs[next(iter(kwargs))] = value
+            il.inputs_replaced = True
+
+
+# -- compiling -------------------------------------------------------------------------------------
+
+
+def _compile(trace: TraceIR, tensors: dict[str, torch.Tensor]) -> tuple[list[Thread], Thread | None]:
+    by_invoke: dict[int | None, list[Step]] = {}
+    refs: list[int] = []  # every node's refs, in order; a node's are those it appended
+
+    def ref(i: int) -> _Ref:
+        refs.append(i)
+        return _Ref(i)
+
+    for node in trace.nodes:
+        start = len(refs)
+        try:
+            args = decode_list(node.args, ref, tensors)
+            kwargs = decode({"$dict": node.kwargs}, ref, tensors) if node.kwargs else {}
+        except ArgError as exc:
+            raise ExecutionError(str(exc), node.loc) from None
+        mine = tuple(refs[start:])
+        # Nested: some ref is not a top-level positional argument, so binding must recurse.
+        nested = len(mine) != sum(1 for a in args if type(a) is _Ref)
+        kind = EVENT_KIND.get(node.op)
+        event = None if kind is None else (args[0], kind, args[1])
+        run = None if kind is not None else _runner(node.op, args)
+        step = Step(node.id, node.op, node.loc, event, mine, args, kwargs, nested, run)
+        by_invoke.setdefault(node.invoke, []).append(step)
+    threads = [Thread(by_invoke[i]) for i in sorted(k for k in by_invoke if k is not None)]
+    body = None
+    if None in by_invoke:
+        body = Thread(by_invoke[None])
+        for step in body.steps if threads else ():  # no invoke threads: nothing to wait for
+            step.after = [(t, n) for t in threads if (n := sum(1 for x in t.steps if x.id < step.id))]
+    return threads, body
+
+
+def _runner(op: str, args: list) -> Callable:
+    """The function that computes a step of `op` (validation has checked op and arity)."""
+    fn = ops.BINARY.get(op) or ops.UNARY.get(op)
+    if fn is not None:
+        if op in ops.IN_PLACE:
+            return lambda p, s, a, k: _in_place(p, s, fn(*a))
+        return lambda p, s, a, k: fn(*a)
+    runner = _RUNNERS.get(op)
+    if runner is None:
+        return _unknown
+    return runner
+
+
+def _in_place(program: Program, step: Step, value: Any) -> Any:
+    program.last_write = step
+    return value
+
+
+def _save(p: Program, s: Step, a: list, k: dict) -> None:
+    p.saved.append(s.refs[0])
+
+
+def _setitem(p: Program, s: Step, a: list, k: dict) -> None:
+    a[0][a[1]] = a[2]
+    p.last_write = s
+
+
+def _method(p: Program, s: Step, a: list, k: dict) -> Any:
+    name, obj = a[0], a[1]
+    if not isinstance(obj, torch.Tensor):
+        raise TypeError(f".{name}() needs a tensor, got {type(obj).__name__}")
+    if name.endswith("_"):
+        p.last_write = s
+    if name in ops.ALLOCATING_METHODS:
+        ops.check_allocation(name, a[2:], k, obj)
+    return getattr(obj, name)(*a[2:], **k)
+
+
+def _function(p: Program, s: Step, a: list, k: dict) -> Any:
+    if a[0] in ops.ALLOCATING_FUNCTIONS:
+        ops.check_allocation(a[0], a[1:], k)
+    return ops.FUNCTIONS[a[0]](*a[1:], **k)
+
+
+def _getattr(p: Program, s: Step, a: list, k: dict) -> Any:
+    obj, name = a[0], a[1]
+    if isinstance(obj, torch.Tensor):
+        if name not in ops.TENSOR_ATTRS:
+            raise AttributeError(f"tensor attribute .{name} is not supported inside a trace")
+        return getattr(obj, name)
+    if isinstance(obj, ModelOutput) and not name.startswith("_") and name in obj.__dataclass_fields__:
+        return getattr(obj, name)
+    # torch's named results (topk, max(dim=...), sort...): `.values` and `.indices`.
+    if type(obj).__module__ == "torch.return_types" and name in type(obj).__match_args__:
+        return getattr(obj, name)
+    raise AttributeError(f"{type(obj).__name__} has no readable attribute .{name}")
+
+
+def _log(p: Program, s: Step, a: list, k: dict) -> None:
+    p.on_log(" ".join(str(v) for v in a))
+
+
+def _stop(p: Program, s: Step, a: list, k: dict) -> None:
+    raise _Stop(a[0])
+
+
+def _module_call(p: Program, s: Step, a: list, k: dict) -> Any:
+    return p.interleaver.call_module(a[0], a[1:], k, s.loc)
+
+
+def _unknown(p: Program, s: Step, a: list, k: dict) -> None:
+    raise ExecutionError(f"unknown op {s.op!r}", s.loc)
+
+
+_RUNNERS: dict[str, Callable] = {
+    "save": _save,
+    "getitem": lambda p, s, a, k: a[0][a[1]],
+    "setitem": _setitem,
+    "method": _method,
+    "function": _function,
+    "getattr": _getattr,
+    "log": _log,
+    "stop": _stop,
+    "module.call": _module_call,
+}
+
+
+# -- helpers -----------------------------------------------------------------------------------
+
+
+def _bind(value: Any, values: dict[int, Any]) -> Any:
+    if isinstance(value, _Ref):
+        return values[value.id]
+    if isinstance(value, list):
+        return [_bind(v, values) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_bind(v, values) for v in value)
+    if isinstance(value, dict):
+        return {k: _bind(v, values) for k, v in value.items()}
+    if isinstance(value, slice):
+        return slice(_bind(value.start, values), _bind(value.stop, values), _bind(value.step, values))
+    return value
+
+
+def _out_of_order(step: Step) -> ExecutionError:
+    path, kind, _ = step.event
+    return ExecutionError(
+        f"'{path}' {kind} was accessed after the model had already run past it: access modules "
+        "in the order the model executes them",
+        step.loc,
+        code="out_of_order",
+    )
+
+
+def _dangling(step: Step, il: Interleaver) -> ExecutionError:
+    if step.event and step.event in il.fired:
+        return _out_of_order(step)
+    if step.event:
+        path, kind, call = step.event
+        which = f" a {call + 1}th time" if call else ""
+        return ExecutionError(
+            f"module '{path}' was not called{which} during this forward pass, so its "
+            f"{kind} does not exist",
+            step.loc,
+            code="module_not_called",
+        )
+    return ExecutionError("this value depends on a value that was never computed", step.loc)
