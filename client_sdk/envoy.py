@@ -7,15 +7,12 @@ tree serves local and remote models.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from client_sdk.graph import Graph, current_graph
 from client_sdk.location import user_location
 from client_sdk.proxy import Proxy, TracingError
 from intervention.ir import format_location
-
-if TYPE_CHECKING:
-    from client_sdk.language_model import LanguageModel
 
 
 def _at(message: str) -> str:
@@ -24,7 +21,8 @@ def _at(message: str) -> str:
 
 
 class Envoy:
-    def __init__(self, model: LanguageModel, tree: dict[str, Any], path: str):
+    def __init__(self, model: Any, tree: dict[str, Any], path: str):
+        """`model`: the LanguageModel whose module tree this is (only its name is used)."""
         object.__setattr__(self, "_model", model)
         object.__setattr__(self, "_tree", tree)
         object.__setattr__(self, "_path", path)
@@ -99,7 +97,9 @@ class Envoy:
 
     def _record(self, op: str, *value: Any) -> Proxy:
         graph = self._graph()
-        return graph.record(op, [self._path, graph.tracer.call_index, *value])
+        if value:
+            return graph.record(op, [self._path, graph.tracer.call_index, *value])
+        return graph.record_encoded(op, [self._path, graph.tracer.call_index])
 
     def __call__(self, *args: Any, **kwargs: Any) -> Proxy:
         """Run this module on traced values (outside the model's own forward)."""

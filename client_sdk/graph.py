@@ -17,6 +17,7 @@ from client_sdk.location import user_location
 from client_sdk.proxy import Proxy, TracingError
 from intervention import args as argcodec
 from intervention.ir import Location, Node, SessionIR, TraceIR
+from intervention.validate import CALL_OPS, check_node_alone
 
 _local = threading.local()
 
@@ -62,22 +63,59 @@ class Graph:
 
     # -- recording -----------------------------------------------------------------------------
 
+    # The three ways to record a node. They repeat a few lines on purpose: one of them runs for
+    # every operation a trace records, and a shared helper call costs as much as those lines.
+
     def record(self, op: str, args: list, kwargs: dict | None = None) -> Proxy:
+        """Record `op` on `args` (Python values: proxies, tensors, literals) in the open trace."""
         tracer = self.tracer
-        if self.done:  # a proxy used after its session ran: say why it has no value
-            for a in args:
-                if isinstance(a, Proxy) and a._graph is self:
-                    raise a._unavailable()
-        if tracer is None:
-            raise TracingError(f"'{op}' must be used inside a trace (a `with model.trace(...)` block)", user_location())
-        loc = user_location()
-        node = Node(self.next_id, op, self.encode(args, loc), self.encode(kwargs, loc) if kwargs else {},
-                    tracer.invoke_index, loc)
+        if tracer is None or self.done:
+            self._closed(op, args)
+        loc = user_location(3)  # user code -> a proxy's operator (or envoy, ...) -> record -> here
+        try:  # `self.encode(args, loc)`, its fast path inline: this runs for every operation
+            encoded = argcodec.encode_list(args, self._store_tensor, self._ref_of, Proxy)
+        except argcodec.ArgError:
+            encoded = self.encode(args, loc)
+        node = Node(self.next_id, op, encoded, self.encode(kwargs, loc) if kwargs else {}, tracer.invoke_index, loc)
+        if op in CALL_OPS:
+            check_node_alone(node)  # a refused call fails here, at the user's line
         self.next_id += 1
         tracer.ir.nodes.append(node)
         proxy = Proxy(self, node.id, loc)
         self.proxies.append(proxy)
         return proxy
+
+    def record_encoded(self, op: str, args: list) -> Proxy:
+        """`record` for arguments that are JSON already (a module path and a call index): the
+        most common nodes, so they skip encoding."""
+        tracer = self.tracer
+        if tracer is None or self.done:
+            self._closed(op, args)
+        loc = user_location(4)  # user code -> Envoy.output -> Envoy._record -> record_encoded -> here
+        node = Node(self.next_id, op, args, {}, tracer.invoke_index, loc)
+        self.next_id += 1
+        tracer.ir.nodes.append(node)
+        proxy = Proxy(self, node.id, loc)
+        self.proxies.append(proxy)
+        return proxy
+
+    def record_save(self, proxy: Proxy) -> None:
+        """`proxy.save()`: a save node, and the proxy's value comes back after the run."""
+        tracer = self.tracer
+        if tracer is None or self.done:
+            self._closed("save", [proxy])
+        loc = user_location(3)  # user code -> Proxy.save -> record_save -> here
+        node = Node(self.next_id, "save", [{"$ref": proxy._id}], {}, tracer.invoke_index, loc)
+        self.next_id += 1
+        tracer.ir.nodes.append(node)
+        self.saved[proxy._id] = proxy
+
+    def _closed(self, op: str, args: list) -> None:
+        """Raise why nothing can be recorded now."""
+        for a in args if self.done else ():  # a proxy used after its session ran: say why
+            if isinstance(a, Proxy) and a._graph is self:
+                raise a._unavailable()
+        raise TracingError(f"'{op}' must be used inside a trace (a `with model.trace(...)` block)", user_location())
 
     def encode(self, value: Any, loc: Location) -> Any:
         try:

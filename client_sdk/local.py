@@ -34,7 +34,7 @@ class LocalBackend:
                 )
         paths = {name: _module_paths(graph.models[name]) for name in used}
         orders = {name: graph.models[name].module_order for name in used}
-        validate_session(session, graph.tensors, paths, orders=orders)
+        validate_session(session, graph.tensors, paths, orders=orders, recorded=True)
 
         def load(name: str):
             model = graph.models[name]

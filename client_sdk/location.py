@@ -17,24 +17,37 @@ _OURS = tuple(
 )
 
 
-# file name -> whether it is ours. Every recorded operation walks a few frames; a dict lookup per
-# frame is cheaper than a startswith over several prefixes.
+# Every recorded operation walks a few frames, so both lookups are cached: per file, whether it is
+# ours (a dict lookup beats a startswith over several prefixes); per call site — a code object
+# and the offset of the instruction calling out of it — the finished location (computing
+# `f_lineno` decodes the line table, and linecache costs two calls and a strip).
 _IS_OURS: dict[str, bool] = {}
+_SITES: dict[tuple[int, int], tuple[object, tuple[str, int, str]]] = {}
 
 
-def _is_ours(file: str) -> bool:
-    ours = _IS_OURS.get(file)
-    if ours is None:
-        ours = _IS_OURS[file] = file.startswith(_OURS)
-    return ours
+def user_location(depth: int = 1) -> tuple[str, int, str]:
+    """(file, line, code) of the innermost frame outside raysight and torch.
 
-
-def user_location() -> tuple[str, int, str]:
-    """(file, line, code) of the innermost frame outside raysight and torch."""
-    frame = sys._getframe(1)
-    while frame is not None and _is_ours(frame.f_code.co_filename):
+    `depth`: how many frames up (1: the caller) the user's code is at the nearest; callers on hot
+    paths that know it skip materializing the frames in between."""
+    frame = sys._getframe(depth)
+    while frame is not None:
+        code = frame.f_code
+        ours = _IS_OURS.get(code.co_filename)
+        if ours is None:
+            ours = _IS_OURS[code.co_filename] = code.co_filename.startswith(_OURS)
+        if not ours:
+            break
         frame = frame.f_back
     if frame is None:
         return ("<unknown>", 0, "")
-    file, line = frame.f_code.co_filename, frame.f_lineno
-    return (file, line, linecache.getline(file, line).strip())
+    key = (id(code), frame.f_lasti)
+    site = _SITES.get(key)
+    if site is not None and site[0] is code:  # the code object itself: ids of dead ones recur
+        return site[1]
+    if len(_SITES) > 100_000:  # a long notebook session: bound it
+        _SITES.clear()
+    file, line = code.co_filename, frame.f_lineno
+    loc = (file, line, linecache.getline(file, line).strip())
+    _SITES[key] = (code, loc)
+    return loc

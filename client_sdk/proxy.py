@@ -8,25 +8,35 @@ iterating) raises an error that says what to do instead.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import Any, NoReturn, Protocol
 
 import torch
 
 from intervention import ops
 from intervention.errors import InterventionError
-
-if TYPE_CHECKING:
-    from client_sdk.graph import Graph
+from intervention.ir import Location
 
 
 class TracingError(InterventionError):
     code = "tracing_error"
 
 
+class Recorder(Protocol):
+    """What a proxy needs of the graph that records it (client_sdk.graph.Graph)."""
+
+    saved: dict[int, Proxy]
+
+    def record(self, op: str, args: list, kwargs: dict | None = None) -> Proxy: ...
+
+    def record_save(self, proxy: Proxy) -> None: ...
+
+    def location_now(self) -> Location: ...
+
+
 class Proxy:
     __slots__ = ("__weakref__", "_graph", "_id", "_loc", "_state", "_value")
 
-    def __init__(self, graph: Graph, node_id: int, loc):
+    def __init__(self, graph: Recorder, node_id: int, loc):
         self._graph = graph
         self._id = node_id
         self._loc = loc
@@ -37,8 +47,7 @@ class Proxy:
 
     def save(self) -> Proxy:
         """Keep this value: after the outermost block it holds the real value."""
-        self._graph.record("save", [self])
-        self._graph.saved[self._id] = self
+        self._graph.record_save(self)
         return self
 
     @property
@@ -168,7 +177,7 @@ class _Method:
         return self.proxy._graph.record("method", [self.name, self.proxy, *args], kwargs)
 
 
-def _graph_of(args, kwargs) -> Graph:
+def _graph_of(args, kwargs) -> Recorder:
     stack = list(args) + list(kwargs.values())
     while stack:
         a = stack.pop()

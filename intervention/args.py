@@ -125,14 +125,23 @@ def encode(value: Any, tensor_name: TensorNamer, ref_of: RefOf) -> Any:
 # -- decoding ------------------------------------------------------------------------------------
 
 
-def decode_list(values: list, resolve: Callable[[int], Any], tensors: dict[str, torch.Tensor]) -> list:
-    """`decode` of a list, with references, scalars and plain slices inline."""
+def decode_list(
+    values: list, resolve: Callable[[int], Any], tensors: dict[str, torch.Tensor], slots: list | None = None
+) -> list:
+    """`decode` of a list, with references, scalars and plain slices inline.
+
+    With `slots`, a reference at the top level is not resolved: it becomes None in the result and
+    (its index, its node id) goes to `slots` — a template the engine fills in at run time."""
     out = []
     for v in values:
         if type(v) is dict and len(v) == 1:
             ref = v.get("$ref")
             if type(ref) is int:
-                out.append(resolve(ref))
+                if slots is None:
+                    out.append(resolve(ref))
+                else:
+                    slots.append((len(out), ref))
+                    out.append(None)
                 continue
             body = plain_slice(v)
             out.append(slice(*body) if body is not None else decode(v, resolve, tensors))

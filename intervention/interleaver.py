@@ -3,8 +3,9 @@
 For one driver run it wraps the `forward` of every module some program touches, counts each
 module's calls, and turns them into events — (path, "input" | "output", call index) — that it
 dispatches to every running program, in order. A program reads and edits the value at the event
-through `current`. When programs can be cancelled it also wraps every repeated block (the decoder
-layers), so a cancel is noticed at least once a layer however few modules the programs touch.
+through `current`. It also wraps every repeated block (the decoder layers) with a checkpoint: a
+cancel is noticed at least once a layer however few modules the programs touch, and once every
+program has ended the rest of the model's work is skipped.
 
 Wrapping `forward` (an instance attribute, removed on exit) rather than registering hooks keeps
 PyTorch's fast call path and costs nothing to undo; it also lets the wrapper decide whether the
@@ -12,7 +13,9 @@ module runs at all. Edits made at an output event are what any forward hook regi
 else (e.g. transformers' hidden-state capture) sees, as with a prepended hook.
 
 When every program has ended (done, stopped, failed, cancelled), the rest of the model's work is
-useless: the interleaver raises `Ended` out of the forward, which the driver catches.
+useless: at the next checkpoint the interleaver raises `Ended` out of the forward, which the
+driver catches. (Not at the event itself: the module whose call ended the last program finishes
+its call, hooks of others on it included.)
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any, Self
 
 import torch
 
-from intervention.errors import ExecutionError
+from intervention.errors import ExecutionError, ValidationError
 from intervention.program import RUNNING, Event, Program
 from intervention.values import Shape, first_device, to_device_of
 
@@ -52,7 +55,7 @@ class Interleaver:
         device = first_device(self.model)
         wanted: dict[str, set[str]] = {}
         for program in self.programs:
-            program.interleaver, program.device = self, device
+            program.interleaver, program.device, program.plain = self, device, device.type == "cpu"
             for path, kinds in program.events.items():
                 wanted.setdefault(path, set()).update(kinds)
         try:
@@ -60,9 +63,8 @@ class Interleaver:
                 module = self._module_for(path)
                 if module is not None:
                     self._wrap(module, self._event_forward(path, module.forward, wanted[path]))
-            if any(p.cancel is not None for p in self.programs):
-                for module in repeated_blocks(self.model):
-                    self._wrap(module, self._checkpoint_forward(module.forward))
+            for module in repeated_blocks(self.model):
+                self._wrap(module, self._checkpoint_forward(module.forward))
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -85,11 +87,12 @@ class Interleaver:
 
     def _module_for(self, path: str) -> torch.nn.Module | None:
         module = submodule(self.model, path)
-        if module is None:  # validation rejects unknown paths; this guards the engine used alone
+        if module is None:  # refused before the model runs (servers validate paths up front)
             for program in self.programs:
                 if path in program.events:
                     step = next(s for t in program.threads for s in t.steps if s.event and s.event[0] == path)
-                    program.fail(ExecutionError(f"the model has no module '{path}'", step.loc, code="unknown_module"))
+                    message = f"the model has no module '{path}'"
+                    program.fail(ValidationError(message, step.loc, code="unknown_module"))
         return module
 
     # -- events --------------------------------------------------------------------------------
@@ -123,25 +126,21 @@ class Interleaver:
         return (tuple(new_args), new_kwargs) if self.inputs_replaced else (args, kwargs)
 
     def fire(self, event: Event) -> None:
-        """Dispatch `event` to every running program, in order; raise Ended once none runs."""
+        """Dispatch `event` to every running program, in order."""
         self.fired.add(event)
-        alive = False
         for program in self.programs:
             if program.state is RUNNING:
                 program.advance(event, self)
-                alive = alive or program.state is RUNNING
-        if not alive:
-            raise Ended
 
     def _checkpoint_forward(self, forward: Callable) -> Callable:
         def wrapped(*args: Any, **kwargs: Any) -> Any:
             if not self.paused:
-                self.check_cancel()
+                self.checkpoint()
             return forward(*args, **kwargs)
 
         return wrapped
 
-    def check_cancel(self) -> None:
+    def checkpoint(self) -> None:
         """End the cancelled programs; raise Ended once none runs."""
         alive = False
         for program in self.programs:

@@ -15,10 +15,11 @@ program's stop, error or cancel ends that program only; the others run on in the
 
 from __future__ import annotations
 
+import operator
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 from transformers.utils import ModelOutput
@@ -29,6 +30,7 @@ from intervention.errors import Cancelled, ExecutionError, InterventionError
 from intervention.ir import TraceIR
 from intervention.values import (
     Rows,
+    Shape,
     first_input,
     materialize,
     narrow,
@@ -37,10 +39,18 @@ from intervention.values import (
     write_rows,
 )
 
-if TYPE_CHECKING:
-    from intervention.interleaver import Interleaver
-
 Event = tuple[str, str, int]  # (module path, "input" | "output", call index)
+
+
+class Interleaver(Protocol):
+    """What a program needs of the interleaver running it (intervention.interleaver)."""
+
+    current: Any  # the value at the event being dispatched: an output, or [args, kwargs]
+    inputs_replaced: bool
+    shape: Shape
+    fired: set[Event]
+
+    def call_module(self, path: str, args: list, kwargs: dict, loc: Any) -> Any: ...
 
 RUNNING, DONE, STOPPED, FAILED, CANCELLED = "running", "done", "stopped", "failed", "cancelled"
 
@@ -76,23 +86,30 @@ EVENT_KIND = {
 }
 
 
-@dataclass(slots=True)  # one per node of every trace: no per-instance dict, faster attributes
 class Step:
-    """A node compiled once: its event (if any), the refs it needs, argument templates, and the
-    function that computes it."""
+    """A node compiled once: its event (if any), the values it needs, an argument template, and
+    the function that computes it. One per node of every trace: slots, positional construction.
 
-    id: int
-    op: str
-    loc: Any
-    event: Event | None
-    refs: tuple[int, ...]
-    args: list
-    kwargs: dict
-    nested: bool  # refs inside containers or kwargs: bind recursively
-    run: Callable | None  # compute steps: fn(program, step, args, kwargs) -> value
-    # Code outside invokes written after invoke blocks runs after them: (thread, steps it must
-    # have run) for each invoke thread with earlier nodes.
-    after: list = field(default_factory=list)
+    The template is the node's decoded arguments with None where a top-level reference goes;
+    `slots` says which (index, node id). References nested in containers or keyword arguments
+    are `_Ref` placeholders instead, bound recursively (`nested`)."""
+
+    __slots__ = ("after", "args", "event", "fn", "id", "kwargs", "loc", "nested", "op", "refs", "run",
+                 "slots", "writes")
+
+    def __init__(self, id: int, op: str, loc: Any, event: Event | None, refs: tuple[int, ...],
+                 args: list, kwargs: dict, slots: tuple, nested: bool):
+        self.id, self.op, self.loc, self.event, self.refs = id, op, loc, event, refs
+        self.args, self.kwargs, self.slots, self.nested = args, kwargs, slots, nested
+        # How it computes: `fn(*args)` for plain operators (most steps), else
+        # `run(program, step, args, kwargs)`; `writes`: it edits a tensor in place.
+        self.fn, self.run, self.writes = _PLAIN.get(op), _RUNNERS.get(op, _unknown), op in _WRITES
+        # Code outside invokes written after invoke blocks runs after them: (thread, steps it
+        # must have run) for each invoke thread with earlier nodes.
+        self.after: list = _NONE
+
+
+_NONE: list = []  # shared empty `after`: never mutated, only replaced
 
 
 class Thread:
@@ -129,6 +146,7 @@ class Program:
         self.stopped: str | None = None
         self.last_write: Step | None = None
         self.device = torch.device("cpu")  # the model's; set by the interleaver that runs it
+        self.plain = True  # the model is on the CPU: client tensors need no moving
         self.interleaver: Interleaver | None = None
         self.invoke_threads, self.body = _compile(trace, self.tensors)
         self.threads = [*self.invoke_threads, *([self.body] if self.body else [])]
@@ -169,7 +187,10 @@ class Program:
             return
         try:
             if len(self.threads) == 1:
-                self._run_thread(self.threads[0], event, il)
+                thread = self.threads[0]
+                self._run_thread(thread, event, il)
+                if thread.pos == len(thread.steps):
+                    self._end(DONE)  # nothing left to wait for: the model may stop early
                 return
             moved = True
             while moved:  # threads may unblock each other (a value another invoke computes)
@@ -178,6 +199,8 @@ class Program:
                     pos = thread.pos
                     self._run_thread(thread, event, il)
                     moved = moved or thread.pos != pos
+            if all(t.pos == len(t.steps) for t in self.threads):
+                self._end(DONE)
         except _Stop as stop:
             self.stopped = stop.scope
             self._end(STOPPED)
@@ -199,12 +222,33 @@ class Program:
                         if step.event in il.fired:
                             raise _out_of_order(step)
                         return
-                    self._module_step(step, thread.rows, il)
+                    if step.op == "module.output" and thread.rows is None:  # the commonest: inline
+                        values[step.id] = il.current
+                    else:
+                        self._module_step(step, thread.rows, il)
                 else:
                     for r in step.refs:
                         if r not in values:
                             return  # a value another invoke has not computed yet
-                    self._compute(step)
+                    if step.run is _save:  # the next commonest: inline
+                        self.saved.append(step.refs[0])
+                    elif step.fn is not None and not step.nested and self.plain:
+                        # _compute for a plain operator, inline: most computed values are these
+                        if self.cancel is not None and self.cancel.is_set():
+                            raise Cancelled()
+                        args = step.args
+                        if step.slots:
+                            args = args.copy()
+                            for i, ref in step.slots:
+                                args[i] = values[ref]
+                        if step.writes:
+                            self.last_write = step
+                        try:
+                            values[step.id] = step.fn(*args)
+                        except Exception as exc:
+                            raise _failed(step, exc) from exc
+                    else:
+                        self._compute(step)
                 pos += 1
         finally:
             thread.pos = pos
@@ -245,27 +289,30 @@ class Program:
 
     def _bind(self, step: Step) -> tuple[list, dict]:
         values = self.values
+        args = step.args.copy()
+        for i, ref in step.slots:
+            args[i] = values[ref]
         if step.nested:
-            return _bind(step.args, values), _bind(step.kwargs, values)
-        return [values[a.id] if type(a) is _Ref else a for a in step.args], step.kwargs
+            return _bind(args, values), _bind(step.kwargs, values)
+        return args, step.kwargs
 
     def _compute(self, step: Step) -> None:
         if self.cancel is not None and self.cancel.is_set():
             raise Cancelled()
-        values = self.values
         try:
-            if step.nested:
-                args, kwargs = self._bind(step)
-            else:  # _bind's common case inline: this runs for every computed value
-                args = [values[a.id] if type(a) is _Ref else a for a in step.args]
-                kwargs = step.kwargs
-            if self.device.type != "cpu":
+            args, kwargs = self._bind(step)
+            if not self.plain:
                 args = same_device(args, self.device)
-            values[step.id] = step.run(self, step, args, kwargs)
+            if step.writes:
+                self.last_write = step
+            if step.fn is not None:
+                self.values[step.id] = step.fn(*args)
+            else:
+                self.values[step.id] = step.run(self, step, args, kwargs)
         except (InterventionError, _Stop):
             raise
         except Exception as exc:
-            raise ExecutionError(f"{type(exc).__name__}: {exc}", step.loc) from exc
+            raise _failed(step, exc) from exc
 
     def _module_step(self, step: Step, rows: Rows, il: Interleaver) -> None:
         try:
@@ -278,7 +325,7 @@ class Program:
         except InterventionError:
             raise
         except Exception as exc:
-            raise ExecutionError(f"{type(exc).__name__}: {exc}", step.loc) from exc
+            raise _failed(step, exc) from exc
 
     def _read(self, op: str, rows: Rows, il: Interleaver) -> Any:
         if op == "module.output":
@@ -314,27 +361,38 @@ class Program:
 
 def _compile(trace: TraceIR, tensors: dict[str, torch.Tensor]) -> tuple[list[Thread], Thread | None]:
     by_invoke: dict[int | None, list[Step]] = {}
-    refs: list[int] = []  # every node's refs, in order; a node's are those it appended
+    nested: list[int] = []  # the current node's references inside containers or kwargs
 
     def ref(i: int) -> _Ref:
-        refs.append(i)
+        nested.append(i)
         return _Ref(i)
 
+    reads, event_kind = ops.MODULE_READS, EVENT_KIND  # locals: this loop runs for every node
     for node in trace.nodes:
-        start = len(refs)
-        try:
-            args = decode_list(node.args, ref, tensors)
-            kwargs = decode({"$dict": node.kwargs}, ref, tensors) if node.kwargs else {}
-        except ArgError as exc:
-            raise ExecutionError(str(exc), node.loc) from None
-        mine = tuple(refs[start:])
-        # Nested: some ref is not a top-level positional argument, so binding must recurse.
-        nested = len(mine) != sum(1 for a in args if type(a) is _Ref)
-        kind = EVENT_KIND.get(node.op)
-        event = None if kind is None else (args[0], kind, args[1])
-        run = None if kind is not None else _runner(node.op, args)
-        step = Step(node.id, node.op, node.loc, event, mine, args, kwargs, nested, run)
-        by_invoke.setdefault(node.invoke, []).append(step)
+        op = node.op
+        kind = event_kind.get(op)
+        if op in reads:  # the most common nodes: constant arguments, nothing to decode
+            a = node.args
+            step = Step(node.id, op, node.loc, (a[0], kind, a[1]), (), a, {}, (), False)
+        else:
+            if nested:
+                nested.clear()
+            slots: list = []
+            try:
+                args = decode_list(node.args, ref, tensors, slots)
+                kwargs = decode({"$dict": node.kwargs}, ref, tensors) if node.kwargs else {}
+            except ArgError as exc:
+                raise ExecutionError(str(exc), node.loc) from None
+            event = None if kind is None else (args[0], kind, args[1])
+            refs = []
+            for slot in slots:
+                refs.append(slot[1])
+            refs.extend(nested)
+            step = Step(node.id, op, node.loc, event, refs, args, kwargs, slots, bool(nested))
+        steps = by_invoke.get(node.invoke)
+        if steps is None:
+            steps = by_invoke[node.invoke] = []
+        steps.append(step)
     threads = [Thread(by_invoke[i]) for i in sorted(k for k in by_invoke if k is not None)]
     body = None
     if None in by_invoke:
@@ -344,31 +402,8 @@ def _compile(trace: TraceIR, tensors: dict[str, torch.Tensor]) -> tuple[list[Thr
     return threads, body
 
 
-def _runner(op: str, args: list) -> Callable:
-    """The function that computes a step of `op` (validation has checked op and arity)."""
-    fn = ops.BINARY.get(op) or ops.UNARY.get(op)
-    if fn is not None:
-        if op in ops.IN_PLACE:
-            return lambda p, s, a, k: _in_place(p, s, fn(*a))
-        return lambda p, s, a, k: fn(*a)
-    runner = _RUNNERS.get(op)
-    if runner is None:
-        return _unknown
-    return runner
-
-
-def _in_place(program: Program, step: Step, value: Any) -> Any:
-    program.last_write = step
-    return value
-
-
 def _save(p: Program, s: Step, a: list, k: dict) -> None:
     p.saved.append(s.refs[0])
-
-
-def _setitem(p: Program, s: Step, a: list, k: dict) -> None:
-    a[0][a[1]] = a[2]
-    p.last_write = s
 
 
 def _method(p: Program, s: Step, a: list, k: dict) -> Any:
@@ -418,10 +453,12 @@ def _unknown(p: Program, s: Step, a: list, k: dict) -> None:
     raise ExecutionError(f"unknown op {s.op!r}", s.loc)
 
 
+# op -> its plain operator, called as fn(*args); op -> its runner, for everything else.
+_PLAIN: dict[str, Callable] = {
+    **ops.BINARY, **ops.UNARY, "getitem": operator.getitem, "setitem": operator.setitem,
+}
 _RUNNERS: dict[str, Callable] = {
     "save": _save,
-    "getitem": lambda p, s, a, k: a[0][a[1]],
-    "setitem": _setitem,
     "method": _method,
     "function": _function,
     "getattr": _getattr,
@@ -429,6 +466,7 @@ _RUNNERS: dict[str, Callable] = {
     "stop": _stop,
     "module.call": _module_call,
 }
+_WRITES = ops.IN_PLACE | {"setitem"}
 
 
 # -- helpers -----------------------------------------------------------------------------------
@@ -446,6 +484,10 @@ def _bind(value: Any, values: dict[int, Any]) -> Any:
     if isinstance(value, slice):
         return slice(_bind(value.start, values), _bind(value.stop, values), _bind(value.step, values))
     return value
+
+
+def _failed(step: Step, exc: Exception) -> ExecutionError:
+    return ExecutionError(f"{type(exc).__name__}: {exc}", step.loc)
 
 
 def _out_of_order(step: Step) -> ExecutionError:

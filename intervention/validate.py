@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from intervention import ops
-from intervention.args import ArgError, visit, visit_args
+from intervention.args import ArgError, ref_id, visit, visit_args
 from intervention.errors import ValidationError
 from intervention.ir import IR_VERSION, Node, SessionIR, TraceIR
 from intervention.order import check_order
@@ -33,9 +33,14 @@ def validate_session(
     models: dict[str, set[str]],
     limits: Limits = Limits(),
     orders: dict[str, list] | None = None,
+    recorded: bool = False,
 ) -> None:
     """`models` maps each served model name to its module paths; `orders`, where known, to the
-    order its modules run in (see order.py), so out-of-order reads fail before any forward."""
+    order its modules run in (see order.py), so out-of-order reads fail before any forward.
+
+    `recorded`: the session comes from this process's own recorder, which builds every node
+    well-formed and runs `check_node_alone` as it records, so the per-node checks are skipped
+    (a server always validates everything: what it receives is untrusted)."""
     if session.version != IR_VERSION:
         raise ValidationError(f"IR version {session.version} is not supported (this server speaks {IR_VERSION})")
     if not session.traces:
@@ -53,15 +58,22 @@ def validate_session(
         if trace.model not in models:
             known = ", ".join(sorted(models)) or "none"
             raise ValidationError(f"unknown model '{trace.model}' (served: {known})", trace.loc, code="unknown_model")
-        _check_trace(trace, tensors, models[trace.model], seen)
+        if recorded:
+            _check_forward_kwargs(trace)
+        else:
+            _check_trace(trace, tensors, models[trace.model], seen)
         if orders and trace.model in orders:
             check_order(trace, orders[trace.model])
 
 
-def _check_trace(trace: TraceIR, tensors: dict, paths: set[str], seen: set[int]) -> None:
+def _check_forward_kwargs(trace: TraceIR) -> None:
     bad = set(trace.kwargs) - FORWARD_KWARGS
     if bad:
         raise ValidationError(f"forward argument {min(bad)!r} is not supported", trace.loc)
+
+
+def _check_trace(trace: TraceIR, tensors: dict, paths: set[str], seen: set[int]) -> None:
+    _check_forward_kwargs(trace)
     for invoke in trace.invokes:
         _check_input(invoke.input, tensors, trace.loc)
     _check_input(list(trace.kwargs.values()), tensors, trace.loc)
@@ -73,39 +85,66 @@ def _check_trace(trace: TraceIR, tensors: dict, paths: set[str], seen: set[int])
 
 
 def _check_node(node: Node, trace: TraceIR, tensors: dict, paths: set[str], seen: set[int]) -> None:
+    op, a = node.op, node.args
+    arity = ops.ARITY.get(op)
+    if arity is not None and node.invoke is None and not node.kwargs:
+        # The two most common nodes, whose arguments hold no tags to walk: a module read, a save.
+        if op in ops.MODULE_READS and len(a) == 2 and type(a[0]) is str and type(a[1]) is int:
+            if a[0] in paths and a[1] >= 0:
+                return
+        elif op == "save" and len(a) == 1 and ref_id(a[0]) in seen:
+            return
+    _check_any_node(node, trace, tensors, paths, seen)
+
+
+def _check_any_node(node: Node, trace: TraceIR, tensors: dict, paths: set[str], seen: set[int]) -> None:
     def fail(message: str, code: str = "invalid_request") -> None:
         raise ValidationError(message, node.loc, code=code)
 
-    if node.op not in ops.ARITY:
-        fail(f"operation {node.op!r} is not supported", "unknown_op")
-    lo, hi = ops.ARITY[node.op]
-    if len(node.args) < lo or (hi is not None and len(node.args) > hi):
-        fail(f"operation {node.op!r} takes {lo}{'' if hi == lo else '+' if hi is None else f'-{hi}'} arguments, got {len(node.args)}")
+    op, a = node.op, node.args
+    arity = ops.ARITY.get(op)
+    if arity is None:
+        fail(f"operation {op!r} is not supported", "unknown_op")
+    lo, hi = arity
+    if len(a) < lo or (hi is not None and len(a) > hi):
+        fail(f"operation {op!r} takes {lo}{'' if hi == lo else '+' if hi is None else f'-{hi}'} arguments, got {len(a)}")
     if node.invoke is not None and not 0 <= node.invoke < len(trace.invokes):
         fail(f"invoke {node.invoke} does not exist in this trace")
     _check_tags(node, tensors, seen)
-    a = node.args
-    if node.op.startswith("module."):
+    if op.startswith("module."):
         if not isinstance(a[0], str) or a[0] not in paths:
             fail(f"the model '{trace.model}' has no module '{a[0]}'", "unknown_module")
         if node.op != "module.call" and (not isinstance(a[1], int) or a[1] < 0):
             fail("a module call index must be an integer >= 0")
-    elif node.op in ("method", "function"):
+    elif node.op == "save" and not (isinstance(a[0], dict) and "$ref" in a[0]):
+        fail("save() takes a traced value")
+    else:
+        check_node_alone(node)
+
+
+# Ops with constraints that can be checked on the node alone, as soon as it is recorded.
+CALL_OPS = frozenset({"method", "function", "getattr", "stop"})
+
+
+def check_node_alone(node: Node) -> None:
+    """The checks of a node that need nothing but the node: which methods and functions may be
+    called with which keyword arguments, public attributes, stop scopes. The client's recorder
+    runs them as each node is recorded, so the error comes at the user's line while tracing."""
+    op, a = node.op, node.args
+    if op in ("method", "function"):
         if not isinstance(a[0], str):
-            fail(f"{node.op} name must be a string")
-        why = ops.check_call(node.op, a[0], a, node.kwargs)
-        if why is None and node.op == "method" and a[0] == "to":
+            raise ValidationError(f"{op} name must be a string", node.loc)
+        why = ops.check_call(op, a[0], a, node.kwargs)
+        if why is None and op == "method" and a[0] == "to":
             why = ops.check_to_args(a) or (
                 ".to() accepts a dtype only" if set(node.kwargs) - {"dtype"} else None
             )
         if why:
-            fail(why, "unsupported_call")
-    elif node.op == "getattr" and (not isinstance(a[1], str) or a[1].startswith("_")):
-        fail("attribute names must be public strings")
-    elif node.op == "stop" and a[0] not in ("trace", "session"):
-        fail("stop scope must be 'trace' or 'session'")
-    elif node.op == "save" and not (isinstance(a[0], dict) and "$ref" in a[0]):
-        fail("save() takes a traced value")
+            raise ValidationError(why, node.loc, code="unsupported_call")
+    elif op == "getattr" and (not isinstance(a[1], str) or a[1].startswith("_")):
+        raise ValidationError("attribute names must be public strings", node.loc)
+    elif op == "stop" and a[0] not in ("trace", "session"):
+        raise ValidationError("stop scope must be 'trace' or 'session'", node.loc)
 
 
 def _check_tags(node: Node, tensors: dict, seen: set[int]) -> None:
