@@ -75,7 +75,8 @@ class Envoy:
     @property
     def output(self) -> Proxy:
         """What this module's forward returned."""
-        return self._record("module.output")
+        graph = self._graph()  # the commonest read of all: _record's read path, inline
+        return graph.record_encoded("module.output", [self._path, graph.tracer.call_index])
 
     @output.setter
     def output(self, value: Any) -> None:
@@ -84,7 +85,8 @@ class Envoy:
     @property
     def input(self) -> Proxy:
         """The first argument this module was called with."""
-        return self._record("module.input")
+        graph = self._graph()
+        return graph.record_encoded("module.input", [self._path, graph.tracer.call_index])
 
     @input.setter
     def input(self, value: Any) -> None:
@@ -93,13 +95,12 @@ class Envoy:
     @property
     def inputs(self) -> Proxy:
         """(args, kwargs) this module was called with."""
-        return self._record("module.inputs")
-
-    def _record(self, op: str, *value: Any) -> Proxy:
         graph = self._graph()
-        if value:
-            return graph.record(op, [self._path, graph.tracer.call_index, *value])
-        return graph.record_encoded(op, [self._path, graph.tracer.call_index])
+        return graph.record_encoded("module.inputs", [self._path, graph.tracer.call_index])
+
+    def _record(self, op: str, value: Any) -> Proxy:
+        graph = self._graph()
+        return graph.record(op, [self._path, graph.tracer.call_index, value])
 
     def __call__(self, *args: Any, **kwargs: Any) -> Proxy:
         """Run this module on traced values (outside the model's own forward)."""

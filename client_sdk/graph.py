@@ -56,6 +56,10 @@ class Graph:
         self.stopped_at: int | None = None  # traces from this index on are not run
         self.next_id = 0
         self.done = False
+        # Lazy subscripts (see `subscript`): those of the open trace, and the in-place op on one
+        # that waits to see whether Python's setitem of an augmented assignment follows.
+        self._lazies: list[Proxy] = []
+        self._pending: Proxy | None = None
 
     @staticmethod
     def location_now() -> Location:
@@ -71,6 +75,10 @@ class Graph:
         tracer = self.tracer
         if tracer is None or self.done:
             self._closed(op, args)
+        if self._pending is not None:
+            self._flush(self._pending)
+        if op == "stop":  # nothing after a stop runs: what was written before it must be recorded
+            self.flush_lazies()
         loc = user_location(3)  # user code -> a proxy's operator (or envoy, ...) -> record -> here
         try:  # `self.encode(args, loc)`, its fast path inline: this runs for every operation
             encoded = argcodec.encode_list(args, self._store_tensor, self._ref_of, Proxy)
@@ -91,7 +99,9 @@ class Graph:
         tracer = self.tracer
         if tracer is None or self.done:
             self._closed(op, args)
-        loc = user_location(4)  # user code -> Envoy.output -> Envoy._record -> record_encoded -> here
+        if self._pending is not None:
+            self._flush(self._pending)
+        loc = user_location(3)  # user code -> Envoy.output -> record_encoded -> here
         node = Node(self.next_id, op, args, {}, tracer.invoke_index, loc)
         self.next_id += 1
         tracer.ir.nodes.append(node)
@@ -104,11 +114,88 @@ class Graph:
         tracer = self.tracer
         if tracer is None or self.done:
             self._closed("save", [proxy])
+        if self._pending is not None:
+            self._flush(self._pending)
+        if proxy._lazy is not None:
+            self._flush(proxy)
         loc = user_location(3)  # user code -> Proxy.save -> record_save -> here
         node = Node(self.next_id, "save", [{"$ref": proxy._id}], {}, tracer.invoke_index, loc)
         self.next_id += 1
         tracer.ir.nodes.append(node)
         self.saved[proxy._id] = proxy
+
+    # -- lazy subscripts ---------------------------------------------------------------------
+    #
+    # Python runs `x[i] += v` as three calls: t = x.__getitem__(i); t = t.__iadd__(v);
+    # x.__setitem__(i, t). Recorded one by one that is three nodes, the costliest part of the
+    # commonest edit. So a basic subscript (ints, slices, ...: a view of x) is recorded lazily,
+    # on first use; an in-place op on such a subscript waits for the next call; and if that is
+    # the matching setitem, the three become one `augassign` node with Python's own semantics.
+    # Anything else records what was deferred, at its own line, before the next node: for views
+    # recording later is the same as recording at once (they see the same memory).
+
+    def subscript(self, target: Proxy, index: Any) -> Proxy:
+        """`target[index]`: lazy for a basic index, recorded now otherwise."""
+        tracer = self.tracer
+        if tracer is None or self.done or not _basic(index):
+            return self.record("getitem", [target, index])
+        proxy = Proxy(self, None, user_location(3))  # user code -> Proxy.__getitem__ -> here
+        proxy._lazy = ("item", target, index, tracer.invoke_index, tracer, False)
+        self.proxies.append(proxy)
+        self._lazies.append(proxy)
+        return proxy
+
+    def record_inplace(self, op: str, proxy: Proxy, other: Any) -> Proxy:
+        """`proxy op= other`: deferred when `proxy` is a lazy subscript, else recorded."""
+        lazy = proxy._lazy
+        if lazy is None or lazy[0] != "item" or self._pending is not None or self.tracer is not lazy[4]:
+            return self.record(op, [proxy, other])
+        result = Proxy(self, None, user_location(3))  # user code -> Proxy.__iadd__ -> here
+        result._lazy = ("op", op, proxy, other, lazy[3], lazy[4])
+        self.proxies.append(result)
+        self._pending = result
+        return result
+
+    def assign_item(self, target: Proxy, index: Any, value: Any) -> None:
+        """`target[index] = value`: one `augassign` node when it completes `target[index] op= v`."""
+        pending = self._pending
+        if pending is not None and value is pending:
+            _, op, item, other, invoke, tracer = pending._lazy
+            lazy = item._lazy
+            if lazy is not None and lazy[0] == "item" and lazy[1] is target and _same_index(lazy[2], index):
+                self._pending = None
+                self.record("augassign", [target, index, op, other])
+                # Both are views of target[index] now; used later, each records that subscript.
+                item._lazy = pending._lazy = ("item", target, index, invoke, tracer, True)
+                return
+        self.record("setitem", [target, index, value])
+
+    def flush_lazies(self) -> None:
+        """At the end of a trace: record what was deferred and not absorbed into an augassign,
+        so it runs in this trace (and a bad index still fails at its line)."""
+        if self._pending is not None:
+            self._flush(self._pending)
+        for proxy in self._lazies:
+            if proxy._lazy is not None and not proxy._lazy[5]:
+                self._flush(proxy)
+        self._lazies = []
+
+    def _flush(self, proxy: Proxy) -> None:
+        """Record a lazy proxy's node now, at the line and in the invoke where it was written."""
+        lazy, proxy._lazy = proxy._lazy, None
+        if proxy is self._pending:
+            self._pending = None
+        if lazy[0] == "item":
+            op, args, invoke, tracer = "getitem", [lazy[1], lazy[2]], lazy[3], lazy[4]
+        else:
+            op, args, invoke, tracer = lazy[1], [lazy[2], lazy[3]], lazy[4], lazy[5]
+        encoded = self.encode(args, proxy._loc)  # may record the lazy target first
+        if tracer is not self.tracer:  # used in a later trace: recorded there
+            invoke = self.tracer.invoke_index
+        node = Node(self.next_id, op, encoded, {}, invoke, proxy._loc)
+        self.next_id += 1
+        self.tracer.ir.nodes.append(node)
+        proxy._id = node.id
 
     def _closed(self, op: str, args: list) -> None:
         """Raise why nothing can be recorded now."""
@@ -145,6 +232,8 @@ class Graph:
         if not isinstance(value, Proxy):
             return None
         if value._graph is self:
+            if value._lazy is not None:
+                self._flush(value)
             return value._id
         if value._state == "ready":  # a saved value of an earlier session: send its value
             return None
@@ -166,12 +255,12 @@ class Graph:
         """Give saved proxies their values; every other proxy says why it has none."""
         self.done = True
         for proxy in self.proxies:
-            if proxy._id in saves and proxy._id in self.saved:
-                proxy._value, proxy._state = saves[proxy._id], "ready"
-            elif proxy._id in self.saved:
-                proxy._state = "not_run"
+            proxy._state = "unsaved"
+        for i, proxy in self.saved.items():
+            if i in saves:
+                proxy._value, proxy._state = saves[i], "ready"
             else:
-                proxy._state = "unsaved"
+                proxy._state = "not_run"
         self._release_proxies()
 
     def abandon(self) -> None:
@@ -187,6 +276,30 @@ class Graph:
         traces themselves. Once the proxies have their final state the graph needs them no more."""
         self.proxies = []
         self.saved = {}
+
+
+_BASIC = (int, slice, type(None), type(Ellipsis), str)
+
+
+def _basic(index: Any) -> bool:
+    """Whether `x[index]` is a view (ints, slices of ints, None, ...; no tensors, lists or traced
+    values), so recording it later is the same as recording it now."""
+    if type(index) is tuple:
+        return all(_basic_item(i) for i in index)
+    return _basic_item(index)
+
+
+def _basic_item(i: Any) -> bool:
+    if type(i) is slice:
+        return type(i.start) in _PLAIN_INDEX and type(i.stop) in _PLAIN_INDEX and type(i.step) in _PLAIN_INDEX
+    return type(i) in _BASIC
+
+
+_PLAIN_INDEX = (int, type(None))
+
+
+def _same_index(a: Any, b: Any) -> bool:
+    return a is b or (type(a) is type(b) and a == b)  # basic indices: ints, slices, tuples of them
 
 
 def _saved_values(value: Any, graph: Graph) -> Any:

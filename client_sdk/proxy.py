@@ -30,18 +30,25 @@ class Recorder(Protocol):
 
     def record_save(self, proxy: Proxy) -> None: ...
 
+    def subscript(self, target: Proxy, index: Any) -> Proxy: ...
+
+    def record_inplace(self, op: str, proxy: Proxy, other: Any) -> Proxy: ...
+
+    def assign_item(self, target: Proxy, index: Any, value: Any) -> None: ...
+
     def location_now(self) -> Location: ...
 
 
 class Proxy:
-    __slots__ = ("__weakref__", "_graph", "_id", "_loc", "_state", "_value")
+    __slots__ = ("__weakref__", "_graph", "_id", "_lazy", "_loc", "_state", "_value")
 
-    def __init__(self, graph: Recorder, node_id: int, loc):
+    def __init__(self, graph: Recorder, node_id: int | None, loc):
         self._graph = graph
-        self._id = node_id
+        self._id = node_id  # None while lazy: recorded on first use (see Graph.subscript)
         self._loc = loc
         self._state = "pending"  # -> "ready" (value set) | "unsaved" | "not_run"
         self._value: Any = None
+        self._lazy: tuple | None = None
 
     # -- saving and results --------------------------------------------------------------------
 
@@ -124,10 +131,10 @@ class Proxy:
     # -- recorded operations -------------------------------------------------------------------
 
     def __getitem__(self, index: Any) -> Proxy:
-        return self._graph.record("getitem", [self, index])
+        return self._graph.subscript(self, index)
 
     def __setitem__(self, index: Any, value: Any) -> None:
-        self._graph.record("setitem", [self, index, value])
+        self._graph.assign_item(self, index, value)
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("_"):
@@ -208,6 +215,12 @@ for _op in ops.UNARY:
 
 
 def _binary(op: str, swap: bool):
+    if op in ops.IN_PLACE:  # `x[i] += v` may become one node: the graph decides
+        def inplace(self: Proxy, other: Any = None) -> Proxy:
+            return self._graph.record_inplace(op, self, other)
+
+        return inplace
+
     def method(self: Proxy, other: Any = None) -> Proxy:
         return self._graph.record(op, [other, self] if swap else [self, other])
 

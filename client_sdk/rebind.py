@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from client_sdk.graph import Graph
 
 _MAX_DEPTH = 4
+_CONTAINERS = (list, dict, tuple)
 
 
 def rebind_frame(frame, graph: Graph) -> None:
@@ -47,7 +48,11 @@ def _swap(value: Any, graph: Graph, depth: int) -> Any:
         return value
     if type(value) is list:
         for i, v in enumerate(value):
-            value[i] = _swap(v, graph, depth + 1)
+            if type(v) is Proxy:  # the common case (a list of saved values), without a call
+                if v._graph is graph and v._state == "ready":
+                    value[i] = v._value
+            elif type(v) in _CONTAINERS:
+                value[i] = _swap(v, graph, depth + 1)
     elif type(value) is dict:
         for k, v in value.items():
             value[k] = _swap(v, graph, depth + 1)

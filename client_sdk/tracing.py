@@ -114,6 +114,8 @@ class Tracer:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc is None:
+            self.graph.flush_lazies()  # what was deferred runs in this trace
         self.graph.tracer = None
         if exc is None and not self.ir.invokes:
             exc = TracingError("this trace has no input: pass a prompt to trace() or use tracer.invoke()", self.ir.loc)

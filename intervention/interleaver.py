@@ -56,13 +56,16 @@ class Interleaver:
         wanted: dict[str, set[str]] = {}
         for program in self.programs:
             program.interleaver, program.device, program.plain = self, device, device.type == "cpu"
-            for path, kinds in program.events.items():
-                wanted.setdefault(path, set()).update(kinds)
+            if not wanted:
+                wanted = dict(program.events)  # one program (the common case): share its sets
+            else:
+                for path, kinds in program.events.items():
+                    wanted[path] = wanted.get(path, set()) | kinds
         try:
-            for path in sorted(wanted):
+            for path, kinds in wanted.items():
                 module = self._module_for(path)
                 if module is not None:
-                    self._wrap(module, self._event_forward(path, module.forward, wanted[path]))
+                    self._wrap(module, self._event_forward(path, module.forward, kinds))
             for module in repeated_blocks(self.model):
                 self._wrap(module, self._checkpoint_forward(module.forward))
         except BaseException:

@@ -32,6 +32,7 @@ ARITY: dict[str, tuple[int, int | None]] = {
     "stop": (1, 1),  # "trace" | "session"
     "getitem": (2, 2),
     "setitem": (3, 3),
+    "augassign": (4, 4),  # target, index, in-place op, value: `target[index] op= value`
     "getattr": (2, 2),
     "method": (2, None),  # name, self, *args
     "function": (1, None),  # qualified name, *args

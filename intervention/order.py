@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from intervention import ops
 from intervention.errors import ValidationError
 from intervention.ir import TraceIR
 
@@ -60,20 +61,23 @@ def _rank_of(order: list[EventKey]) -> dict[EventKey, int]:
 def check_order(trace: TraceIR, order: list[EventKey]) -> None:
     """Raise if a thread (invoke) of `trace` reads modules against the recorded order."""
     rank = _rank_of(order)
-    last: dict[int | None, tuple[int, Any]] = {}
+    last: dict[int | None, int] = {}
     for node in trace.nodes:
-        if not node.op.startswith("module.") or node.op == "module.call" or node.args[1] != 0:
+        kind = _KIND.get(node.op)
+        if kind is None or node.args[1] != 0:  # not a module event, or not its first call
             continue
-        kind = "input" if node.op in ("module.input", "module.inputs", "module.set_input") else "output"
         r = rank.get((node.args[0], kind))
         if r is None:
             continue
-        prev = last.get(node.invoke)
-        if prev is not None and r < prev[0]:
+        if r < last.get(node.invoke, -1):
             raise ValidationError(
                 f"'{node.args[0]}' {kind} is accessed after a module that runs later in the "
                 "forward pass: access modules in the order the model executes them",
                 node.loc,
                 code="out_of_order",
             )
-        last[node.invoke] = (r, node)
+        last[node.invoke] = r
+
+
+# op -> the module event it waits for ("module.call" runs a module outside the forward: none)
+_KIND = {op: "input" if op in ops.INPUT_OPS else "output" for op in ops.MODULE_READS | ops.MODULE_WRITES}

@@ -25,7 +25,7 @@ import torch
 from transformers.utils import ModelOutput
 
 from intervention import ops
-from intervention.args import ArgError, decode, decode_list
+from intervention.args import ArgError, decode, decode_list, ref_id
 from intervention.errors import Cancelled, ExecutionError, InterventionError
 from intervention.ir import TraceIR
 from intervention.values import (
@@ -110,6 +110,7 @@ class Step:
 
 
 _NONE: list = []  # shared empty `after`: never mutated, only replaced
+_SAVE_ARGS = [None]  # a save's template: its one argument is its reference, read from `refs`
 
 
 class Thread:
@@ -148,14 +149,10 @@ class Program:
         self.device = torch.device("cpu")  # the model's; set by the interleaver that runs it
         self.plain = True  # the model is on the CPU: client tensors need no moving
         self.interleaver: Interleaver | None = None
-        self.invoke_threads, self.body = _compile(trace, self.tensors)
-        self.threads = [*self.invoke_threads, *([self.body] if self.body else [])]
         # module path -> the event kinds some step waits for ("input", "output")
         self.events: dict[str, set[str]] = {}
-        for thread in self.threads:
-            for step in thread.steps:
-                if step.event:
-                    self.events.setdefault(step.event[0], set()).add(step.event[1])
+        self.invoke_threads, self.body = _compile(trace, self.tensors, self.events)
+        self.threads = [*self.invoke_threads, *([self.body] if self.body else [])]
 
     # -- placement in the batch ----------------------------------------------------------------
 
@@ -279,8 +276,10 @@ class Program:
         """Saved and exported values (only if the program did not fail), then drop the rest."""
         out = ProgramResult(stopped=self.stopped, error=self.error)
         if self.error is None:
-            values = self.values
-            out.saves = {i: materialize(values[i]) for i in self.saved if i in values}
+            values, saves = self.values, out.saves
+            for i in self.saved:
+                if i in values:
+                    saves[i] = materialize(values[i])
             out.exports = {i: materialize(values[i]) for i in self.keep if i in values}
         self.values = {}
         return out
@@ -359,7 +358,9 @@ class Program:
 # -- compiling -------------------------------------------------------------------------------------
 
 
-def _compile(trace: TraceIR, tensors: dict[str, torch.Tensor]) -> tuple[list[Thread], Thread | None]:
+def _compile(
+    trace: TraceIR, tensors: dict[str, torch.Tensor], events: dict[str, set[str]]
+) -> tuple[list[Thread], Thread | None]:
     by_invoke: dict[int | None, list[Step]] = {}
     nested: list[int] = []  # the current node's references inside containers or kwargs
 
@@ -374,6 +375,13 @@ def _compile(trace: TraceIR, tensors: dict[str, torch.Tensor]) -> tuple[list[Thr
         if op in reads:  # the most common nodes: constant arguments, nothing to decode
             a = node.args
             step = Step(node.id, op, node.loc, (a[0], kind, a[1]), (), a, {}, (), False)
+            kinds = events.get(a[0])
+            if kinds is None:
+                events[a[0]] = {kind}
+            else:
+                kinds.add(kind)
+        elif op == "save" and (r := ref_id(node.args[0])) is not None:  # the next commonest
+            step = Step(node.id, op, node.loc, None, (r,), _SAVE_ARGS, {}, (), False)
         else:
             if nested:
                 nested.clear()
@@ -383,7 +391,10 @@ def _compile(trace: TraceIR, tensors: dict[str, torch.Tensor]) -> tuple[list[Thr
                 kwargs = decode({"$dict": node.kwargs}, ref, tensors) if node.kwargs else {}
             except ArgError as exc:
                 raise ExecutionError(str(exc), node.loc) from None
-            event = None if kind is None else (args[0], kind, args[1])
+            event = None
+            if kind is not None:
+                event = (args[0], kind, args[1])
+                events.setdefault(args[0], set()).add(kind)
             refs = []
             for slot in slots:
                 refs.append(slot[1])
@@ -404,6 +415,26 @@ def _compile(trace: TraceIR, tensors: dict[str, torch.Tensor]) -> tuple[list[Thr
 
 def _save(p: Program, s: Step, a: list, k: dict) -> None:
     p.saved.append(s.refs[0])
+
+
+def _augassign(p: Program, s: Step, a: list, k: dict) -> None:
+    """`target[index] op= value`, as Python runs it: getitem, the in-place op, setitem. The
+    setitem is skipped only where it provably copies a view onto itself."""
+    target, index, op, value = a
+    item = target[index]
+    result = ops.BINARY[op](item, value)
+    if not (result is item and isinstance(target, torch.Tensor) and _is_view_index(index)):
+        target[index] = result
+
+
+def _is_view_index(index: Any) -> bool:
+    """Whether indexing a tensor with `index` gives a view (basic indexing: no tensors, lists)."""
+    if type(index) is tuple:
+        return all(type(i) in _VIEW_INDEX for i in index)
+    return type(index) in _VIEW_INDEX
+
+
+_VIEW_INDEX = (int, slice, type(None), type(Ellipsis))
 
 
 def _method(p: Program, s: Step, a: list, k: dict) -> Any:
@@ -459,6 +490,7 @@ _PLAIN: dict[str, Callable] = {
 }
 _RUNNERS: dict[str, Callable] = {
     "save": _save,
+    "augassign": _augassign,
     "method": _method,
     "function": _function,
     "getattr": _getattr,
@@ -466,7 +498,7 @@ _RUNNERS: dict[str, Callable] = {
     "stop": _stop,
     "module.call": _module_call,
 }
-_WRITES = ops.IN_PLACE | {"setitem"}
+_WRITES = ops.IN_PLACE | {"setitem", "augassign"}
 
 
 # -- helpers -----------------------------------------------------------------------------------

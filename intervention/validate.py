@@ -118,6 +118,8 @@ def _check_any_node(node: Node, trace: TraceIR, tensors: dict, paths: set[str], 
             fail("a module call index must be an integer >= 0")
     elif node.op == "save" and not (isinstance(a[0], dict) and "$ref" in a[0]):
         fail("save() takes a traced value")
+    elif node.op == "augassign" and a[2] not in ops.IN_PLACE:
+        fail(f"augassign takes an in-place operator ({', '.join(sorted(ops.IN_PLACE))}), got {a[2]!r}")
     else:
         check_node_alone(node)
 

@@ -74,7 +74,7 @@ def materialize(value: Any) -> Any:
     """A value to keep after the forward: detached, and views copied so they do not pin whole
     activations (a saved `h[:, -1]` must not keep all of `h` alive)."""
     if isinstance(value, torch.Tensor):
-        value = value.detach()
+        value = value.detach()  # a tensor of its own: the model's activation object is not kept
         return value.clone() if value._base is not None else value
     if isinstance(value, ModelOutput):
         return value
