@@ -107,12 +107,13 @@ def _fail(message: str, status: int) -> NoReturn:
 def demo(
     examples: Annotated[
         list[str] | None,
-        typer.Argument(help="Examples to run: names in examples/, or 'all' (default: seed_session).", show_default=False),
+        typer.Argument(help="Examples to run: names in examples/, or 'all' (default: seed_session patch_answer).",
+                       show_default=False),
     ] = None,
     port: Annotated[int, typer.Option(help="HTTP port on 127.0.0.1 (another if busy).")] = 8000,
 ) -> None:
-    """Fetch the default model, serve it locally (float32 and bfloat16), run the seed session
-    (or the examples named) against it, stop."""
+    """Fetch the default model, serve it locally (float32 and bfloat16), run the seed session and
+    patch_answer (or the examples named) against it, stop."""
     from serve_app.demo import run_demo
 
     raise typer.Exit(run_demo(port, examples))
