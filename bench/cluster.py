@@ -1,7 +1,7 @@
 """The benchmark's one local cluster: `raysight serve` as a subprocess, and what can be read of it.
 
 - `Server.start()` launches `raysight serve --config FILE --port P` and times it to its ready line
-  (cold start: Ray, Serve, every model replica loaded and /healthz answering).
+  (cold start: Ray, Serve, every model replica loaded and /readyz answering 200).
 - `replica_memory()` reads the peak (VmHWM) and current (VmRSS) resident memory of the model
   replica processes from /proc: the descendants of the server whose title holds
   "ServeReplica:raysight:model-" (so other clusters on the machine are never counted).

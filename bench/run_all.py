@@ -358,7 +358,7 @@ def assemble(machine, settings, engine, server, remote, memory, events, events_e
                                             "request_total_ms": dl["request_total_ms"]}
     results["cold_start_s"] = {"value": round(server.cold_start_s, 2), "n": 1, "unit": "s",
                                "what": "launch of `raysight serve --config` to its ready line: Ray, Serve, "
-                                       "SmolLM2-135M + two tiny-Llama replicas loaded, /healthz answering",
+                                       "SmolLM2-135M + two tiny-Llama replicas loaded, /readyz answering 200",
                                "stop_s": round(server.stop_s, 2) if server.stop_s else None}
     results["replica_peak_rss_mb"] = {name: m["peak_rss_mb"] for name, m in sorted(memory["replicas"].items())}
     results["replica_rss_mb"] = {name: m["rss_mb"] for name, m in sorted(memory["replicas"].items())}

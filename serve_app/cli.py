@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import getpass
 import secrets
+import signal
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from serve_app import model_store
@@ -61,17 +63,16 @@ def serve(
         str | None, typer.Option(help="Accept this key (also: env RAYSIGHT_API_KEY); else the config's keys.")
     ] = None,
 ) -> None:
-    """Start a local Ray + Serve running raysight on 127.0.0.1; Ctrl-C stops it and Ray."""
-    from serve_app import local_server
+    """Start a local Ray + Serve running raysight on 127.0.0.1; Ctrl-C or SIGTERM stops it and Ray
+    (exit status 0). Bad model paths and a busy port are reported before Ray starts (status 2)."""
+    from serve_app import launcher, local_server, preflight
 
     if config is None and not model:
-        err.print("[red]error:[/] give --config FILE or at least one --model NAME=PATH", highlight=False)
-        raise typer.Exit(2)
+        _fail("give --config FILE or at least one --model NAME=PATH", 2)
     try:
         app_config, generated = local_server.build_config(str(config) if config else None, model or [], api_key)
     except (ValueError, OSError) as e:
-        err.print(f"[red]error:[/] {e}", highlight=False)
-        raise typer.Exit(2) from None
+        _fail(str(e), 2)
 
     def announce(url: str) -> None:
         names = ", ".join(m.name for m in app_config.models)
@@ -83,19 +84,36 @@ def serve(
             typer.echo(f"API key (shown once): {generated}")
         typer.echo("Ctrl-C to stop.")
 
-    local_server.serve_forever(app_config, port, announce)
+    def progress(line: str) -> None:
+        err.print(line, highlight=False, markup=False, soft_wrap=True)
+
+    try:
+        stopped_by = local_server.serve_forever(app_config, port, announce, progress)
+    except preflight.PreflightError as e:
+        _fail(str(e), 2)
+    except launcher.StartError as e:
+        _fail(str(e), 1)
+    err.print(f"raysight stopped ({signal.Signals(stopped_by).name})", highlight=False, soft_wrap=True)
+
+
+def _fail(message: str, status: int) -> NoReturn:
+    """Each line of `message` as one `error:` line on stderr (never wrapped), then exit."""
+    for line in message.splitlines():
+        err.print(f"[red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+    raise typer.Exit(status)
 
 
 @app.command()
 def demo(
     examples: Annotated[
         list[str] | None,
-        typer.Argument(help="Examples to run: names in examples/, or 'all' (default: seed_session).", show_default=False),
+        typer.Argument(help="Examples to run: names in examples/, or 'all' (default: seed_session patch_answer).",
+                       show_default=False),
     ] = None,
     port: Annotated[int, typer.Option(help="HTTP port on 127.0.0.1 (another if busy).")] = 8000,
 ) -> None:
-    """Fetch the default model, serve it locally (float32 and bfloat16), run the seed session
-    (or the examples named) against it, stop."""
+    """Fetch the default model, serve it locally (float32 and bfloat16), run the seed session and
+    patch_answer (or the examples named) against it, stop."""
     from serve_app.demo import run_demo
 
     raise typer.Exit(run_demo(port, examples))

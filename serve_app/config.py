@@ -24,6 +24,8 @@ A Serve config YAML is the source of truth:
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +36,7 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
-    path: str  # a local folder (or an HF id on a machine that has the Hub)
+    path: str  # a local folder, or a Hub id `org/name` (see is_hub_id)
     dtype: str = "float32"
     gpus_per_replica: float = 0
     cpus_per_replica: float = 0
@@ -58,8 +60,9 @@ class ModelConfig(BaseModel):
         return self
 
     def resolved_path(self) -> str:
-        p = Path(self.path).expanduser()
-        return str(p) if p.exists() or self.path.startswith(("~", "/", ".")) else self.path
+        """A Hub id as written; a folder absolute (`~` expanded), so a replica whose working
+        directory differs from the launcher's finds the same folder."""
+        return self.path if is_hub_id(self.path) else str(Path(self.path).expanduser().absolute())
 
 
 class ApiKey(BaseModel):
@@ -111,6 +114,22 @@ def _check_autoscaling(cfg: dict[str, Any]) -> None:
     if unknown:
         raise ValueError(f"unknown autoscaling_config keys: {sorted(unknown)}")
     AutoscalingConfig(**cfg)
+
+
+# Hugging Face repo ids: `org/name`, letters, digits and `._-`, no `--` or `..` (the Hub's rule).
+_HUB_ID = re.compile(r"^(?!.*(--|\.\.))[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+
+
+def is_hub_id(path: str) -> bool:
+    """Whether a model `path` means a Hugging Face Hub id rather than a local folder.
+
+    The rule (docs/operator.md): a value that exists on disk, or starts with `/`, `~` or `.`, is
+    a folder; otherwise it is a Hub id if it has the form `org/name` (exactly one `/`), and a
+    folder relative to the working directory if not (so a bare `gpt2` is a folder: write the
+    Hub's `openai-community/gpt2`)."""
+    if path.startswith(("/", "~", ".")) or os.path.exists(path):
+        return False
+    return bool(_HUB_ID.match(path))
 
 
 def hash_key(key: str) -> str:

@@ -3,8 +3,9 @@
 Fetches SmolLM2-135M once (cached), starts raysight in-process with a fresh API key on 127.0.0.1,
 serving that model twice: "smollm2-135m" (float32) and "smollm2-135m-bf16" (bfloat16, same
 folder), so every script in examples/ runs against it (examples/cross_model.py uses both). Runs
-examples/seed_session.py — or the examples named on the command line — against it in other
-processes, then stops the cluster.
+examples/seed_session.py then examples/patch_answer.py — or the examples named on the command
+line — against it in other processes, each after a line saying what it should print, then stops
+the cluster.
 """
 
 from __future__ import annotations
@@ -23,6 +24,14 @@ DEFAULT_MODEL = "smollm2-135m"
 BF16_MODEL = f"{DEFAULT_MODEL}-bf16"
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 EXAMPLE = EXAMPLES / "seed_session.py"
+DEFAULT_EXAMPLES = ["seed_session", "patch_answer"]
+# What each example prints on the demo's float32 SmolLM2-135M (checked by running `make demo`).
+EXPECT = {
+    "seed_session": "T1 ' Paris'. T2 is no city ('\\n'): the seed tutorial writes the LAST layer's state "
+    "into layer 1, where it is out of place, to show the mechanics. T3 holds layer 0's output, shape (1, 8, 576).",
+    "patch_answer": "' Rome' as is; ' Paris' once layer 23's last-token state comes from the Eiffel Tower "
+    "prompt: a same-layer patch moves the answer.",
+}
 
 
 def example_names() -> list[str]:
@@ -31,8 +40,8 @@ def example_names() -> list[str]:
 
 def run_demo(port: int = 8000, examples: list[str] | None = None) -> int:
     """Serve the demo models, run `examples` (names in examples/, or "all"; default: the seed
-    session) one after the other, stop. Returns the first non-zero exit status, else 0."""
-    names = examples or [EXAMPLE.stem]
+    session and patch_answer) one after the other, stop. Returns the first non-zero exit status, else 0."""
+    names = examples or DEFAULT_EXAMPLES
     if "all" in names:
         names = [EXAMPLE.stem] + [n for n in example_names() if n != EXAMPLE.stem]
     unknown = [n for n in names if not (EXAMPLES / f"{n}.py").is_file()]
@@ -59,6 +68,8 @@ def run_demo(port: int = 8000, examples: list[str] | None = None) -> int:
         status = 0
         for name in names:
             print(f"--- examples/{name}.py", flush=True)
+            if name in EXPECT:
+                print(f"expect: {EXPECT[name]}", flush=True)
             script = str(EXAMPLES / f"{name}.py")
             rc = subprocess.run([sys.executable, script], env=env, check=False).returncode
             status = status or rc

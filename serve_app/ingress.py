@@ -22,7 +22,7 @@ from intervention.errors import InterventionError
 from intervention.module_tree import module_paths
 from intervention.validate import Limits, validate_session
 from intervention.wire import decode_session
-from serve_app import errors
+from serve_app import errors, readiness
 from serve_app.auth import KeyRing
 from serve_app.config import AppConfig
 from serve_app.errors import ApiError
@@ -31,7 +31,7 @@ from serve_app.schemas import Accepted, ModelInfo, ModelSummary, RequestStatus
 app = FastAPI(
     title="raysight",
     version="1",
-    description="Run nnsight-style interventions on served models. Every route but /healthz needs "
+    description="Run nnsight-style interventions on served models. Every route but /healthz and /readyz needs "
     "`Authorization: Bearer <key>`. Requests are safetensors files whose metadata holds the "
     "session IR as JSON; results are safetensors files too.",
 )
@@ -57,6 +57,14 @@ def _event_stream(events, status_code: int = 200) -> StreamingResponse:
 
 def _no_such_request(request_id: str) -> ApiError:
     return ApiError(404, "not_found", f"no request '{request_id}' (ids are visible to their owner only)")
+
+
+def _no_result_message(state: str) -> str:
+    if state == "CANCELLED":
+        return "the request was CANCELLED: it has no result"
+    if state == "ERROR":
+        return "the request ended in ERROR: it has no result (its status and events say what failed)"
+    return f"the request is {state}: its result is not ready yet"
 
 
 def _deployment_status() -> dict[str, dict]:
@@ -93,7 +101,16 @@ class Ingress:
 
     @app.get("/healthz", tags=["health"])
     async def healthz(self) -> dict[str, str]:
+        """Liveness: the ingress answers (models may still be loading: see /readyz)."""
         return {"status": "ok"}
+
+    @app.get("/readyz", response_model=readiness.Readiness, tags=["health"],
+             responses={503: {"model": readiness.Readiness, "description": "Not ready: the failed checks say why"}})
+    async def readyz(self) -> JSONResponse:
+        """Readiness: 200 once every configured model has a running replica, else 503; the body
+        lists each check (and, for the models check, each model's replicas and state)."""
+        report = await readiness.run_checks(readiness.checks_for(self.config))
+        return JSONResponse(report.model_dump(), status_code=200 if report.ready else 503)
 
     @app.get("/v1/models", response_model=list[ModelSummary], tags=["models"])
     async def list_models(self, request: Request) -> list[ModelSummary]:
@@ -239,7 +256,7 @@ class Ingress:
         if data is None:
             if state == "COMPLETED":
                 raise ApiError(410, "expired", "the result was already fetched and has expired")
-            raise ApiError(409, "not_ready", f"the request is {state}; there is no result yet")
+            raise ApiError(409, "not_ready", _no_result_message(state))
         return Response(data, media_type="application/octet-stream")
 
     @app.delete("/v1/requests/{request_id}", status_code=202, tags=["requests"])

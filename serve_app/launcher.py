@@ -7,21 +7,45 @@ the very same app the Serve config describes.
 from __future__ import annotations
 
 import os
+import sys
 import time
+from collections.abc import Callable
 
 import httpx
 
+from serve_app import preflight
 from serve_app.config import AppConfig
 
 APP_NAME = "raysight"
+POLL_S = 0.5  # between two looks at /readyz and Serve's status (each costs the controller a little)
 
 
-def start(config: AppConfig, port: int = 8000, num_cpus: int | None = None) -> str:
-    """Start Ray and the app; return the base URL once /healthz answers and every model loaded."""
+class StartError(RuntimeError):
+    """The app could not start; the message says why in a line or two."""
+
+
+def start(
+    config: AppConfig,
+    port: int = 8000,
+    num_cpus: int | None = None,
+    *,
+    timeout_s: float | None = 600.0,
+    after_ray_init: Callable[[], None] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> str:
+    """Start Ray and the app; return the base URL once /readyz says every model has a replica.
+
+    Bad model paths and a busy port raise `preflight.PreflightError` before Ray starts; a
+    deployment that fails to start raises StartError. `after_ray_init` runs as soon as Ray is up
+    (ray.init installs signal handlers of its own); `progress` gets a line whenever what the
+    app waits for changes; `timeout_s=None` waits as long as the models take to load."""
+    preflight.check_models(config.models)
+    preflight.check_port(port)
     # Without this Ray registers the node on eth0, not 127.0.0.1 (see ENV.md).
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
     from ray import serve
+    from ray.serve.api import RunTarget
 
     from serve_app.app import build_app
 
@@ -32,33 +56,85 @@ def start(config: AppConfig, port: int = 8000, num_cpus: int | None = None) -> s
             _node_ip_address="127.0.0.1",
             log_to_driver=os.environ.get("RAYSIGHT_RAY_LOGS") == "1",
         )
+    if after_ray_init is not None:
+        after_ray_init()
     quiet = {"enable_access_log": False}
     serve.start(http_options={"host": "127.0.0.1", "port": port}, logging_config=quiet)
-    serve.run(build_app(config.model_dump()), name=APP_NAME, route_prefix="/", logging_config=quiet)
+    # Not serve.run: it waits for every deployment and raises a long traceback when one fails;
+    # /readyz is what clients and load balancers use, so it is what we wait on too.
+    target = RunTarget(target=build_app(config.model_dump()), name=APP_NAME, route_prefix="/", logging_config=quiet)
+    serve.run_many([target], wait_for_applications_running=False)
     url = f"http://127.0.0.1:{port}"
-    wait_healthy(url)
+    wait_ready(url, timeout_s, progress)
     return url
 
 
-def wait_healthy(url: str, timeout_s: float = 120.0) -> None:
-    deadline = time.monotonic() + timeout_s
+def wait_ready(
+    url: str,
+    timeout_s: float | None = 600.0,
+    progress: Callable[[str], None] | None = None,
+    app_name: str = APP_NAME,
+) -> None:
+    """Poll `url`/readyz until 200 (there is no event for a replica coming up); raise StartError
+    if a deployment of the Serve app `app_name` failed, or the time is up."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    last = "the HTTP proxy does not answer yet"
     while True:
+        failed = _failed_deployment(app_name)
+        if failed:
+            raise StartError(failed)
         try:
-            if httpx.get(f"{url}/healthz", timeout=2.0).status_code == 200:
+            r = httpx.get(f"{url}/readyz", timeout=5.0)
+            if r.status_code == 200:
                 return
+            now = _waiting_for(r)
         except httpx.HTTPError:
-            pass
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"raysight at {url} did not become healthy within {timeout_s:g} s")
-        time.sleep(0.1)  # polling an HTTP port: there is no event to await
+            now = "the HTTP proxy does not answer yet"
+        if now != last and progress is not None:
+            progress(f"waiting: {now}")
+        last = now
+        if deadline is not None and time.monotonic() > deadline:
+            raise StartError(f"raysight at {url} was not ready within {timeout_s:g} s: {last}")
+        time.sleep(POLL_S)
 
 
-def stop() -> None:
+def _waiting_for(r: httpx.Response) -> str:
+    """One line from a non-200 /readyz answer: the failed checks' messages."""
+    try:
+        checks = r.json()["checks"]
+        return "; ".join(c["message"] for c in checks if not c["ok"])
+    except (ValueError, KeyError, TypeError):
+        return f"/readyz answered {r.status_code}"  # e.g. the proxy before the app has a route
+
+
+def _failed_deployment(app_name: str) -> str | None:
+    """Why the app failed to deploy, in one line naming the deployment; None if it has not."""
+    from ray import serve
+
+    from serve_app.readiness import short_message
+
+    app = serve.status().applications.get(app_name)
+    if app is None or str(getattr(app.status, "value", app.status)) != "DEPLOY_FAILED":
+        return None
+    for name, dep in app.deployments.items():
+        if str(getattr(dep.status, "value", dep.status)) == "DEPLOY_FAILED":
+            what = f"model '{name.removeprefix('model-')}'" if name.startswith("model-") else f"deployment {name}"
+            return f"{what} failed to start: {short_message(dep.message)}"
+    return f"the app failed to deploy: {short_message(app.message)}"
+
+
+def stop(drain: bool = True) -> None:
+    """Stop Serve, then Ray. `drain=False` skips Serve's graceful shutdown (each replica finishing
+    its requests; a replica still waiting for resources is waited on for Serve's whole grace
+    period, 20 s): for an app stopped before it was ready, with nothing to drain."""
+    if "ray" not in sys.modules:  # never started (e.g. a preflight check failed): nothing to stop
+        return
     import ray
     from ray import serve
 
     if ray.is_initialized():
         try:
-            serve.shutdown()
+            if drain:
+                serve.shutdown()
         finally:
             ray.shutdown()

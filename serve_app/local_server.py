@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 import signal
-import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -58,14 +58,43 @@ def _parse_model(spec: str) -> dict[str, str]:
     return {"name": name, "path": str(Path(path).expanduser())}
 
 
-def serve_forever(config: AppConfig, port: int, announce) -> None:
-    """Start, call `announce(url)` once ready, block until SIGINT/SIGTERM, then stop everything."""
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+class Stopped(BaseException):
+    """SIGINT or SIGTERM arrived: stop everything and exit 0. A BaseException, like
+    KeyboardInterrupt, so that no `except Exception` in the code it interrupts swallows it."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def serve_forever(
+    config: AppConfig, port: int, announce: Callable[[str], None], progress: Callable[[str], None] | None = None
+) -> int:
+    """Start, call `announce(url)` once ready, block until SIGINT/SIGTERM, then stop everything.
+
+    Returns the signal that stopped it (if start fails, its error propagates). The
+    handlers are installed again once Ray is up, because ray.init replaces the SIGTERM handler
+    (and Ray's core worker adds one that dumps the stack and aborts: status 134)."""
+    _on_signals(_raise_stopped)
+    ready = False
     try:
-        url = launcher.start(config, port=port)
+        url = launcher.start(config, port=port, timeout_s=None, progress=progress,
+                             after_ray_init=lambda: _on_signals(_raise_stopped))
+        ready = True
         announce(url)
-        stop.wait()
+        while True:
+            signal.pause()  # a handler raises Stopped
+    except Stopped as stopped:
+        return stopped.signum
     finally:
-        launcher.stop()
+        launcher.stop(drain=ready)  # before the ready line nobody was told the URL: nothing to drain
+
+
+def _raise_stopped(signum: int, _frame: object) -> None:
+    _on_signals(signal.SIG_DFL)  # stopping now; a second Ctrl-C/SIGTERM ends the process at once
+    raise Stopped(signum)
+
+
+def _on_signals(handler: Any) -> None:
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, handler)

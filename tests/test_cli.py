@@ -68,3 +68,29 @@ def test_models_list(tmp_path: Path) -> None:
     result = runner.invoke(app, ["models", "list", "--cache-dir", str(tmp_path)])
     assert result.exit_code == 0
     assert "smollm2-135m" in result.stdout and "not fetched" in result.stdout
+
+
+# --- serve: refused before anything starts (the real processes are in test_serve_cli.py) ----------
+
+
+def test_serve_needs_a_model() -> None:
+    result = runner.invoke(app, ["serve"])
+    assert result.exit_code == 2
+    assert result.stderr == "error: give --config FILE or at least one --model NAME=PATH\n"
+
+
+def test_serve_model_flag_takes_name_and_path() -> None:
+    result = runner.invoke(app, ["serve", "--model", "just-a-path", "--api-key", "k"])
+    assert result.exit_code == 2
+    assert result.stderr == "error: --model takes NAME=PATH, got 'just-a-path'\n"
+
+
+def test_serve_errors_are_one_unwrapped_line_per_model(tmp_path: Path) -> None:
+    deep = tmp_path / ("a-rather-long-folder-name-" * 6) / "model"  # longer than any terminal
+    result = runner.invoke(app, ["serve", "--model", f"one={deep}", "--model", f"two={deep}2", "--api-key", "k"])
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        f"error: model 'one': path {deep} does not exist",
+        f"error: model 'two': path {deep}2 does not exist",
+    ]
+    assert result.stdout == ""

@@ -125,6 +125,27 @@ def test_patching_sweep(cluster, llama: LanguageModel) -> None:
     assert close(float(rows[-1][1]), clean_p)  # the last layer's state carries the whole answer
 
 
+def test_patch_answer(cluster, llama: LanguageModel) -> None:
+    out = run_example(cluster, "patch_answer", "llama", "2")
+
+    with llama.session():
+        with llama.trace(P1):
+            state = llama.model.layers[2].output[:, -1, :]
+        with llama.trace(P3):
+            plain = llama.lm_head.output[0, -1].softmax(dim=-1).save()
+        with llama.trace(P3):
+            llama.model.layers[2].output[:, -1, :] = state
+            patched = llama.lm_head.output[0, -1].softmax(dim=-1).save()
+
+    first = re.search(rf"^'{P3}' -> .*\(id (\d+), p = (\d\.\d{{4}})\)$", out, re.MULTILINE)
+    second = re.search(rf"^the same, with layer 2's last-token state from '{P1}' -> .*\(id (\d+), p = (\d\.\d{{4}})\)$",
+                       out, re.MULTILINE)
+    assert first and second, out
+    for found, local in ((first, plain), (second, patched)):
+        assert int(found[1]) == local.argmax().item() and close(float(found[2]), local.max()), out
+    assert not torch.equal(plain, patched)
+
+
 def test_cross_model(cluster, llama: LanguageModel, gpt2: LanguageModel) -> None:
     out = run_example(cluster, "cross_model", "llama", "gpt2")  # Llama and GPT-2 module trees
 

@@ -344,10 +344,12 @@ def test_status_events_and_result_over_http(alice, small_body) -> None:
 def test_result_of_a_request_that_has_none_is_409(alice, llama) -> None:
     rid = alice.submit(slow_session(llama, 60))
     alice.wait_for(rid, lambda k, d: k == "RUNNING")
-    assert_error(alice.result(rid), 409, "not_ready")
+    err = assert_error(alice.result(rid), 409, "not_ready")
+    assert err["message"] == "the request is RUNNING: its result is not ready yet"
     alice.cancel(rid)
     assert alice.end(rid)[0] == "CANCELLED"
-    assert_error(alice.result(rid), 409, "not_ready")
+    err = assert_error(alice.result(rid), 409, "not_ready")  # the code stays; the message says why
+    assert err["message"] == "the request was CANCELLED: it has no result"
 
 
 # -- intermediates stay in the cluster -------------------------------------------------------------

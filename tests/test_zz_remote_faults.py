@@ -104,7 +104,9 @@ def test_time_limit_ends_in_a_timeout_error_and_frees_the_replica(alice, llama, 
     assert "time limit" in data["message"]
     status = alice.status(rid)
     assert status["state"] == "ERROR" and status["error"]["code"] == "timeout"
-    assert alice.result(rid).status_code == 409
+    r = alice.result(rid)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "not_ready"
+    assert r.json()["error"]["message"].startswith("the request ended in ERROR: it has no result")
     # The replica stopped that forward: a new request does not wait for the rest of the session.
     assert quick_request_completes(alice, small_body) < 8.0
 
