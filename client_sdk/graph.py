@@ -70,8 +70,12 @@ class Graph:
     # The three ways to record a node. They repeat a few lines on purpose: one of them runs for
     # every operation a trace records, and a shared helper call costs as much as those lines.
 
-    def record(self, op: str, args: list, kwargs: dict | None = None) -> Proxy:
-        """Record `op` on `args` (Python values: proxies, tensors, literals) in the open trace."""
+    def record(
+        self, op: str, args: list, kwargs: dict | None = None, result: bool = True, depth: int = 3
+    ) -> Proxy | None:
+        """Record `op` on `args` (Python values: proxies, tensors, literals) in the open trace.
+        Returns the proxy of its value (`result=False`: None, for ops whose value is None).
+        `depth`: frames from `user_location` up to the user's code, at the nearest."""
         tracer = self.tracer
         if tracer is None or self.done:
             self._closed(op, args)
@@ -79,7 +83,7 @@ class Graph:
             self._flush(self._pending)
         if op == "stop":  # nothing after a stop runs: what was written before it must be recorded
             self.flush_lazies()
-        loc = user_location(3)  # user code -> a proxy's operator (or envoy, ...) -> record -> here
+        loc = user_location(depth)  # user code -> a proxy's operator (or envoy, ...) -> record -> here
         try:  # `self.encode(args, loc)`, its fast path inline: this runs for every operation
             encoded = argcodec.encode_list(args, self._store_tensor, self._ref_of, Proxy)
         except argcodec.ArgError:
@@ -89,6 +93,8 @@ class Graph:
             check_node_alone(node)  # a refused call fails here, at the user's line
         self.next_id += 1
         tracer.ir.nodes.append(node)
+        if not result:
+            return None
         proxy = Proxy(self, node.id, loc)
         self.proxies.append(proxy)
         return proxy
@@ -164,11 +170,12 @@ class Graph:
             lazy = item._lazy
             if lazy is not None and lazy[0] == "item" and lazy[1] is target and _same_index(lazy[2], index):
                 self._pending = None
-                self.record("augassign", [target, index, op, other])
+                # user code -> Proxy.__setitem__ -> assign_item -> record -> user_location
+                self.record("augassign", [target, index, op, other], result=False, depth=4)
                 # Both are views of target[index] now; used later, each records that subscript.
                 item._lazy = pending._lazy = ("item", target, index, invoke, tracer, True)
                 return
-        self.record("setitem", [target, index, value])
+        self.record("setitem", [target, index, value], result=False, depth=4)
 
     def flush_lazies(self) -> None:
         """At the end of a trace: record what was deferred and not absorbed into an augassign,

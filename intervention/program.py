@@ -103,7 +103,7 @@ class Step:
         self.args, self.kwargs, self.slots, self.nested = args, kwargs, slots, nested
         # How it computes: `fn(*args)` for plain operators (most steps), else
         # `run(program, step, args, kwargs)`; `writes`: it edits a tensor in place.
-        self.fn, self.run, self.writes = _PLAIN.get(op), _RUNNERS.get(op, _unknown), op in _WRITES
+        self.fn, self.run, self.writes = _HOW.get(op, _UNKNOWN)
         # Code outside invokes written after invoke blocks runs after them: (thread, steps it
         # must have run) for each invoke thread with earlier nodes.
         self.after: list = _NONE
@@ -417,20 +417,22 @@ def _save(p: Program, s: Step, a: list, k: dict) -> None:
     p.saved.append(s.refs[0])
 
 
-def _augassign(p: Program, s: Step, a: list, k: dict) -> None:
+def _augassign(target: Any, index: Any, op: str, value: Any) -> None:
     """`target[index] op= value`, as Python runs it: getitem, the in-place op, setitem. The
     setitem is skipped only where it provably copies a view onto itself."""
-    target, index, op, value = a
     item = target[index]
     result = ops.BINARY[op](item, value)
-    if not (result is item and isinstance(target, torch.Tensor) and _is_view_index(index)):
+    if result is not item or type(target) is not torch.Tensor or not _is_view_index(index):
         target[index] = result
 
 
 def _is_view_index(index: Any) -> bool:
     """Whether indexing a tensor with `index` gives a view (basic indexing: no tensors, lists)."""
     if type(index) is tuple:
-        return all(type(i) in _VIEW_INDEX for i in index)
+        for i in index:
+            if type(i) not in _VIEW_INDEX:
+                return False
+        return True
     return type(index) in _VIEW_INDEX
 
 
@@ -487,10 +489,10 @@ def _unknown(p: Program, s: Step, a: list, k: dict) -> None:
 # op -> its plain operator, called as fn(*args); op -> its runner, for everything else.
 _PLAIN: dict[str, Callable] = {
     **ops.BINARY, **ops.UNARY, "getitem": operator.getitem, "setitem": operator.setitem,
+    "augassign": _augassign,
 }
 _RUNNERS: dict[str, Callable] = {
     "save": _save,
-    "augassign": _augassign,
     "method": _method,
     "function": _function,
     "getattr": _getattr,
@@ -499,6 +501,9 @@ _RUNNERS: dict[str, Callable] = {
     "module.call": _module_call,
 }
 _WRITES = ops.IN_PLACE | {"setitem", "augassign"}
+# op -> (fn, run, writes) for Step: one lookup per node
+_HOW: dict[str, tuple] = {op: (_PLAIN.get(op), _RUNNERS.get(op, _unknown), op in _WRITES) for op in ops.ARITY}
+_UNKNOWN = (None, _unknown, False)
 
 
 # -- helpers -----------------------------------------------------------------------------------
