@@ -12,6 +12,10 @@ Both libraries run the same experiments on the same tiny random Llama (built int
 - reads:  empty plus N reads, each `module.output.save()` of a different module, in execution
           order: per layer input_layernorm, post_attention_layernorm, mlp, the layer (N <= 16).
 - edits:  empty plus N in-place edits `module.output[:] += 0.5` on the same modules.
+- programs: P single-read programs (one trace each, as P requests would send them) in ONE forward
+          through the engine's API (`run_programs` + `ForwardDriver.for_programs`, the replica's
+          batching path), minus a bare forward on the same P rows; `engine_programs_per_forward` is
+          its overhead at P = 16 over its overhead at P = 1.
 
 Per-read and per-edit overheads are least-squares slopes over N in {0, 4, 8, 16} (N = 0 is the
 empty trace). Every configuration is timed `--inner` times per round, its calls spread over the
@@ -47,6 +51,7 @@ import torch
 
 PROMPT = "The Eiffel Tower is in the city of"
 NS = (0, 4, 8, 16)  # numbers of reads / edits; 0 is the empty trace
+PROGRAMS = (1, 16)  # programs in one forward
 BLOCKS = 5  # ratios' min and max: over this many blocks of consecutive rounds
 EDIT = 0.5
 
@@ -99,6 +104,37 @@ def nn_edits(model, modules, n):
             m.output[:] += EDIT
         logits = model.lm_head.output.save()
     return logits
+
+
+def programs_call(rs, count: int) -> Callable[[], object]:
+    """`count` single-read programs (each `layers[1].output[:, -1].save()`) in one forward."""
+    from client_sdk.tracing import recording
+    from intervention.drivers import ForwardDriver
+    from intervention.engine import run_programs
+    from intervention.program import Program
+
+    with recording() as graph, rs.trace(PROMPT):
+        rs.model.layers[1].output[:, -1].save()
+    trace, module, tokenizer = graph.traces[0], rs.local_module, rs.tokenizer
+
+    def call():
+        programs = [Program(trace) for _ in range(count)]
+        run_programs(module, programs, ForwardDriver.for_programs(tokenizer, programs))
+        return [p.result() for p in programs]
+
+    return call
+
+
+def bare_rows(rs, count: int) -> Callable[[], object]:
+    """A bare forward on `count` copies of the prompt (the rows the programs' forward has)."""
+    module = rs.local_module
+    ids = dict(rs.tokenizer([PROMPT] * count, return_tensors="pt"))
+
+    def call():
+        with torch.no_grad():
+            module(**ids)
+
+    return call
 
 
 # -- setup -----------------------------------------------------------------------------------------
@@ -177,6 +213,9 @@ def configs(rs, nn) -> dict[str, Callable[[], object]]:
     for n in NS[1:]:  # edits 0 is reads 0: the empty trace
         out[f"raysight edits {n}"] = lambda n=n: rs_edits(rs, rs_mods, n)
         out[f"nnsight edits {n}"] = nn_call(nn_edits, n)
+    for p in PROGRAMS:
+        out[f"programs {p}"] = programs_call(rs, p)
+        out[f"bare rows {p}"] = bare_rows(rs, p)
     return out
 
 
@@ -231,6 +270,9 @@ def figures(per_round: list[dict[str, float]]) -> dict[str, dict[str, float]]:
             add(f"{lib}_per_read_us", slope(NS, [r[f"{lib} reads {n}"] for n in NS]) * 1e6)
             edits = [empty] + [r[f"{lib} edits {n}"] for n in NS[1:]]
             add(f"{lib}_per_edit_us", slope(NS, edits) * 1e6)
+    for p in PROGRAMS:
+        for r in per_round:
+            add(f"programs_{p}_overhead_ms", (r[f"programs {p}"] - r[f"bare rows {p}"]) * 1e3)
     figs = {
         k: {"median": statistics.median(v), "min": min(v), "max": max(v)} for k, v in derived.items()
     }
@@ -238,21 +280,24 @@ def figures(per_round: list[dict[str, float]]) -> dict[str, dict[str, float]]:
     # means little. The median is the ratio of the two medians; min and max are the extremes of
     # the same ratio over BLOCKS consecutive blocks of rounds (how much it moved during the run).
     n_blocks = max(1, min(BLOCKS, len(per_round) // 4))
+    figs["engine_programs_per_forward"] = ratio(
+        derived[f"programs_{PROGRAMS[-1]}_overhead_ms"], derived["programs_1_overhead_ms"], n_blocks
+    )
     for what, key in (("trace_overhead_ms", "engine_overhead_ratio_vs_nnsight"),
-                      ("per_read_us", "per_read_ratio_vs_nnsight"),
-                      ("per_edit_us", "per_edit_ratio_vs_nnsight")):
-        rs, nn = derived[f"raysight_{what}"], derived[f"nnsight_{what}"]
-        size = len(rs) // n_blocks
-        blocks = [
-            statistics.median(rs[i : i + size]) / statistics.median(nn[i : i + size])
-            for i in range(0, size * n_blocks, size)
-        ]
-        figs[key] = {
-            "median": statistics.median(rs) / statistics.median(nn),
-            "min": min(blocks),
-            "max": max(blocks),
-        }
+                      ("per_read_us", "engine_read_overhead_ratio_vs_nnsight"),
+                      ("per_edit_us", "engine_edit_overhead_ratio_vs_nnsight")):
+        figs[key] = ratio(derived[f"raysight_{what}"], derived[f"nnsight_{what}"], n_blocks)
     return figs
+
+
+def ratio(a: list[float], b: list[float], n_blocks: int) -> dict[str, float]:
+    """median(a) / median(b), with its extremes over `n_blocks` consecutive blocks of rounds."""
+    size = len(a) // n_blocks
+    blocks = [
+        statistics.median(a[i : i + size]) / statistics.median(b[i : i + size])
+        for i in range(0, size * n_blocks, size)
+    ]
+    return {"median": statistics.median(a) / statistics.median(b), "min": min(blocks), "max": max(blocks)}
 
 
 def table(figs: dict[str, dict[str, float]]) -> str:
@@ -273,9 +318,13 @@ def table(figs: dict[str, dict[str, float]]) -> str:
         lines.append(f"{label:28}{cell(figs[a]):>28}{cell(figs[b]):>28}")
     lines.append("")
     for label, key in (("per-trace overhead", "engine_overhead_ratio_vs_nnsight"),
-                       ("per read", "per_read_ratio_vs_nnsight"),
-                       ("per edit", "per_edit_ratio_vs_nnsight")):
+                       ("per read", "engine_read_overhead_ratio_vs_nnsight"),
+                       ("per edit", "engine_edit_overhead_ratio_vs_nnsight")):
         lines.append(f"raysight / nnsight, {label:20}{cell(figs[key]):>28}")
+    lines.append("")
+    for p in PROGRAMS:
+        lines.append(f"{p:2d} program(s) in one forward, overhead (ms){cell(figs[f'programs_{p}_overhead_ms']):>28}")
+    lines.append(f"{PROGRAMS[-1]} programs / 1, overhead{cell(figs['engine_programs_per_forward']):>45}")
     return "\n".join(lines)
 
 

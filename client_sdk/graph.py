@@ -71,11 +71,13 @@ class Graph:
     # every operation a trace records, and a shared helper call costs as much as those lines.
 
     def record(
-        self, op: str, args: list, kwargs: dict | None = None, result: bool = True, depth: int = 3
+        self, op: str, args: list, kwargs: dict | None = None, result: bool = True, depth: int = 3,
+        loc: Location | None = None,
     ) -> Proxy | None:
         """Record `op` on `args` (Python values: proxies, tensors, literals) in the open trace.
         Returns the proxy of its value (`result=False`: None, for ops whose value is None).
-        `depth`: frames from `user_location` up to the user's code, at the nearest."""
+        `depth`: frames from `user_location` up to the user's code, at the nearest; `loc`: the
+        location, when the caller knows it already."""
         tracer = self.tracer
         if tracer is None or self.done:
             self._closed(op, args)
@@ -83,7 +85,8 @@ class Graph:
             self._flush(self._pending)
         if op == "stop":  # nothing after a stop runs: what was written before it must be recorded
             self.flush_lazies()
-        loc = user_location(depth)  # user code -> a proxy's operator (or envoy, ...) -> record -> here
+        if loc is None:
+            loc = user_location(depth)  # user code -> a proxy's operator (or envoy, ...) -> record -> here
         try:  # `self.encode(args, loc)`, its fast path inline: this runs for every operation
             encoded = argcodec.encode_list(args, self._store_tensor, self._ref_of, Proxy)
         except argcodec.ArgError:
@@ -170,8 +173,9 @@ class Graph:
             lazy = item._lazy
             if lazy is not None and lazy[0] == "item" and lazy[1] is target and _same_index(lazy[2], index):
                 self._pending = None
-                # user code -> Proxy.__setitem__ -> assign_item -> record -> user_location
-                self.record("augassign", [target, index, op, other], result=False, depth=4)
+                # The in-place op's location: the same statement as this setitem in `x[i] += v`
+                # (for `t = x[i]; t += v; x[i] = t` the `+=` line), and no third frame walk.
+                self.record("augassign", [target, index, op, other], result=False, loc=pending._loc)
                 # Both are views of target[index] now; used later, each records that subscript.
                 item._lazy = pending._lazy = ("item", target, index, invoke, tracer, True)
                 return

@@ -99,11 +99,23 @@ class Step:
 
     def __init__(self, id: int, op: str, loc: Any, event: Event | None, refs: tuple[int, ...],
                  args: list, kwargs: dict, slots: tuple, nested: bool):
-        self.id, self.op, self.loc, self.event, self.refs = id, op, loc, event, refs
-        self.args, self.kwargs, self.slots, self.nested = args, kwargs, slots, nested
+        # One assignment each: a step is made per node of every trace, and unpacking tuples
+        # into several attributes at once costs more.
+        self.id = id
+        self.op = op
+        self.loc = loc
+        self.event = event
+        self.refs = refs
+        self.args = args
+        self.kwargs = kwargs
+        self.slots = slots
+        self.nested = nested
         # How it computes: `fn(*args)` for plain operators (most steps), else
         # `run(program, step, args, kwargs)`; `writes`: it edits a tensor in place.
-        self.fn, self.run, self.writes = _HOW.get(op, _UNKNOWN)
+        how = _HOW.get(op, _UNKNOWN)
+        self.fn = how[0]
+        self.run = how[1]
+        self.writes = how[2]
         # Code outside invokes written after invoke blocks runs after them: (thread, steps it
         # must have run) for each invoke thread with earlier nodes.
         self.after: list = _NONE
