@@ -41,6 +41,9 @@ from intervention.values import (
 
 Event = tuple[str, str, int]  # (module path, "input" | "output", call index)
 
+# Fired once the driver's model call has returned, with what it returned (`tracer.result`).
+RESULT_EVENT: Event = ("", "result", 0)
+
 
 class Interleaver(Protocol):
     """What a program needs of the interleaver running it (intervention.interleaver)."""
@@ -114,10 +117,11 @@ _SAVE_ARGS = [None]  # a save's template: its one argument is its reference, rea
 
 
 class Thread:
-    __slots__ = ("pos", "rows", "steps")
+    __slots__ = ("invoke", "pos", "rows", "steps")
 
-    def __init__(self, steps: list[Step]):
+    def __init__(self, steps: list[Step], invoke: int | None = None):
         self.steps = steps
+        self.invoke = invoke  # which invoke's rows it sees (None: code outside invokes)
         self.rows: Rows = None
         self.pos = 0
 
@@ -165,8 +169,8 @@ class Program:
         def rows(s: int, e: int) -> Rows:
             return None if (s, e, pos) == (0, batch, 0) else (start + s, start + e, pos)
 
-        for thread, (s, e) in zip(self.invoke_threads, spans, strict=False):
-            thread.rows = rows(s, e)
+        for thread in self.invoke_threads:  # invokes without code have no thread
+            thread.rows = rows(*spans[thread.invoke])
         if self.body is not None:
             self.body.rows = rows(0, total)
 
@@ -260,9 +264,20 @@ class Program:
             return
         for thread in self.threads:
             if thread.pos < len(thread.steps):
-                self._end(FAILED, _dangling(thread.steps[thread.pos], il))
+                step = thread.steps[thread.pos]
+                if self._past_last_step(step, il):
+                    continue
+                self._end(FAILED, _dangling(step, il))
                 return
         self._end(DONE)
+
+    def _past_last_step(self, step: Step, il: Interleaver) -> bool:
+        """A generation that ended (EOS) before the step this thread waits for: as in nnsight,
+        the thread ends there quietly, keeping what earlier steps saved; the rest of it (code
+        after the step loop included) does not run."""
+        if self.trace.kind != "generate" or step.event is None or step.event[2] == 0:
+            return False
+        return step.event not in il.fired and step.event[1] != "result"
 
     def fail(self, error: InterventionError) -> None:
         if self.running:
@@ -315,7 +330,7 @@ class Program:
 
     def _module_step(self, step: Step, rows: Rows, il: Interleaver) -> None:
         try:
-            if step.op in ops.MODULE_READS:  # a read's arguments are constants: nothing to bind
+            if step.op in ops.MODULE_READS or step.op == "result":  # constant arguments: nothing to bind
                 self.values[step.id] = self._read(step.op, rows, il)
             else:
                 args, _ = self._bind(step)
@@ -327,7 +342,7 @@ class Program:
             raise _failed(step, exc) from exc
 
     def _read(self, op: str, rows: Rows, il: Interleaver) -> Any:
-        if op == "module.output":
+        if op == "module.output" or op == "result":
             return narrow(il.current, rows, il.shape)
         args, kwargs = il.current
         if op == "module.inputs":
@@ -372,7 +387,9 @@ def _compile(
     for node in trace.nodes:
         op = node.op
         kind = event_kind.get(op)
-        if op in reads:  # the most common nodes: constant arguments, nothing to decode
+        if op == "result":  # no module to wrap: the engine fires it after the driver's call
+            step = Step(node.id, op, node.loc, RESULT_EVENT, (), [], {}, (), False)
+        elif op in reads:  # the most common nodes: constant arguments, nothing to decode
             a = node.args
             step = Step(node.id, op, node.loc, (a[0], kind, a[1]), (), a, {}, (), False)
             kinds = events.get(a[0])
@@ -404,7 +421,7 @@ def _compile(
         if steps is None:
             steps = by_invoke[node.invoke] = []
         steps.append(step)
-    threads = [Thread(by_invoke[i]) for i in sorted(k for k in by_invoke if k is not None)]
+    threads = [Thread(by_invoke[i], i) for i in sorted(k for k in by_invoke if k is not None)]
     body = None
     if None in by_invoke:
         body = Thread(by_invoke[None])
