@@ -77,6 +77,9 @@ def validate_session(
             check_order(trace, orders[trace.model])
 
 
+_EVENT_OPS = frozenset(ops.MODULE_READS | ops.MODULE_WRITES)  # ops whose args[1] is a call index
+
+
 def _check_forward_kwargs(trace: TraceIR) -> None:
     allowed, what = (GENERATE_KWARGS, "generate") if trace.kind == "generate" else (FORWARD_KWARGS, "forward")
     bad = set(trace.kwargs) - allowed
@@ -100,9 +103,9 @@ def _check_generate(trace: TraceIR, cap: int) -> None:
         value = trace.kwargs.get(name)
         if value is not None and type(value) is not int:
             raise ValidationError(f"generate's {name} must be an integer", trace.loc)
+    events = _EVENT_OPS
     for node in trace.nodes:
-        if node.op.startswith("module.") and node.op != "module.call" and type(node.args[1]) is int \
-                and node.args[1] >= n:
+        if node.op in events and type(node.args[1]) is int and node.args[1] >= n:
             raise ValidationError(
                 f"step {node.args[1]} does not exist: this generation has max_new_tokens={n} "
                 f"(steps 0-{n - 1})",

@@ -92,13 +92,14 @@ def test_generate_steering(cluster, llama: LanguageModel) -> None:
             away = layers[1].output[0, 1:].mean(dim=0).save()
     steer = 4.0 * (toward - away)
     confidence = []
-    with llama.generate("Yesterday I went to the", max_new_tokens=n) as tracer:
-        for _ in tracer.all():
-            layers[1].output[:, -1] += steer
-            confidence.append(llama.lm_head.output[0, -1].softmax(dim=-1).max().save())
-        steered = tracer.result.save()
-    with llama.generate("Yesterday I went to the", max_new_tokens=n) as tracer:
-        plain = tracer.result.save()
+    with llama.generate(max_new_tokens=n) as tracer:  # the example's batch: same numbers
+        with tracer.invoke("Yesterday I went to the"):
+            plain = tracer.result.save()
+        with tracer.invoke("Yesterday I went to the"):
+            for _ in tracer.all():
+                layers[1].output[:, -1] += steer
+                confidence.append(llama.lm_head.output[0, -1].softmax(dim=-1).max().save())
+            steered = tracer.result.save()
 
     assert f"layer 1, norm {steer.norm():.2f}" in out
     decode = llama.tokenizer.decode
