@@ -33,7 +33,8 @@ from intervention.program import RESULT_EVENT, Program, ProgramResult
 def run_programs(model: torch.nn.Module, programs: list[Program], driver: Any) -> None:
     """Run `programs` in one driver run of `model`. Each program ends done, stopped, failed or
     cancelled (see its `result()`); nothing raised here comes from a program."""
-    with Interleaver(model, programs, driver.shape) as il, torch.set_grad_enabled(driver.grad):
+    grad = driver.grad or any(p.needs_grad for p in programs)  # a backward in some program
+    with Interleaver(model, programs, driver.shape) as il, torch.set_grad_enabled(grad):
         for program in programs:
             if program.running:
                 program.advance(None, il)  # what needs no module: constants, client tensors

@@ -155,8 +155,12 @@ class Program:
         self.interleaver: Interleaver | None = None
         # module path -> the event kinds some step waits for ("input", "output")
         self.events: dict[str, set[str]] = {}
+        # Gradients: node id -> (the tensor whose .grad holds its gradient, rows), for the values
+        # some `grad` node asks for; the driver runs with grad mode on when any backward is there.
+        self.grad_sources: dict[int, tuple[torch.Tensor, Rows]] = {}
         self.invoke_threads, self.body = _compile(trace, self.tensors, self.events)
         self.threads = [*self.invoke_threads, *([self.body] if self.body else [])]
+        self.needs_grad = any(s.op == "backward" for t in self.threads for s in t.steps)
 
     # -- placement in the batch ----------------------------------------------------------------
 
@@ -332,6 +336,8 @@ class Program:
         try:
             if step.op in ops.MODULE_READS or step.op == "result":  # constant arguments: nothing to bind
                 self.values[step.id] = self._read(step.op, rows, il)
+            elif step.op == GRAD_READ:
+                self.values[step.id] = self._grad_read(step, rows, il)
             else:
                 args, _ = self._bind(step)
                 self._write(step.event[1], args[2], rows, il)
@@ -348,6 +354,24 @@ class Program:
         if op == "module.inputs":
             return narrow((tuple(args), kwargs), rows, il.shape)
         return narrow(first_input(args, kwargs), rows, il.shape)
+
+    def _grad_read(self, step: Step, rows: Rows, il: Interleaver) -> Any:
+        """A module output whose `.grad` is read later: make the gradient reach it. Weights are
+        frozen, so an output upstream of every other tracked value does not require grad: it is
+        replaced by a copy of a fresh leaf (a copy, so later in-place edits stay legal)."""
+        current = il.current
+        if not isinstance(current, torch.Tensor) or not current.is_floating_point():
+            raise ExecutionError(
+                f"'{step.event[0]}' output is not a floating-point tensor, so it has no gradient", step.loc
+            )
+        if current.requires_grad:
+            current.retain_grad()
+            source = current
+        else:
+            source = current.detach().requires_grad_()
+            il.current = current = source.clone()
+        self.grad_sources[step.id] = (source, rows)
+        return narrow(current, rows, il.shape)
 
     def _write(self, kind: str, value: Any, rows: Rows, il: Interleaver) -> None:
         if kind == "output":
@@ -371,6 +395,8 @@ class Program:
 
 
 # -- compiling -------------------------------------------------------------------------------------
+
+GRAD_READ = "module.output+grad"  # internal: a module.output read whose gradient is asked for
 
 
 def _compile(
@@ -421,6 +447,7 @@ def _compile(
         if steps is None:
             steps = by_invoke[node.invoke] = []
         steps.append(step)
+    _track_grads(trace, by_invoke)
     threads = [Thread(by_invoke[i], i) for i in sorted(k for k in by_invoke if k is not None)]
     body = None
     if None in by_invoke:
@@ -428,6 +455,58 @@ def _compile(
         for step in body.steps if threads else ():  # no invoke threads: nothing to wait for
             step.after = [(t, n) for t in threads if (n := sum(1 for x in t.steps if x.id < step.id))]
     return threads, body
+
+
+def _track_grads(trace: TraceIR, by_invoke: dict[int | None, list[Step]]) -> None:
+    """Steps whose value some `grad` node asks for keep their gradient: module output reads
+    become GRAD_READ steps, computed values retain theirs."""
+    wanted = {s.refs[0] for steps in by_invoke.values() for s in steps if s.op == "grad" and s.refs}
+    if not wanted:
+        return
+    for steps in by_invoke.values():
+        for step in steps:
+            if step.id not in wanted:
+                continue
+            if step.op == "module.output":
+                step.op = GRAD_READ
+            elif step.event is None:
+                step.run, step.fn = _retaining(step.fn, step.run), None
+
+
+def _retaining(fn: Callable | None, run: Callable) -> Callable:
+    def retaining(p: Program, s: Step, a: list, k: dict) -> Any:
+        value = fn(*a) if fn is not None else run(p, s, a, k)
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            value.retain_grad()
+            p.grad_sources[s.id] = (value, None)
+        return value
+
+    return retaining
+
+
+def _backward(p: Program, s: Step, a: list, k: dict) -> None:
+    loss = a[0]
+    if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+        raise ExecutionError(
+            "nothing to backpropagate: the loss depends on no value whose .grad this trace reads", s.loc
+        )
+    if loss.numel() != 1:
+        raise ExecutionError(f"backward() needs a single-number loss (e.g. .sum()), got shape {tuple(loss.shape)}", s.loc)
+    loss.backward()  # weights are frozen (requires_grad False): only activations get gradients
+
+
+def _grad(p: Program, s: Step, a: list, k: dict) -> Any:
+    source = p.grad_sources.get(s.refs[0]) if s.refs else None
+    grad = source[0].grad if source is not None else None
+    if grad is None:
+        raise ExecutionError(
+            "this value has no gradient: read .grad of a module output (or a value computed from one) "
+            "that the loss depends on, inside `with loss.backward():`",
+            s.loc,
+            code="no_gradient",
+        )
+    il = p.interleaver
+    return narrow(grad, source[1], il.shape) if il is not None else grad
 
 
 def _save(p: Program, s: Step, a: list, k: dict) -> None:
@@ -516,6 +595,8 @@ _RUNNERS: dict[str, Callable] = {
     "log": _log,
     "stop": _stop,
     "module.call": _module_call,
+    "backward": _backward,
+    "grad": _grad,
 }
 _WRITES = ops.IN_PLACE | {"setitem", "augassign"}
 # op -> (fn, run, writes) for Step: one lookup per node

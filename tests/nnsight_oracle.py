@@ -154,3 +154,24 @@ def trace_result(path: str, prompt: str) -> dict[str, Any]:
         logits = tracer.result.logits.save()
         last = tracer.result.logits[:, -1].argmax(dim=-1).save()
     return {"logits": logits, "last": last}
+
+
+# -- gradients (issue 10) --------------------------------------------------------------------------
+
+
+def attribution(path: str, prompt: str, layer: int) -> dict[str, Any]:
+    """Gradient of the top logit at the last position w.r.t. a layer's output and the MLP output
+    of the next layer; attribution patching's `(h * h.grad).sum(-1)`. Autograd on (no no_grad):
+    nnsight needs it, and its weights require grad (raysight's are frozen: same activation grads)."""
+    model = load(path)
+    blocks = layers(model)
+    with model.trace(prompt):
+        h = blocks[layer].output
+        m = blocks[layer + 1].mlp.output
+        logits = model.lm_head.output
+        loss = logits[0, -1].max()
+        with loss.backward():
+            g_m = m.grad.save()
+            g_h = h.grad.save()
+        attr = (h * g_h).sum(-1).save()
+    return {"g_h": g_h, "g_m": g_m, "attr": attr}

@@ -311,3 +311,92 @@ def test_unsupported_generate_argument_is_refused(llama) -> None:
     with pytest.raises(client_sdk.InterventionError, match="num_beams"), \
             llama.generate(P1, max_new_tokens=3, num_beams=2) as tracer:
         tracer.result.save()
+
+
+# -- 5. gradients ----------------------------------------------------------------------------------
+
+
+def test_gradients_and_attribution_match_nnsight(case, nnsight_mounted) -> None:
+    path, model = case
+    blocks = layers(model)
+    with model.trace(P1):
+        h = blocks[1].output
+        m = blocks[2].mlp.output
+        loss = model.lm_head.output[0, -1].max()
+        with loss.backward():
+            g_m = m.grad.save()
+            g_h = h.grad.save()
+        attr = (h * g_h).sum(-1).save()
+    want = oracle.attribution(path, P1, 1)
+    assert same(g_h, want["g_h"]) and same(g_m, want["g_m"]) and same(attr, want["attr"].detach())
+    assert not g_h.requires_grad and not attr.requires_grad  # plain tensors come back
+    assert all(p.grad is None for p in model.local_module.parameters())  # no weight gradients
+
+
+def test_gradient_is_what_autograd_gives_with_hooks(llama) -> None:
+    with llama.trace(P1):
+        h = llama.model.layers[2].output
+        h.requires_grad_()  # accepted (gradients of read values need no flag)
+        loss = llama.lm_head.output[0, -1].softmax(dim=-1)[42]
+        with loss.backward():
+            g = h.grad.save()
+
+    kept = {}
+
+    def keep(module, args, output):
+        output = output.detach().requires_grad_()
+        kept["h"] = output
+        return output
+
+    module = llama.local_module
+    handle = module.model.layers[2].register_forward_hook(keep)
+    try:
+        with torch.enable_grad():
+            out = module(**llama.tokenizer(P1, return_tensors="pt"))
+            out.logits[0, -1].softmax(dim=-1)[42].backward()
+    finally:
+        handle.remove()
+    assert torch.allclose(g, kept["h"].grad, atol=1e-7)
+
+
+def test_gradient_per_invoke_and_in_a_session(llama) -> None:
+    with llama.session():
+        with llama.trace() as tracer:
+            with tracer.invoke(P1):
+                h1 = llama.model.layers[1].output
+            with tracer.invoke(SHORT):
+                h2 = llama.model.layers[1].output
+            with tracer.invoke():
+                loss = llama.lm_head.output[:, -1].max(dim=-1).values.sum()
+                with loss.backward():
+                    g1, g2 = h1.grad.save(), h2.grad.save()
+                    direction = h1.grad[0, -1]  # not saved: used by the next trace
+        with llama.trace(SHORT):
+            llama.model.layers[1].output[0, -1] += direction
+            steered = llama.lm_head.output[0, -1].save()
+    assert g1.shape[0] == 1 and g2.shape[0] == 1 and not torch.equal(g1, g2)
+    with llama.trace(SHORT):
+        plain = llama.lm_head.output[0, -1].save()
+    assert not torch.equal(steered, plain)
+
+
+def test_gradient_errors_name_the_line(llama) -> None:
+    with pytest.raises(TracingError, match="inside `with loss.backward") as info, llama.trace(P1):
+        llama.model.layers[1].output.grad.save()  # the line
+    assert info.value.location[2].endswith("# the line")
+    with pytest.raises(TracingError, match="not in a generation"), llama.generate(P1, max_new_tokens=2):
+        llama.lm_head.output.sum().backward()
+    with pytest.raises(client_sdk.ExecutionError, match="has no gradient") as info, llama.trace(P1):
+        early = llama.model.layers[0].output
+        late = llama.model.layers[1].output
+        loss = early.sum()
+        with loss.backward():
+            early.grad.save()
+            late.grad.save()  # the line: the loss does not depend on it
+    assert info.value.code == "no_gradient"
+    assert info.value.location[2].endswith("# the line: the loss does not depend on it")
+    with pytest.raises(client_sdk.ExecutionError, match="nothing to backpropagate"), llama.trace(P1):
+        early = llama.model.layers[0].output
+        late = llama.model.layers[1].output
+        with early.sum().backward():  # frozen weights, no tracked value before it: no graph
+            late.grad.save()
