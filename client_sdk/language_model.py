@@ -13,6 +13,8 @@ from typing import Any
 import torch
 
 from client_sdk.envoy import Envoy
+from client_sdk.location import user_location
+from client_sdk.proxy import TracingError
 from client_sdk.remote import fetch_model_info, tokenizer_dir
 from client_sdk.tracing import Session, Tracer
 from intervention.module_tree import module_tree
@@ -36,6 +38,27 @@ class LanguageModel:
     def trace(self, input: Any = None, *, remote: bool = False, blocking: bool = True, **kwargs: Any) -> Tracer:
         """One forward pass on `input` (a prompt, prompts, or token ids); `**kwargs` go to forward."""
         return Tracer(self, input, remote, blocking, kwargs)
+
+    def generate(
+        self,
+        input: Any = None,
+        *,
+        max_new_tokens: int = 20,
+        remote: bool = False,
+        blocking: bool = True,
+        seed: int | None = None,
+        **kwargs: Any,
+    ) -> Tracer:
+        """One HF `generate` on `input`: the block's reads and edits bind to step 0 (the prompt's
+        forward) unless a `for step in tracer.iter[...]` loop binds them to other steps;
+        `tracer.result` is the generated token ids. `**kwargs` go to `generate` (do_sample,
+        temperature, top_k, top_p, ...); `seed` seeds sampling, so a run is repeatable."""
+        if type(max_new_tokens) is not int or max_new_tokens < 1:
+            raise TracingError(f"max_new_tokens must be an integer >= 1, not {max_new_tokens!r}", user_location())
+        kwargs["max_new_tokens"] = max_new_tokens
+        if seed is not None:
+            kwargs["seed"] = seed
+        return Tracer(self, input, remote, blocking, kwargs, kind="generate")
 
     def session(self, remote: bool = False, blocking: bool = True) -> Session:
         return Session(remote=remote, blocking=blocking)

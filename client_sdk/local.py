@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import weakref
 from typing import Any
 
@@ -34,7 +35,9 @@ class LocalBackend:
                 )
         paths = {name: _module_paths(graph.models[name]) for name in used}
         orders = {name: graph.models[name].module_order for name in used}
-        validate_session(session, graph.tensors, paths, orders=orders, recorded=True)
+        # The cap on generation length protects a shared server; locally the user's machine is theirs.
+        caps = dict.fromkeys(used, sys.maxsize)
+        validate_session(session, graph.tensors, paths, orders=orders, recorded=True, max_new_tokens=caps)
 
         def load(name: str):
             model = graph.models[name]

@@ -8,7 +8,7 @@ iterating) raises an error that says what to do instead.
 
 from __future__ import annotations
 
-from typing import Any, NoReturn, Protocol
+from typing import Any, NoReturn, Protocol, Self
 
 import torch
 
@@ -141,6 +141,8 @@ class Proxy:
             raise AttributeError(name)
         if name in ops.TENSOR_METHODS:
             return _Method(self, name)
+        if name in _GRADIENTS:
+            return _GRADIENTS[name](self)
         if name not in _FIELDS and callable(getattr(torch.Tensor, name, None)):
             # Say so at this line, not "not callable" now or an execution error later.
             raise TracingError(
@@ -182,6 +184,50 @@ class _Method:
 
     def __call__(self, *args, **kwargs) -> Proxy:
         return self.proxy._graph.record("method", [self.name, self.proxy, *args], kwargs)
+
+
+class Backward:
+    """`with loss.backward():` — backpropagate `loss` to the activations at this point of the trace;
+    in the block (and after it, in the same trace) `value.grad` is the gradient of a module output
+    read earlier, or of a value computed from one. Weights stay frozen: no weight gradients."""
+
+    def __init__(self, loss: Proxy):
+        self.loss = loss
+        loss._graph.record("backward", [loss], result=False)
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc: object) -> bool:
+        return False
+
+
+def _grad(proxy: Proxy) -> Proxy:
+    tracer = getattr(proxy._graph, "tracer", None)
+    if tracer is None or not any(n.op == "backward" for n in tracer.ir.nodes):
+        raise TracingError(
+            ".grad exists once a backward has run: read it inside `with loss.backward():` in the same trace",
+            proxy._graph.location_now(),
+        )
+    return proxy._graph.record("grad", [proxy])
+
+
+def _backward(proxy: Proxy):
+    tracer = getattr(proxy._graph, "tracer", None)
+    if tracer is not None and getattr(tracer, "kind", "forward") == "generate":
+        raise TracingError(
+            "backward() works in a trace, not in a generation (HF generate runs without gradients)",
+            proxy._graph.location_now(),
+        )
+    return lambda: Backward(proxy)
+
+
+# Gradients need no flag on the client: a value whose .grad is read gets one on the server.
+_GRADIENTS = {
+    "grad": _grad,
+    "backward": _backward,
+    "requires_grad_": lambda proxy: lambda requires_grad=True: proxy,
+}
 
 
 def _graph_of(args, kwargs) -> Recorder:

@@ -75,16 +75,20 @@ class Session:
 
 
 class Tracer:
-    """`with model.trace(input) as tracer:` — one forward pass. Outside a session it is a session
-    of one trace (non-blocking: `tracer.id`, `.status()`, `.result()`, `.cancel()`)."""
+    """`with model.trace(input) as tracer:` — one forward pass; `with model.generate(input,
+    max_new_tokens=N) as tracer:` — one generation, where `for step in tracer.iter[...]` binds the
+    loop body to those steps. Outside a session it is a session of one trace (non-blocking:
+    `tracer.id`, `.status()`, `.result()`, `.cancel()`)."""
 
-    def __init__(self, model: Any, input: Any, remote: bool, blocking: bool, kwargs: dict):
+    def __init__(self, model: Any, input: Any, remote: bool, blocking: bool, kwargs: dict, kind: str = "forward"):
         self.model = model
         self.input = input
         self.kwargs = kwargs
+        self.kind = kind
         self.remote, self.blocking = remote, blocking
         self.invoke_index: int | None = None
-        self.call_index = 0  # which call of a module a read binds to
+        self.in_invoke = False  # an invoke block is open (with an input or without)
+        self.call_index = 0  # which call of a module a read binds to: the step in step loops
         self.session: Session | None = None  # the session this trace records into
         self.owns_session = False
         self.ir: TraceIR | None = None
@@ -106,7 +110,8 @@ class Tracer:
         if graph.tracer is not None:
             raise TracingError("traces cannot be nested", user_location())
         loc = user_location()
-        self.ir = TraceIR(model=graph.model_name(self.model), kwargs=graph.encode(self.kwargs, loc), loc=loc)
+        self.ir = TraceIR(model=graph.model_name(self.model), kind=self.kind,
+                          kwargs=graph.encode(self.kwargs, loc), loc=loc)
         if self.input is not None:
             self.ir.invokes.append(Invoke(input=graph.encode(self.input, loc)))
         graph.traces.append(self.ir)
@@ -117,7 +122,7 @@ class Tracer:
         if exc is None:
             self.graph.flush_lazies()  # what was deferred runs in this trace
         self.graph.tracer = None
-        if exc is None and not self.ir.invokes:
+        if exc is None and all(i.input is None for i in self.ir.invokes):
             exc = TracingError("this trace has no input: pass a prompt to trace() or use tracer.invoke()", self.ir.loc)
             if self.owns_session:
                 _exit(self.session, exc, None)
@@ -126,15 +131,46 @@ class Tracer:
             _exit(self.session, exc, sys._getframe(1))
         return False
 
-    def invoke(self, input: Any) -> Invoker:
-        """Add `input` to this trace's batch; code in the block sees only its rows."""
+    def invoke(self, input: Any = None) -> Invoker:
+        """Add `input` to this trace's batch; code in the block sees only its rows. Without an
+        input, code in the block sees the whole batch (every invoke's rows)."""
         return Invoker(self, input)
 
     def stop(self) -> None:
-        """Stop this trace here: the rest of its forward pass does not run."""
+        """Stop this trace here: the rest of its forward pass (or generation) does not run."""
         self.graph.record("stop", ["trace"])
 
-    # A non-blocking trace outside a session: its session's handle.
+    @property
+    def result(self) -> Any:
+        """Inside the block: what the model call returned, once it has (for a trace the model's
+        output: `.logits`, ...; for a generation the token ids, prompt and new tokens); `.save()`
+        it to keep it. After a non-blocking block: `tracer.result()` waits for the request."""
+        if self.session is not None and self.graph.tracer is self:
+            return self.graph.record("result", [])
+        return self._wait
+
+    @property
+    def iter(self) -> Steps:
+        """`for step in tracer.iter[0:3]:` (also `iter[i]`, `iter[[0, 2]]`, open-ended `iter[1:]`):
+        the loop body runs once per selected generation step, its reads and edits bound to that
+        step (a module's k-th call)."""
+        self._recording("tracer.iter")
+        if self.kind != "generate":
+            raise TracingError(
+                "tracer.iter selects generation steps: use it inside `with model.generate(...)`, not a trace",
+                user_location(),
+            )
+        return Steps(self)
+
+    def all(self) -> Steps:
+        """Every generation step: `for step in tracer.all():` (same as `tracer.iter[:]`)."""
+        return self.iter[:]
+
+    def _recording(self, what: str) -> None:
+        if self.session is None or self.graph.tracer is not self:
+            raise TracingError(f"{what} must be used inside its `with` block", user_location())
+
+    # A non-blocking trace outside a session: its session's handle (`tracer.result()` waits).
     @property
     def id(self) -> str:
         return self.session.id
@@ -142,7 +178,7 @@ class Tracer:
     def status(self) -> dict:
         return self.session.status()
 
-    def result(self) -> dict[int, Any]:
+    def _wait(self) -> dict[int, Any]:
         """Wait for the result; saved names in the caller's scope then hold their values."""
         return self.session._result(sys._getframe(1))
 
@@ -156,15 +192,68 @@ class Invoker:
 
     def __enter__(self) -> Self:
         tracer = self.tracer
-        if tracer.invoke_index is not None:
+        if tracer.in_invoke:
             raise TracingError("invokes cannot be nested", user_location())
-        tracer.ir.invokes.append(Invoke(input=tracer.graph.encode(self.input, user_location())))
+        tracer.in_invoke = True
+        # Without an input, the invoke adds no rows and its code sees the whole batch (nnsight's
+        # input-less invoke): a thread of its own, like any invoke.
+        value = None if self.input is None else tracer.graph.encode(self.input, user_location())
+        tracer.ir.invokes.append(Invoke(input=value))
         tracer.invoke_index = len(tracer.ir.invokes) - 1
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         self.tracer.invoke_index = None
+        self.tracer.in_invoke = False
         return False
+
+
+class Steps:
+    """A selection of generation steps (`tracer.iter[...]`): iterating it yields each step index
+    with the tracer's call index set to it, so the loop body, recorded once per step, binds its
+    reads and edits to that step. Open-ended selections end at max_new_tokens."""
+
+    def __init__(self, tracer: Tracer, start: int = 0, stop: int | None = None, steps: list[int] | None = None):
+        self.tracer, self.start, self.stop, self.steps = tracer, start, stop, steps
+
+    def __getitem__(self, key: int | slice | list[int]) -> Steps:
+        if isinstance(key, slice):
+            if key.step not in (None, 1):
+                return Steps(self.tracer, steps=list(range(key.start or 0, self._bound(key.stop), key.step)))
+            return Steps(self.tracer, key.start or 0, key.stop)
+        if isinstance(key, (list, tuple)):
+            return Steps(self.tracer, steps=list(key))
+        if isinstance(key, int) and not isinstance(key, bool):
+            return Steps(self.tracer, key, key + 1)
+        raise TracingError(f"tracer.iter takes a step, a slice or a list of steps, not {key!r}", user_location())
+
+    def _bound(self, stop: int | None) -> int:
+        n = self.tracer.kwargs.get("max_new_tokens")
+        if stop is None:
+            if n is None:
+                raise TracingError("an open-ended tracer.iter[...] or tracer.all() needs max_new_tokens", user_location())
+            return n
+        return stop
+
+    def __iter__(self) -> Iterator[int]:
+        tracer = self.tracer
+        steps = self.steps if self.steps is not None else range(self.start, self._bound(self.stop))
+        n = tracer.kwargs.get("max_new_tokens")
+        for step in steps:
+            if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+                raise TracingError(f"a generation step must be an integer >= 0, not {step!r}", user_location())
+            if n is not None and step >= n:
+                raise TracingError(
+                    f"step {step} does not exist: this generation has max_new_tokens={n} (steps 0-{n - 1})",
+                    user_location(),
+                )
+        previous = tracer.call_index
+        try:
+            for step in steps:
+                tracer.call_index = step
+                yield step
+        finally:
+            tracer.call_index = previous
 
 
 # -- running the outermost block ---------------------------------------------------------------

@@ -1,11 +1,13 @@
 """Drivers: how the model is called for one run of the engine.
 
 A driver owns the model call and its inputs: `ForwardDriver` is one forward pass on a batch that
-stacks every program's rows, where a module's k-th call in that forward is call k. The shape
-admits more: a generate driver calls the model many times (module call k is step k), and a
-backward runs inside a program's step with grad mode on (`grad`), its gradients arriving as events
+stacks every program's rows, where a module's k-th call in that forward is call k.
+`GenerateDriver` calls HF `generate` on the same batch: with the KV cache every decoding step calls
+each module once, so a module's k-th call is step k (step 0 reads the whole prompt). A backward
+would run inside a program's step with grad mode on (`grad`), its gradients arriving as events
 too. Whatever the driver, the interleaver turns module calls into events and programs consume
-them; the driver never looks inside a program.
+them; the driver never looks inside a program. `run` returns what the model call returned: the
+engine hands it to programs as the result event (`tracer.result`).
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ class ForwardDriver:
 
     grad = False  # interventions read and edit activations; nothing here needs autograd
 
-    def __init__(self, batch: Batch, kwargs: dict[str, Any]):
+    def __init__(self, batch: Batch, kwargs: dict[str, Any], pad: int = 0):
         self.batch = batch
         self.kwargs = kwargs
+        self.pad = pad
         self.shape = Shape(batch.size, batch.width)
 
     @classmethod
@@ -52,12 +55,39 @@ class ForwardDriver:
             for program in placed:
                 program.fail(ValidationError(str(exc), program.trace.loc))
             return None
-        batch = stack(parts, pad_id(tokenizer))
+        pad = pad_id(tokenizer)
+        batch = stack(parts, pad)
         for program, start, spans, pos in zip(placed, batch.starts, batch.spans, batch.pos, strict=True):
             program.place(start, spans, batch.size, pos)
-        return cls(batch, kwargs)
+        return cls(batch, kwargs, pad)
 
-    def run(self, model: torch.nn.Module, il: Interleaver) -> None:
+    def run(self, model: torch.nn.Module, il: Interleaver) -> Any:
         device = first_device(model)
         inputs = {k: v.to(device) for k, v in self.batch.kwargs.items()}
-        model(**inputs, **self.kwargs)
+        return model(**inputs, **self.kwargs)
+
+
+class GenerateDriver(ForwardDriver):
+    """HF `generate` on the stacked rows: module call k is decoding step k. Returns the token ids
+    (prompt and new tokens, left-padded rows as in the batch)."""
+
+    def run(self, model: torch.nn.Module, il: Interleaver) -> Any:
+        device = first_device(model)
+        # generate derives positions from the attention mask itself, step after step
+        inputs = {k: self.batch.kwargs[k].to(device) for k in ("input_ids", "attention_mask")}
+        kwargs = dict(self.kwargs)
+        seed = kwargs.pop("seed", None)
+        kwargs.setdefault("pad_token_id", self.pad)
+        # A user's seed makes sampling reproducible (same tokens locally and on a replica); the
+        # process's own random state is left as it was.
+        devices = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices, enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            return model.generate(**inputs, **kwargs)
+
+
+def driver_for(tokenizer: Any, programs: list[Program]) -> ForwardDriver | None:
+    """The driver for programs of one kind (they share a run only if their kinds and kwargs match)."""
+    kind = GenerateDriver if programs and programs[0].trace.kind == "generate" else ForwardDriver
+    return kind.for_programs(tokenizer, programs)

@@ -23,23 +23,28 @@ from typing import Any
 
 import torch
 
-from intervention.drivers import ForwardDriver
+from intervention.drivers import driver_for
 from intervention.errors import ExecutionError, InterventionError
 from intervention.interleaver import Ended, Interleaver
 from intervention.ir import TraceIR
-from intervention.program import Program, ProgramResult
+from intervention.program import RESULT_EVENT, Program, ProgramResult
 
 
 def run_programs(model: torch.nn.Module, programs: list[Program], driver: Any) -> None:
     """Run `programs` in one driver run of `model`. Each program ends done, stopped, failed or
     cancelled (see its `result()`); nothing raised here comes from a program."""
-    with Interleaver(model, programs, driver.shape) as il, torch.set_grad_enabled(driver.grad):
+    grad = driver.grad or any(p.needs_grad for p in programs)  # a backward in some program
+    with Interleaver(model, programs, driver.shape) as il, torch.set_grad_enabled(grad):
         for program in programs:
             if program.running:
                 program.advance(None, il)  # what needs no module: constants, client tensors
         if any(p.running for p in programs):
             try:
-                driver.run(model, il)
+                output = driver.run(model, il)
+                if any(p.running for p in programs):
+                    il.current = output  # `tracer.result`: what the model call returned
+                    il.fire(RESULT_EVENT)
+                    il.current = None
             except Ended:
                 pass  # every program ended early: the rest of the model's work is not needed
             except Exception as exc:  # noqa: BLE001 - the model itself failed, likely from an edit
@@ -50,8 +55,9 @@ def run_programs(model: torch.nn.Module, programs: list[Program], driver: Any) -
 
 
 def run_forward(model: torch.nn.Module, tokenizer: Any, programs: list[Program]) -> None:
-    """Run `programs` in one forward pass on their stacked inputs."""
-    driver = ForwardDriver.for_programs(tokenizer, programs)
+    """Run `programs` in one driver run on their stacked inputs: one forward pass, or one
+    `generate` for generation traces."""
+    driver = driver_for(tokenizer, programs)
     if driver is not None:
         run_programs(model, programs, driver)
 

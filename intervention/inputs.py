@@ -55,10 +55,16 @@ def token_rows(tokenizer: Any, value: Any) -> Rows:
 
 
 def trace_rows(tokenizer: Any, trace: TraceIR, tensors: dict[str, torch.Tensor]) -> tuple[Rows, list[tuple[int, int]]]:
-    """A trace's rows, and which of them each invoke owns."""
+    """A trace's rows, and which of them each invoke owns. An invoke without an input (None)
+    adds no rows and owns them all: its code sees the whole batch."""
     rows: Rows = []
     spans: list[tuple[int, int]] = []
+    whole: list[int] = []
     for invoke in trace.invokes:
+        if invoke.input is None:
+            whole.append(len(spans))
+            spans.append((0, 0))
+            continue
         try:
             new = token_rows(tokenizer, decode(invoke.input, no_refs, tensors))
         except (ValueError, ArgError) as exc:
@@ -67,6 +73,8 @@ def trace_rows(tokenizer: Any, trace: TraceIR, tensors: dict[str, torch.Tensor])
         rows.extend(new)
     if not rows:
         raise ValidationError("this trace has no input: pass a prompt to trace() or use invoke()", trace.loc)
+    for i in whole:
+        spans[i] = (0, len(rows))
     return rows, spans
 
 

@@ -65,9 +65,9 @@ class Interleaver:
             for path, kinds in wanted.items():
                 module = self._module_for(path)
                 if module is not None:
-                    self._wrap(module, self._event_forward(path, module.forward, kinds))
+                    self._wrap(module, self._event_forward(path, module.forward, kinds), module.forward)
             for module in repeated_blocks(self.model):
-                self._wrap(module, self._checkpoint_forward(module.forward))
+                self._wrap(module, self._checkpoint_forward(module.forward), module.forward)
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -84,7 +84,9 @@ class Interleaver:
         for program in self.programs:
             program.interleaver = None
 
-    def _wrap(self, module: torch.nn.Module, forward: Callable) -> None:
+    def _wrap(self, module: torch.nn.Module, forward: Callable, original: Callable) -> None:
+        # `generate` inspects the signature of `forward` to choose the arguments it passes
+        forward.__wrapped__ = original
         self._restore.append((module, module.__dict__.get("forward", _MISSING)))
         module.__dict__["forward"] = forward
 

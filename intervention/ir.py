@@ -52,7 +52,8 @@ class Node:
 @dataclass(slots=True)
 class Invoke:
     """One input of a batched forward. `input` is a prompt, a list of prompts, token ids
-    (list or nested list of ints), or a tensor-blob argument."""
+    (list or nested list of ints), or a tensor-blob argument; None: an input-less invoke, which
+    adds no rows and whose code sees the whole batch."""
 
     __pydantic_config__ = _STRICT
 
@@ -64,9 +65,11 @@ class TraceIR:
     __pydantic_config__ = _STRICT
 
     model: str
-    kind: Literal["forward"] = "forward"  # "generate" is the next kind; new kinds, not new meanings
+    # "forward": one forward pass; "generate": HF `generate`, where a module's k-th call is step k.
+    # New kinds, not new meanings.
+    kind: Literal["forward", "generate"] = "forward"
     invokes: list[Invoke] = field(default_factory=list)
-    kwargs: dict[str, Any] = field(default_factory=dict)  # forward kwargs, JSON args
+    kwargs: dict[str, Any] = field(default_factory=dict)  # forward (or generate) kwargs, JSON args
     nodes: list[Node] = field(default_factory=list)
     loc: Location | None = None
 

@@ -27,6 +27,9 @@ ARITY: dict[str, tuple[int, int | None]] = {
     "module.set_output": (3, 3),  # path, call index, value
     "module.set_input": (3, 3),
     "module.call": (1, None),  # path, *args
+    "result": (0, 0),
+    "backward": (1, 1),  # loss: backpropagate to the activations (weights stay frozen)
+    "grad": (1, 1),  # value: its gradient, once a backward has run  # what the model call returned (generate: the token ids), after the run
     "save": (1, 1),
     "log": (0, None),
     "stop": (1, 1),  # "trace" | "session"

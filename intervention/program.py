@@ -41,6 +41,9 @@ from intervention.values import (
 
 Event = tuple[str, str, int]  # (module path, "input" | "output", call index)
 
+# Fired once the driver's model call has returned, with what it returned (`tracer.result`).
+RESULT_EVENT: Event = ("", "result", 0)
+
 
 class Interleaver(Protocol):
     """What a program needs of the interleaver running it (intervention.interleaver)."""
@@ -126,10 +129,11 @@ _SAVE_ARGS = [None]  # a save's template: its one argument is its reference, rea
 
 
 class Thread:
-    __slots__ = ("pos", "rows", "steps")
+    __slots__ = ("invoke", "pos", "rows", "steps")
 
-    def __init__(self, steps: list[Step]):
+    def __init__(self, steps: list[Step], invoke: int | None = None):
         self.steps = steps
+        self.invoke = invoke  # which invoke's rows it sees (None: code outside invokes)
         self.rows: Rows = None
         self.pos = 0
 
@@ -163,8 +167,12 @@ class Program:
         self.interleaver: Interleaver | None = None
         # module path -> the event kinds some step waits for ("input", "output")
         self.events: dict[str, set[str]] = {}
+        # Gradients: node id -> (the tensor whose .grad holds its gradient, rows), for the values
+        # some `grad` node asks for; the driver runs with grad mode on when any backward is there.
+        self.grad_sources: dict[int, tuple[torch.Tensor, Rows]] = {}
         self.invoke_threads, self.body = _compile(trace, self.tensors, self.events)
         self.threads = [*self.invoke_threads, *([self.body] if self.body else [])]
+        self.needs_grad = any(s.op == "backward" for t in self.threads for s in t.steps)
 
     # -- placement in the batch ----------------------------------------------------------------
 
@@ -177,8 +185,8 @@ class Program:
         def rows(s: int, e: int) -> Rows:
             return None if (s, e, pos) == (0, batch, 0) else (start + s, start + e, pos)
 
-        for thread, (s, e) in zip(self.invoke_threads, spans, strict=False):
-            thread.rows = rows(s, e)
+        for thread in self.invoke_threads:  # invokes without code have no thread
+            thread.rows = rows(*spans[thread.invoke])
         if self.body is not None:
             self.body.rows = rows(0, total)
 
@@ -272,9 +280,20 @@ class Program:
             return
         for thread in self.threads:
             if thread.pos < len(thread.steps):
-                self._end(FAILED, _dangling(thread.steps[thread.pos], il))
+                step = thread.steps[thread.pos]
+                if self._past_last_step(step, il):
+                    continue
+                self._end(FAILED, _dangling(step, il))
                 return
         self._end(DONE)
+
+    def _past_last_step(self, step: Step, il: Interleaver) -> bool:
+        """A generation that ended (EOS) before the step this thread waits for: as in nnsight,
+        the thread ends there quietly, keeping what earlier steps saved; the rest of it (code
+        after the step loop included) does not run."""
+        if self.trace.kind != "generate" or step.event is None or step.event[2] == 0:
+            return False
+        return step.event not in il.fired and step.event[1] != "result"
 
     def fail(self, error: InterventionError) -> None:
         if self.running:
@@ -327,8 +346,10 @@ class Program:
 
     def _module_step(self, step: Step, rows: Rows, il: Interleaver) -> None:
         try:
-            if step.op in ops.MODULE_READS:  # a read's arguments are constants: nothing to bind
+            if step.op in ops.MODULE_READS or step.op == "result":  # constant arguments: nothing to bind
                 self.values[step.id] = self._read(step.op, rows, il)
+            elif step.op == GRAD_READ:
+                self.values[step.id] = self._grad_read(step, rows, il)
             else:
                 args, _ = self._bind(step)
                 self._write(step.event[1], args[2], rows, il)
@@ -339,12 +360,30 @@ class Program:
             raise _failed(step, exc) from exc
 
     def _read(self, op: str, rows: Rows, il: Interleaver) -> Any:
-        if op == "module.output":
+        if op == "module.output" or op == "result":
             return narrow(il.current, rows, il.shape)
         args, kwargs = il.current
         if op == "module.inputs":
             return narrow((tuple(args), kwargs), rows, il.shape)
         return narrow(first_input(args, kwargs), rows, il.shape)
+
+    def _grad_read(self, step: Step, rows: Rows, il: Interleaver) -> Any:
+        """A module output whose `.grad` is read later: make the gradient reach it. Weights are
+        frozen, so an output upstream of every other tracked value does not require grad: it is
+        replaced by a copy of a fresh leaf (a copy, so later in-place edits stay legal)."""
+        current = il.current
+        if not isinstance(current, torch.Tensor) or not current.is_floating_point():
+            raise ExecutionError(
+                f"'{step.event[0]}' output is not a floating-point tensor, so it has no gradient", step.loc
+            )
+        if current.requires_grad:
+            current.retain_grad()
+            source = current
+        else:
+            source = current.detach().requires_grad_()
+            il.current = current = source.clone()
+        self.grad_sources[step.id] = (source, rows)
+        return narrow(current, rows, il.shape)
 
     def _write(self, kind: str, value: Any, rows: Rows, il: Interleaver) -> None:
         if kind == "output":
@@ -369,6 +408,8 @@ class Program:
 
 # -- compiling -------------------------------------------------------------------------------------
 
+GRAD_READ = "module.output+grad"  # internal: a module.output read whose gradient is asked for
+
 
 def _compile(
     trace: TraceIR, tensors: dict[str, torch.Tensor], events: dict[str, set[str]]
@@ -384,7 +425,9 @@ def _compile(
     for node in trace.nodes:
         op = node.op
         kind = event_kind.get(op)
-        if op in reads:  # the most common nodes: constant arguments, nothing to decode
+        if op == "result":  # no module to wrap: the engine fires it after the driver's call
+            step = Step(node.id, op, node.loc, RESULT_EVENT, (), [], {}, (), False)
+        elif op in reads:  # the most common nodes: constant arguments, nothing to decode
             a = node.args
             step = Step(node.id, op, node.loc, (a[0], kind, a[1]), (), a, {}, (), False)
             kinds = events.get(a[0])
@@ -416,13 +459,66 @@ def _compile(
         if steps is None:
             steps = by_invoke[node.invoke] = []
         steps.append(step)
-    threads = [Thread(by_invoke[i]) for i in sorted(k for k in by_invoke if k is not None)]
+    _track_grads(trace, by_invoke)
+    threads = [Thread(by_invoke[i], i) for i in sorted(k for k in by_invoke if k is not None)]
     body = None
     if None in by_invoke:
         body = Thread(by_invoke[None])
         for step in body.steps if threads else ():  # no invoke threads: nothing to wait for
             step.after = [(t, n) for t in threads if (n := sum(1 for x in t.steps if x.id < step.id))]
     return threads, body
+
+
+def _track_grads(trace: TraceIR, by_invoke: dict[int | None, list[Step]]) -> None:
+    """Steps whose value some `grad` node asks for keep their gradient: module output reads
+    become GRAD_READ steps, computed values retain theirs."""
+    wanted = {s.refs[0] for steps in by_invoke.values() for s in steps if s.op == "grad" and s.refs}
+    if not wanted:
+        return
+    for steps in by_invoke.values():
+        for step in steps:
+            if step.id not in wanted:
+                continue
+            if step.op == "module.output":
+                step.op = GRAD_READ
+            elif step.event is None:
+                step.run, step.fn = _retaining(step.fn, step.run), None
+
+
+def _retaining(fn: Callable | None, run: Callable) -> Callable:
+    def retaining(p: Program, s: Step, a: list, k: dict) -> Any:
+        value = fn(*a) if fn is not None else run(p, s, a, k)
+        if isinstance(value, torch.Tensor) and value.requires_grad:
+            value.retain_grad()
+            p.grad_sources[s.id] = (value, None)
+        return value
+
+    return retaining
+
+
+def _backward(p: Program, s: Step, a: list, k: dict) -> None:
+    loss = a[0]
+    if not isinstance(loss, torch.Tensor) or not loss.requires_grad:
+        raise ExecutionError(
+            "nothing to backpropagate: the loss depends on no value whose .grad this trace reads", s.loc
+        )
+    if loss.numel() != 1:
+        raise ExecutionError(f"backward() needs a single-number loss (e.g. .sum()), got shape {tuple(loss.shape)}", s.loc)
+    loss.backward()  # weights are frozen (requires_grad False): only activations get gradients
+
+
+def _grad(p: Program, s: Step, a: list, k: dict) -> Any:
+    source = p.grad_sources.get(s.refs[0]) if s.refs else None
+    grad = source[0].grad if source is not None else None
+    if grad is None:
+        raise ExecutionError(
+            "this value has no gradient: read .grad of a module output (or a value computed from one) "
+            "that the loss depends on, inside `with loss.backward():`",
+            s.loc,
+            code="no_gradient",
+        )
+    il = p.interleaver
+    return narrow(grad, source[1], il.shape) if il is not None else grad
 
 
 def _save(p: Program, s: Step, a: list, k: dict) -> None:
@@ -511,6 +607,8 @@ _RUNNERS: dict[str, Callable] = {
     "log": _log,
     "stop": _stop,
     "module.call": _module_call,
+    "backward": _backward,
+    "grad": _grad,
 }
 _WRITES = ops.IN_PLACE | {"setitem", "augassign"}
 # op -> (fn, run, writes) for Step: one lookup per node

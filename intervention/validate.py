@@ -18,6 +18,13 @@ from intervention.ir import IR_VERSION, Node, SessionIR, TraceIR
 from intervention.order import check_order
 
 FORWARD_KWARGS = frozenset({"output_hidden_states", "output_attentions", "use_cache"})
+# What `model.generate(...)` accepts besides its input: decoding choices, nothing that changes
+# how many times a module is called per step (no beams) or what comes back. `seed` seeds sampling.
+GENERATE_KWARGS = frozenset({
+    "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
+    "repetition_penalty", "seed", "use_cache",
+})
+DEFAULT_MAX_NEW_TOKENS = 256  # a model's cap on max_new_tokens unless its config says otherwise
 
 
 @dataclass(frozen=True)
@@ -34,9 +41,11 @@ def validate_session(
     limits: Limits = Limits(),
     orders: dict[str, list] | None = None,
     recorded: bool = False,
+    max_new_tokens: dict[str, int] | None = None,
 ) -> None:
     """`models` maps each served model name to its module paths; `orders`, where known, to the
-    order its modules run in (see order.py), so out-of-order reads fail before any forward.
+    order its modules run in (see order.py), so out-of-order reads fail before any forward;
+    `max_new_tokens`, to its cap on generation length (DEFAULT_MAX_NEW_TOKENS if absent).
 
     `recorded`: the session comes from this process's own recorder, which builds every node
     well-formed and runs `check_node_alone` as it records, so the per-node checks are skipped
@@ -62,14 +71,47 @@ def validate_session(
             _check_forward_kwargs(trace)
         else:
             _check_trace(trace, tensors, models[trace.model], seen)
+        if trace.kind == "generate":
+            _check_generate(trace, (max_new_tokens or {}).get(trace.model, DEFAULT_MAX_NEW_TOKENS))
         if orders and trace.model in orders:
             check_order(trace, orders[trace.model])
 
 
+_EVENT_OPS = frozenset(ops.MODULE_READS | ops.MODULE_WRITES)  # ops whose args[1] is a call index
+
+
 def _check_forward_kwargs(trace: TraceIR) -> None:
-    bad = set(trace.kwargs) - FORWARD_KWARGS
+    allowed, what = (GENERATE_KWARGS, "generate") if trace.kind == "generate" else (FORWARD_KWARGS, "forward")
+    bad = set(trace.kwargs) - allowed
     if bad:
-        raise ValidationError(f"forward argument {min(bad)!r} is not supported", trace.loc)
+        raise ValidationError(
+            f"{what} argument {min(bad)!r} is not supported (supported: {', '.join(sorted(allowed))})", trace.loc
+        )
+
+
+def _check_generate(trace: TraceIR, cap: int) -> None:
+    """Generation length within the model's cap, and no step read past the last one: before any
+    model time is spent."""
+    n = trace.kwargs.get("max_new_tokens")
+    if type(n) is not int or n < 1:
+        raise ValidationError("generate needs max_new_tokens, an integer >= 1", trace.loc)
+    if n > cap:
+        raise ValidationError(
+            f"max_new_tokens={n} exceeds this model's limit of {cap}", trace.loc, code="too_large"
+        )
+    for name in ("seed", "top_k", "min_new_tokens"):
+        value = trace.kwargs.get(name)
+        if value is not None and type(value) is not int:
+            raise ValidationError(f"generate's {name} must be an integer", trace.loc)
+    events = _EVENT_OPS
+    for node in trace.nodes:
+        if node.op in events and type(node.args[1]) is int and node.args[1] >= n:
+            raise ValidationError(
+                f"step {node.args[1]} does not exist: this generation has max_new_tokens={n} "
+                f"(steps 0-{n - 1})",
+                node.loc,
+                code="out_of_range",
+            )
 
 
 def _check_trace(trace: TraceIR, tensors: dict, paths: set[str], seen: set[int]) -> None:

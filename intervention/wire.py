@@ -59,7 +59,7 @@ def encode_result(saves: dict[int, Any], info: dict[str, Any] | None = None) -> 
 def decode_result(data: bytes) -> tuple[dict[int, Any], dict[str, Any]]:
     body = json.loads(read_metadata(data)[RESULT_KEY])
     tensors = safetensors.torch.load(data)
-    values = {int(k): argcodec.decode(v, argcodec.no_refs, tensors) for k, v in body.pop("values").items()}
+    values = {int(k): _restore(argcodec.decode(v, argcodec.no_refs, tensors)) for k, v in body.pop("values").items()}
     return values, body
 
 
@@ -82,14 +82,37 @@ def _pack(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> bytes:
         return safetensors.torch.save({k: v.clone() for k, v in tensors.items()}, metadata=metadata)
 
 
+# A saved model output (`tracer.result` of a trace) travels as a dict of its tensor fields plus its
+# class name, and comes back as that class: only transformers' own output dataclasses, by name.
+OUTPUT_KEY = "raysight.model_output"
+
+
 def _plain(value: Any) -> Any:
     """Values the wire can carry: model outputs become dicts of their tensor fields."""
     if isinstance(value, ModelOutput):
-        return {k: _plain(v) for k, v in value.items() if isinstance(v, (torch.Tensor, tuple))}
+        fields = {k: _plain(v) for k, v in value.items() if isinstance(v, (torch.Tensor, tuple))}
+        return {**fields, OUTPUT_KEY: type(value).__name__}
     if isinstance(value, (list, tuple)):
         return type(value)(_plain(v) for v in value) if type(value) in (list, tuple) else tuple(value)
     if isinstance(value, dict):
         return {str(k): _plain(v) for k, v in value.items()}
+    return value
+
+
+def _restore(value: Any) -> Any:
+    """Model outputs back into their transformers class (see `_plain`); anything else as is."""
+    if isinstance(value, dict):
+        if type(value.get(OUTPUT_KEY)) is str:
+            import transformers.modeling_outputs as outputs
+
+            fields = {k: _restore(v) for k, v in value.items() if k != OUTPUT_KEY}
+            cls = getattr(outputs, value[OUTPUT_KEY], None)
+            if isinstance(cls, type) and issubclass(cls, ModelOutput) and set(fields) <= set(cls.__dataclass_fields__):
+                return cls(**fields)
+            return fields
+        return {k: _restore(v) for k, v in value.items()}
+    if type(value) in (list, tuple):
+        return type(value)(_restore(v) for v in value)
     return value
 
 

@@ -31,6 +31,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from intervention.validate import DEFAULT_MAX_NEW_TOKENS
+
 
 class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -43,6 +45,8 @@ class ModelConfig(BaseModel):
     num_replicas: int | None = None
     autoscaling_config: dict[str, Any] | None = None
     max_ongoing_requests: int = 16
+    # The longest generation one trace may ask for (model.generate's max_new_tokens).
+    max_new_tokens: int = Field(default=DEFAULT_MAX_NEW_TOKENS, ge=1)
 
     @field_validator("dtype")
     @classmethod

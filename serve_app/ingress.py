@@ -96,6 +96,7 @@ class Ingress:
         self.watchers: set[asyncio.Task] = set()
         lim = self.config.limits
         self.limits = Limits(max_traces=lim.max_traces, max_nodes=lim.max_nodes, max_tensor_bytes=lim.max_request_bytes)
+        self.max_new_tokens = {m.name: m.max_new_tokens for m in self.config.models}
 
     # -- health and models ---------------------------------------------------------------------
 
@@ -157,7 +158,7 @@ class Ingress:
                 if name in self.models:
                     await self._info(name)
             served = {n: self.paths.get(n, set()) for n in self.models}  # used ones were fetched above
-            validate_session(session, tensors, served, self.limits, self.orders)
+            validate_session(session, tensors, served, self.limits, self.orders, max_new_tokens=self.max_new_tokens)
         except InterventionError as err:
             raise errors.from_intervention(err) from None
         timeout = self._timeout(request)  # a bad header is refused before the request exists

@@ -92,3 +92,86 @@ def logit_lens(path: str, prompt: str) -> list[torch.Tensor]:
         for block in layers(model):
             lens.append(model.lm_head(norm(block.output)).save())
     return lens
+
+
+# -- generation (issue 10) -------------------------------------------------------------------
+
+
+def generate_steps(path: str, prompt: str, n: int, layer: int, vector: torch.Tensor) -> dict[str, Any]:
+    """Greedy generation: layer `layer`'s last position read at steps 0-2, `vector` added to it at
+    every step, the prediction saved per step; the token ids. (nnsight: code after an open-ended
+    `tracer.all()` loop never runs, so the ids come from a loop with a named end.)"""
+    model = load(path)
+    reads, steered = [], []
+    with torch.no_grad(), model.generate(prompt, max_new_tokens=n, do_sample=False) as tracer:
+        first = layers(model)[0].output.save()
+        for step in tracer.iter[0:n]:
+            if step < 3:
+                reads.append(layers(model)[layer].output[:, -1].save())
+            layers(model)[layer].output[:, -1] += vector
+            steered.append(model.lm_head.output[:, -1].argmax(dim=-1).save())
+        ids = tracer.result.save()
+    every = []
+    with torch.no_grad(), model.generate(prompt, max_new_tokens=n) as tracer:
+        for _step in tracer.all():
+            every.append(model.lm_head.output[:, -1].save())
+    return {"first": first, "reads": list(reads), "steered": list(steered), "ids": ids, "every": list(every)}
+
+
+def generate_picked_steps(path: str, prompt: str, n: int, layer: int) -> dict[str, Any]:
+    """`tracer.iter[i]` and `tracer.iter[[0, 2]]`: zero the layer's output at those steps."""
+    model = load(path)
+    with torch.no_grad(), model.generate(prompt, max_new_tokens=n) as tracer:
+        for _step in tracer.iter[[0, 2]]:
+            layers(model)[layer].output[:] = 0
+        for _step in tracer.iter[3]:
+            late = model.lm_head.output.save()
+        ids = tracer.result.save()
+    return {"late": late, "ids": ids}
+
+
+def generate_invokes(path: str, prompts: list[str], n: int, layer: int, vector: torch.Tensor) -> dict[str, Any]:
+    """Prompts of different lengths in one generation; the first invoke steers every step; an
+    input-less invoke reads the whole batch."""
+    model = load(path)
+    out: dict[str, Any] = {}
+    with torch.no_grad(), model.generate(max_new_tokens=n) as tracer:
+        with tracer.invoke(prompts[0]):
+            for _step in tracer.iter[0:n]:
+                layers(model)[layer].output[:, -1] += vector
+        with tracer.invoke(prompts[1]):
+            out["second"] = layers(model)[layer].output.save()
+        with tracer.invoke():
+            out["all"] = model.lm_head.output.save()
+            out["ids"] = tracer.result.save()
+    return out
+
+
+def trace_result(path: str, prompt: str) -> dict[str, Any]:
+    """`tracer.result` of a trace: the model's output object."""
+    model = load(path)
+    with torch.no_grad(), model.trace(prompt) as tracer:
+        logits = tracer.result.logits.save()
+        last = tracer.result.logits[:, -1].argmax(dim=-1).save()
+    return {"logits": logits, "last": last}
+
+
+# -- gradients (issue 10) --------------------------------------------------------------------------
+
+
+def attribution(path: str, prompt: str, layer: int) -> dict[str, Any]:
+    """Gradient of the top logit at the last position w.r.t. a layer's output and the MLP output
+    of the next layer; attribution patching's `(h * h.grad).sum(-1)`. Autograd on (no no_grad):
+    nnsight needs it, and its weights require grad (raysight's are frozen: same activation grads)."""
+    model = load(path)
+    blocks = layers(model)
+    with model.trace(prompt):
+        h = blocks[layer].output
+        m = blocks[layer + 1].mlp.output
+        logits = model.lm_head.output
+        loss = logits[0, -1].max()
+        with loss.backward():
+            g_m = m.grad.save()
+            g_h = h.grad.save()
+        attr = (h * g_h).sum(-1).save()
+    return {"g_h": g_h, "g_m": g_m, "attr": attr}

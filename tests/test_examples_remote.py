@@ -81,6 +81,34 @@ def test_steering(cluster, llama: LanguageModel) -> None:
     assert not torch.allclose(plain, steered)
 
 
+def test_generate_steering(cluster, llama: LanguageModel) -> None:
+    out = run_example(cluster, "generate_steering", "llama", "1")
+
+    layers, n = llama.model.layers, 12
+    with llama.trace() as tracer:
+        with tracer.invoke(" the beach, the sea, the waves"):
+            toward = layers[1].output[0, 1:].mean(dim=0).save()
+        with tracer.invoke(" the city, the road, the cars"):
+            away = layers[1].output[0, 1:].mean(dim=0).save()
+    steer = 4.0 * (toward - away)
+    confidence = []
+    with llama.generate(max_new_tokens=n) as tracer:  # the example's batch: same numbers
+        with tracer.invoke("Yesterday I went to the"):
+            plain = tracer.result.save()
+        with tracer.invoke("Yesterday I went to the"):
+            for _ in tracer.all():
+                layers[1].output[:, -1] += steer
+                confidence.append(llama.lm_head.output[0, -1].softmax(dim=-1).max().save())
+            steered = tracer.result.save()
+
+    assert f"layer 1, norm {steer.norm():.2f}" in out
+    decode = llama.tokenizer.decode
+    assert f"without steering: Yesterday I went to the{decode(plain[0, -n:])!r}" in out
+    assert f"with steering:    Yesterday I went to the{decode(steered[0, -n:])!r}" in out
+    printed = re.search(r"per step: (.*)$", out, re.MULTILINE).group(1).split()
+    assert len(printed) == n and all(close(float(p), c) for p, c in zip(printed, confidence, strict=True))
+
+
 def test_logit_lens(cluster, llama: LanguageModel) -> None:
     out = run_example(cluster, "logit_lens", "llama")
 
