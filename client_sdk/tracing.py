@@ -44,8 +44,15 @@ class Session:
         """Stop the session here: nothing after this point runs; what was saved comes back."""
         if self.graph.tracer is not None:
             self.graph.record("stop", ["session"])
-        elif self.graph.stopped_at is None:
-            self.graph.stopped_at = len(self.graph.traces)
+        else:
+            self.graph.record_step("stop", [], user_location())
+
+    def log(self, *values: Any) -> None:
+        """Print `values` on the client when the session reaches this point (same as client_sdk.log)."""
+        if self.graph.tracer is not None:
+            self.graph.record("log", list(values))
+        else:
+            self.graph.record_step("log", list(values), user_location())
 
     # Non-blocking remote sessions: the handle's methods.
     @property
@@ -195,7 +202,8 @@ def _exit(session: Session, exc: BaseException | None, frame) -> None:
         graph.abandon()
         return
     try:
-        if not graph.session_ir().traces:
+        ir = graph.session_ir()
+        if not ir.traces and not ir.steps:
             graph.resolve({})
             return
         outcome = session.backend.run(graph)
@@ -242,7 +250,8 @@ def recording(remote: bool = False) -> Iterator[Graph]:
 def _require_graph(what: str) -> Graph:
     graph = current_graph()
     if graph is None or graph.tracer is None:
-        raise TracingError(f"client_sdk.{what}() must be called inside a trace", user_location())
+        where = "inside a trace or a session" if what in ("log", "stop") else "inside a trace"
+        raise TracingError(f"client_sdk.{what}() must be called {where}", user_location())
     return graph
 
 
@@ -254,13 +263,29 @@ def save(value: Any) -> Any:
     return value
 
 
+def _session_body() -> Graph | None:
+    """The graph of the session whose body (outside any trace) is running here, if any."""
+    graph = current_graph()
+    return graph if graph is not None and graph.tracer is None and not graph.done else None
+
+
 def log(*values: Any) -> None:
-    """Print `values` on the client when the model reaches this point, in order."""
+    """Print `values` on the client when the model reaches this point, in order. In a session
+    body (outside any trace) it prints after the traces before it and before those after it."""
+    graph = _session_body()
+    if graph is not None:
+        graph.record_step("log", list(values), user_location())
+        return
     _require_graph("log").record("log", list(values))
 
 
 def stop() -> None:
-    """Stop the innermost trace here: nothing after this point in it runs."""
+    """Stop the innermost trace here: nothing after this point in it runs. In a session body
+    (outside any trace) stop the session: the traces after this point do not run."""
+    graph = _session_body()
+    if graph is not None:
+        graph.record_step("stop", [], user_location())
+        return
     _require_graph("stop").record("stop", ["trace"])
 
 
