@@ -217,6 +217,9 @@ def _exit(session: Session, exc: BaseException | None, frame) -> None:
         _free_frames(err)
         # The message names the user's line; engine frames would only hide it.
         raise err.with_traceback(None) from None
+    except KeyboardInterrupt:  # the backend said what became of the request; no values come
+        graph.abandon()
+        raise
 
 
 def _free_frames(err: BaseException) -> None:
