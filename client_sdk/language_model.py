@@ -33,12 +33,17 @@ class LanguageModel:
 
     # -- tracing -------------------------------------------------------------------------------
 
-    def trace(self, input: Any = None, *, remote: bool = False, blocking: bool = True, **kwargs: Any) -> Tracer:
-        """One forward pass on `input` (a prompt, prompts, or token ids); `**kwargs` go to forward."""
-        return Tracer(self, input, remote, blocking, kwargs)
+    def trace(
+        self, input: Any = None, *, remote: bool = False, blocking: bool = True, scan: bool = True, **kwargs: Any
+    ) -> Tracer:
+        """One forward pass on `input` (a prompt, prompts, or token ids); `**kwargs` go to forward.
+        `scan=False` skips the shape check on meta tensors before it runs."""
+        tracer = Tracer(self, input, remote, blocking, kwargs)
+        tracer.scan = scan
+        return tracer
 
-    def session(self, remote: bool = False, blocking: bool = True) -> Session:
-        return Session(remote=remote, blocking=blocking)
+    def session(self, remote: bool = False, blocking: bool = True, scan: bool = True) -> Session:
+        return Session(remote=remote, blocking=blocking, scan=scan)
 
     # -- the module tree -----------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ from client_sdk.graph import Graph, current_graph, set_current_graph
 from client_sdk.location import user_location
 from client_sdk.proxy import Proxy, TracingError
 from client_sdk.rebind import rebind_frame
+from client_sdk.scan import scan
 from intervention.errors import InterventionError
 from intervention.ir import Invoke, TraceIR
 
@@ -27,10 +28,12 @@ class Session:
     """`with client_sdk.session(remote=...) as s:` — several traces, possibly of several models,
     run in order as one request. Values flow between traces without .save()."""
 
-    def __init__(self, remote: bool = False, blocking: bool = True):
+    def __init__(self, remote: bool = False, blocking: bool = True, scan: bool = True):
         self.backend: Backend = backend_for(remote, blocking)
         self.graph = Graph()
         self.handle: RemoteHandle | None = None
+        self.scan = scan  # check shapes on meta tensors before running (client_sdk/scan.py)
+        self.unscanned: set[int] = set()  # ids of its TraceIRs recorded with scan=False
 
     def __enter__(self) -> Self:
         _enter(self)
@@ -95,6 +98,7 @@ class Tracer:
         self.session: Session | None = None  # the session this trace records into
         self.owns_session = False
         self.ir: TraceIR | None = None
+        self.scan = True  # False: no shape check of this trace before it runs
 
     @property
     def graph(self) -> Graph:
@@ -118,6 +122,8 @@ class Tracer:
             self.ir.invokes.append(Invoke(input=graph.encode(self.input, loc)))
         graph.traces.append(self.ir)
         graph.tracer = self
+        if not self.scan:
+            session.unscanned.add(id(self.ir))
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -206,6 +212,8 @@ def _exit(session: Session, exc: BaseException | None, frame) -> None:
         if not ir.traces and not ir.steps:
             graph.resolve({})
             return
+        if session.scan:
+            scan(ir, graph.tensors, graph.models, session.unscanned)
         outcome = session.backend.run(graph)
         if isinstance(outcome, RemoteHandle):  # non-blocking: values come with session.result()
             session.handle = outcome
@@ -292,6 +300,6 @@ def stop() -> None:
     _require_graph("stop").record("stop", ["trace"])
 
 
-def session(remote: bool = False, blocking: bool = True) -> Session:
+def session(remote: bool = False, blocking: bool = True, scan: bool = True) -> Session:
     """A session that may hold traces of several models."""
-    return Session(remote=remote, blocking=blocking)
+    return Session(remote=remote, blocking=blocking, scan=scan)
