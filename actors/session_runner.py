@@ -17,11 +17,11 @@ from ray import serve
 
 from actors.request_store import get_store
 from intervention.errors import location_dict
-from intervention.events import CANCELLED, COMPLETED, ERROR
+from intervention.events import CANCELLED, COMPLETED, ERROR, LOG
 from intervention.ir import SessionIR
 from intervention.plan import Segment, plan_session
 from intervention.session import Outcome, SessionLoop
-from intervention.wire import merge_results
+from intervention.wire import encode_result, merge_results
 
 
 @serve.deployment(max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
@@ -57,9 +57,17 @@ class SessionRunner:
 
     async def _run(self, request_id: str, session: SessionIR, tensors: dict) -> tuple[str, dict, bytes | None]:
         plan = plan_session(session)
-        loop = SessionLoop(plan)  # its values: ObjectRefs, owned by the replicas that made them
+        logs: list[str] = []  # the session steps' log lines, sent before the next segment starts
+        # Its values: ObjectRefs, owned by the replicas that made them.
+        loop = SessionLoop(plan, on_log=logs.append, tensors=tensors)
         parts: list[bytes] = []
-        while (item := loop.next_segment()) is not None:
+        while True:
+            item = loop.next_segment()
+            for message in logs:  # one by one, in order, before any later trace's events
+                await self.store.add_event.remote(request_id, LOG, {"message": message})
+            logs.clear()
+            if item is None:
+                break
             segment, imports = item
             blobs = tensors if segment.blobs is None else {k: tensors[k] for k in segment.blobs}
             response = self.models[segment.model].run_segment.remote(
@@ -76,7 +84,7 @@ class SessionRunner:
                 return ERROR, out["error"], None
             parts.append(out["saves"])
             loop.record_segment(Outcome(exports=out["exports"], stopped=out["stopped"], traces_run=out["traces_run"]))
-        result = parts[0] if len(parts) == 1 else merge_results(parts)
+        result = parts[0] if len(parts) == 1 else merge_results(parts) if parts else encode_result({})
         return COMPLETED, {"bytes": len(result), "traces_run": loop.outcome.traces_run}, result
 
 

@@ -17,6 +17,9 @@ class Config:
     # Live status line on the terminal while remote requests run (off when not a terminal).
     show_status: bool = True
     timeout_s: float = 600.0
+    # Check each trace's shapes and indexing on meta tensors before it runs or is sent (see
+    # client_sdk/scan.py); `scan=False` on a trace or session skips it there.
+    scan: bool = True
 
     def set_host(self, host: str) -> None:
         self.host = host.rstrip("/")

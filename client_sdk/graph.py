@@ -16,7 +16,7 @@ import torch
 from client_sdk.location import user_location
 from client_sdk.proxy import Proxy, TracingError
 from intervention import args as argcodec
-from intervention.ir import Location, Node, SessionIR, TraceIR
+from intervention.ir import Location, Node, SessionIR, SessionStep, TraceIR
 from intervention.validate import CALL_OPS, check_node_alone
 
 _local = threading.local()
@@ -45,6 +45,7 @@ class Graph:
 
     def __init__(self) -> None:
         self.traces: list[TraceIR] = []
+        self.steps: list[SessionStep] = []  # logs and stops in the session body, between traces
         self.tensors: dict[str, torch.Tensor] = {}
         # id(tensor) -> (blob name, the tensor). Holding the tensor keeps its id from being reused
         # by a later temporary, which would otherwise silently send the earlier tensor's values.
@@ -208,6 +209,24 @@ class Graph:
         self.tracer.ir.nodes.append(node)
         proxy._id = node.id
 
+    def record_step(self, op: str, args: list, loc: Location) -> None:
+        """A log or a stop in the session body, outside any trace: it runs after the traces
+        recorded so far and before the next. After a session stop nothing more is recorded to run."""
+        if self.stopped_at is not None:
+            return
+        if any(isinstance(a, Proxy) and a._graph is self for a in args):
+            raise TracingError(
+                f"client_sdk.{op}() in a session body runs between traces, so it cannot use a value "
+                "computed in a trace: call it inside that trace, or .save() the value and print it "
+                "after the session", loc,
+            )
+        encoded = self.encode(list(args), loc)
+        if argcodec.refs_in(encoded, {}):
+            raise TracingError(f"client_sdk.{op}() in a session body cannot use a value computed in a trace", loc)
+        self.steps.append(SessionStep(op, len(self.traces), encoded, loc))
+        if op == "stop":
+            self.stopped_at = len(self.traces)
+
     def _closed(self, op: str, args: list) -> None:
         """Raise why nothing can be recorded now."""
         for a in args if self.done else ():  # a proxy used after its session ran: say why
@@ -258,7 +277,7 @@ class Graph:
 
     def session_ir(self) -> SessionIR:
         traces = self.traces if self.stopped_at is None else self.traces[: self.stopped_at]
-        return SessionIR(traces=traces)
+        return SessionIR(traces=traces, steps=self.steps)
 
     # -- after the run -------------------------------------------------------------------------
 

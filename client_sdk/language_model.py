@@ -35,9 +35,14 @@ class LanguageModel:
 
     # -- tracing -------------------------------------------------------------------------------
 
-    def trace(self, input: Any = None, *, remote: bool = False, blocking: bool = True, **kwargs: Any) -> Tracer:
-        """One forward pass on `input` (a prompt, prompts, or token ids); `**kwargs` go to forward."""
-        return Tracer(self, input, remote, blocking, kwargs)
+    def trace(
+        self, input: Any = None, *, remote: bool = False, blocking: bool = True, scan: bool = True, **kwargs: Any
+    ) -> Tracer:
+        """One forward pass on `input` (a prompt, prompts, or token ids); `**kwargs` go to forward.
+        `scan=False` skips the shape check on meta tensors before it runs."""
+        tracer = Tracer(self, input, remote, blocking, kwargs)
+        tracer.scan = scan
+        return tracer
 
     def generate(
         self,
@@ -47,6 +52,7 @@ class LanguageModel:
         remote: bool = False,
         blocking: bool = True,
         seed: int | None = None,
+        scan: bool = True,
         **kwargs: Any,
     ) -> Tracer:
         """One HF `generate` on `input`: the block's reads and edits bind to step 0 (the prompt's
@@ -58,10 +64,12 @@ class LanguageModel:
         kwargs["max_new_tokens"] = max_new_tokens
         if seed is not None:
             kwargs["seed"] = seed
-        return Tracer(self, input, remote, blocking, kwargs, kind="generate")
+        tracer = Tracer(self, input, remote, blocking, kwargs, kind="generate")
+        tracer.scan = scan
+        return tracer
 
-    def session(self, remote: bool = False, blocking: bool = True) -> Session:
-        return Session(remote=remote, blocking=blocking)
+    def session(self, remote: bool = False, blocking: bool = True, scan: bool = True) -> Session:
+        return Session(remote=remote, blocking=blocking, scan=scan)
 
     # -- the module tree -----------------------------------------------------------------------
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -189,10 +190,16 @@ class RemoteRequest:
         return values
 
     def result(self) -> dict[int, Any]:
-        """Wait for the request; return the saved values (node id -> value)."""
-        with StatusLine(self.id) as display:
-            inline = self.wait(display)
-            return decode_result(inline)[0] if inline is not None else self.fetch(display)
+        """Wait for the request; return the saved values (node id -> value). Ctrl-C stops
+        waiting and leaves the request running (it was submitted to run without this process)."""
+        try:
+            with StatusLine(self.id) as display:
+                inline = self.wait(display)
+                return decode_result(inline)[0] if inline is not None else self.fetch(display)
+        except KeyboardInterrupt:
+            _say(f"raysight: stopped waiting; request {self.id} is still running on the server "
+                 "(.result() waits again, .cancel() cancels it)")
+            raise KeyboardInterrupt from None
 
 
 class RemoteBackend:
@@ -209,9 +216,38 @@ class RemoteBackend:
         if not self.blocking:
             return RemoteRequest.submit(body)
         request = RemoteRequest(None)
-        with StatusLine("") as display:
-            inline = request.wait(display, _submit_streaming(body))
-            return decode_result(inline)[0] if inline is not None else request.fetch(display)
+        try:
+            with StatusLine("") as display:
+                inline = request.wait(display, _submit_streaming(body))
+                return decode_result(inline)[0] if inline is not None else request.fetch(display)
+        except KeyboardInterrupt:
+            # Nobody waits for a blocking request once its caller is interrupted: cancel it, so
+            # it frees its replica, and say which request it was in one line (the frames of the
+            # HTTP library that happened to be reading would only hide that line).
+            _say(_cancel_after_interrupt(request.id))
+            raise KeyboardInterrupt from None
+
+
+def _cancel_after_interrupt(request_id: str | None) -> str:
+    if request_id is None:
+        return "raysight: interrupted before the server had accepted the request"
+    try:
+        # A fresh connection: the pooled one was interrupted in the middle of a read.
+        headers = {"Authorization": f"Bearer {CONFIG.api_key}"} if CONFIG.api_key else {}
+        with httpx.Client(base_url=CONFIG.host, headers=headers, timeout=10.0) as client:
+            response = client.delete(f"/v1/requests/{request_id}")
+    except httpx.HTTPError as exc:
+        return f"raysight: interrupted; could not cancel request {request_id} ({type(exc).__name__})"
+    if response.status_code >= 400:
+        return f"raysight: interrupted; could not cancel request {request_id} (HTTP {response.status_code})"
+    state = response.json().get("state")
+    if state in TERMINAL:
+        return f"raysight: interrupted; request {request_id} had already ended ({state})"
+    return f"raysight: interrupted; cancelled request {request_id}"
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
 
 
 def _submit_streaming(body: bytes) -> Iterator[tuple[str | None, str, dict]]:

@@ -19,6 +19,7 @@ from client_sdk.graph import Graph, current_graph, set_current_graph
 from client_sdk.location import user_location
 from client_sdk.proxy import Proxy, TracingError
 from client_sdk.rebind import rebind_frame
+from client_sdk.scan import scan
 from intervention.errors import InterventionError
 from intervention.ir import Invoke, TraceIR
 
@@ -27,10 +28,12 @@ class Session:
     """`with client_sdk.session(remote=...) as s:` — several traces, possibly of several models,
     run in order as one request. Values flow between traces without .save()."""
 
-    def __init__(self, remote: bool = False, blocking: bool = True):
+    def __init__(self, remote: bool = False, blocking: bool = True, scan: bool = True):
         self.backend: Backend = backend_for(remote, blocking)
         self.graph = Graph()
         self.handle: RemoteHandle | None = None
+        self.scan = scan  # check shapes on meta tensors before running (client_sdk/scan.py)
+        self.unscanned: set[int] = set()  # ids of its TraceIRs recorded with scan=False
 
     def __enter__(self) -> Self:
         _enter(self)
@@ -44,8 +47,15 @@ class Session:
         """Stop the session here: nothing after this point runs; what was saved comes back."""
         if self.graph.tracer is not None:
             self.graph.record("stop", ["session"])
-        elif self.graph.stopped_at is None:
-            self.graph.stopped_at = len(self.graph.traces)
+        else:
+            self.graph.record_step("stop", [], user_location())
+
+    def log(self, *values: Any) -> None:
+        """Print `values` on the client when the session reaches this point (same as client_sdk.log)."""
+        if self.graph.tracer is not None:
+            self.graph.record("log", list(values))
+        else:
+            self.graph.record_step("log", list(values), user_location())
 
     # Non-blocking remote sessions: the handle's methods.
     @property
@@ -92,6 +102,7 @@ class Tracer:
         self.session: Session | None = None  # the session this trace records into
         self.owns_session = False
         self.ir: TraceIR | None = None
+        self.scan = True  # False: no shape check of this trace before it runs
 
     @property
     def graph(self) -> Graph:
@@ -116,6 +127,8 @@ class Tracer:
             self.ir.invokes.append(Invoke(input=graph.encode(self.input, loc)))
         graph.traces.append(self.ir)
         graph.tracer = self
+        if not self.scan:
+            session.unscanned.add(id(self.ir))
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:
@@ -284,9 +297,12 @@ def _exit(session: Session, exc: BaseException | None, frame) -> None:
         graph.abandon()
         return
     try:
-        if not graph.session_ir().traces:
+        ir = graph.session_ir()
+        if not ir.traces and not ir.steps:
             graph.resolve({})
             return
+        if session.scan:
+            scan(ir, graph.tensors, graph.models, session.unscanned)
         outcome = session.backend.run(graph)
         if isinstance(outcome, RemoteHandle):  # non-blocking: values come with session.result()
             session.handle = outcome
@@ -298,6 +314,9 @@ def _exit(session: Session, exc: BaseException | None, frame) -> None:
         _free_frames(err)
         # The message names the user's line; engine frames would only hide it.
         raise err.with_traceback(None) from None
+    except KeyboardInterrupt:  # the backend said what became of the request; no values come
+        graph.abandon()
+        raise
 
 
 def _free_frames(err: BaseException) -> None:
@@ -331,7 +350,8 @@ def recording(remote: bool = False) -> Iterator[Graph]:
 def _require_graph(what: str) -> Graph:
     graph = current_graph()
     if graph is None or graph.tracer is None:
-        raise TracingError(f"client_sdk.{what}() must be called inside a trace", user_location())
+        where = "inside a trace or a session" if what in ("log", "stop") else "inside a trace"
+        raise TracingError(f"client_sdk.{what}() must be called {where}", user_location())
     return graph
 
 
@@ -343,16 +363,32 @@ def save(value: Any) -> Any:
     return value
 
 
+def _session_body() -> Graph | None:
+    """The graph of the session whose body (outside any trace) is running here, if any."""
+    graph = current_graph()
+    return graph if graph is not None and graph.tracer is None and not graph.done else None
+
+
 def log(*values: Any) -> None:
-    """Print `values` on the client when the model reaches this point, in order."""
+    """Print `values` on the client when the model reaches this point, in order. In a session
+    body (outside any trace) it prints after the traces before it and before those after it."""
+    graph = _session_body()
+    if graph is not None:
+        graph.record_step("log", list(values), user_location())
+        return
     _require_graph("log").record("log", list(values))
 
 
 def stop() -> None:
-    """Stop the innermost trace here: nothing after this point in it runs."""
+    """Stop the innermost trace here: nothing after this point in it runs. In a session body
+    (outside any trace) stop the session: the traces after this point do not run."""
+    graph = _session_body()
+    if graph is not None:
+        graph.record_step("stop", [], user_location())
+        return
     _require_graph("stop").record("stop", ["trace"])
 
 
-def session(remote: bool = False, blocking: bool = True) -> Session:
+def session(remote: bool = False, blocking: bool = True, scan: bool = True) -> Session:
     """A session that may hold traces of several models."""
-    return Session(remote=remote, blocking=blocking)
+    return Session(remote=remote, blocking=blocking, scan=scan)

@@ -75,11 +75,28 @@ class TraceIR:
 
 
 @dataclass(slots=True)
+class SessionStep:
+    """A statement of the session body outside any trace: `client_sdk.log(...)` or a session stop.
+    It runs after the first `at` traces and before the rest, so its log prints in program order
+    with the traces' logs, and a stop there ends the session (the traces after it do not run).
+    Its arguments are values the client knows (JSON, tensor blobs), never references: a value
+    computed in a trace is logged inside that trace."""
+
+    __pydantic_config__ = _STRICT
+
+    op: Literal["log", "stop"]
+    at: int  # how many traces of the session run before it
+    args: list[Any] = field(default_factory=list)
+    loc: Location | None = None
+
+
+@dataclass(slots=True)
 class SessionIR:
     __pydantic_config__ = _STRICT
 
     version: int = IR_VERSION
     traces: list[TraceIR] = field(default_factory=list)
+    steps: list[SessionStep] = field(default_factory=list)  # in program order (`at` never decreases)
 
 
 SESSION_ADAPTER: TypeAdapter[SessionIR] = TypeAdapter(SessionIR)

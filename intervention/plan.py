@@ -4,6 +4,9 @@ Consecutive traces on the same model form a *segment*: the cluster runs a segmen
 one replica, where values flow between its traces in memory; values a later segment needs leave
 it (into Ray's object store on the cluster). For every trace the plan also knows which of its
 values any later trace uses (`keeps`): only those outlive their trace.
+
+Session steps (a log or a stop in the session body, between traces) run in the session loop, between
+segments: a segment never spans a step, so a step runs after the traces before it have ended.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from intervention.args import blobs_in, refs_in
-from intervention.ir import SessionIR, TraceIR
+from intervention.ir import SessionIR, SessionStep, TraceIR
 
 
 @dataclass
@@ -32,12 +35,14 @@ class Segment:
 class SessionPlan:
     segments: list[Segment]
     n_traces: int
+    steps: list[SessionStep] = field(default_factory=list)  # session steps, in program order
 
 
 def plan_session(session: SessionIR) -> SessionPlan:
-    traces = session.traces
+    traces, steps = session.traces, session.steps
     if len(traces) == 1:  # the common case: nothing crosses, every blob is the trace's own
-        return SessionPlan([Segment(0, list(traces), [set()], blobs=None)], 1)
+        return SessionPlan([Segment(0, list(traces), [set()], blobs=None)], 1, list(steps))
+    breaks = {step.at for step in steps}  # a segment does not run across a session step
     uses = [_refs_of(t) for t in traces]
     owner: dict[int, int] = {n.id: i for i, t in enumerate(traces) for n in t.nodes}
     keeps: list[set[int]] = [set() for _ in traces]
@@ -48,7 +53,7 @@ def plan_session(session: SessionIR) -> SessionPlan:
                 keeps[j].add(ref)
     segments: list[Segment] = []
     for i, trace in enumerate(traces):
-        if segments and segments[-1].model == trace.model:
+        if segments and segments[-1].model == trace.model and i not in breaks:
             seg = segments[-1]
             seg.traces.append(trace)
             seg.keeps.append(keeps[i])
@@ -62,7 +67,7 @@ def plan_session(session: SessionIR) -> SessionPlan:
         for i in here:
             seg.imports |= {r for r in uses[i] if owner.get(r, i) < seg.first}
         seg.exports = {r for i in range(last, len(traces)) for r in uses[i] if owner.get(r, -1) in here}
-    return SessionPlan(segments, len(traces))
+    return SessionPlan(segments, len(traces), list(steps))
 
 
 def _refs_of(trace: TraceIR) -> set[int]:

@@ -578,8 +578,13 @@ def _getattr(p: Program, s: Step, a: list, k: dict) -> Any:
     raise AttributeError(f"{type(obj).__name__} has no readable attribute .{name}")
 
 
+def log_message(values: list) -> str:
+    """The line `client_sdk.log(*values)` prints (in a trace or in a session body)."""
+    return " ".join(str(v) for v in values)
+
+
 def _log(p: Program, s: Step, a: list, k: dict) -> None:
-    p.on_log(" ".join(str(v) for v in a))
+    p.on_log(log_message(a))
 
 
 def _stop(p: Program, s: Step, a: list, k: dict) -> None:

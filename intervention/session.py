@@ -1,8 +1,9 @@
 """The session loop: traces strictly in order, values flowing between them, a stop or an error
 ending the session. One loop, driven by every executor:
 
-- `SessionLoop` walks a plan's segments (runs of traces on one model). Local execution drives it
-  in-process; the cluster's session runner drives it with one replica call per segment.
+- `SessionLoop` walks a plan's segments (runs of traces on one model) and runs the session steps
+  between them (a log or a stop in the session body). Local execution drives it in-process; the
+  cluster's session runner drives it with one replica call per segment.
 - `SegmentLoop` walks the traces of one segment. Local execution and the model deployment drive
   it, running each trace as an engine program (the deployment, with traces of other requests).
 
@@ -18,10 +19,11 @@ from typing import Any
 
 import torch
 
+from intervention.args import decode, no_refs
 from intervention.engine import run_forward
 from intervention.errors import InterventionError
 from intervention.plan import Segment, SessionPlan
-from intervention.program import Program, ProgramResult
+from intervention.program import Program, ProgramResult, log_message
 
 
 @dataclass
@@ -80,17 +82,43 @@ class SegmentLoop:
 
 
 class SessionLoop:
-    def __init__(self, plan: SessionPlan):
+    """`on_log` receives the session steps' log lines, each when the traces before it have run
+    (a driver that streams logs sends them before it starts the next segment)."""
+
+    def __init__(
+        self,
+        plan: SessionPlan,
+        on_log: Callable[[str], None] = print,
+        tensors: dict[str, torch.Tensor] | None = None,
+    ):
         self.plan = plan
         self.values: dict[int, Any] = {}  # exports of finished segments (values, or handles)
         self.outcome = Outcome()
+        self.on_log = on_log
+        self.tensors = tensors or {}
         self._next = 0
+        self._step = 0  # session steps run so far
 
     def next_segment(self) -> tuple[Segment, dict[int, Any]] | None:
-        if self.outcome.ended or self._next >= len(self.plan.segments):
+        segments = self.plan.segments
+        if self.outcome.ended:
             return None
-        seg = self.plan.segments[self._next]
+        self._run_steps(segments[self._next].first if self._next < len(segments) else self.plan.n_traces)
+        if self.outcome.ended or self._next >= len(segments):
+            return None
+        seg = segments[self._next]
         return seg, {i: self.values[i] for i in seg.imports if i in self.values}
+
+    def _run_steps(self, before: int) -> None:
+        """Run the session steps that come before trace `before` (the validator checked them)."""
+        steps = self.plan.steps
+        while self._step < len(steps) and steps[self._step].at <= before:
+            step = steps[self._step]
+            self._step += 1
+            if step.op == "stop":
+                self.outcome.stopped = "session"
+                return
+            self.on_log(log_message(decode(step.args, no_refs, self.tensors)))
 
     def record_segment(self, part: Outcome) -> None:
         self._next += 1
@@ -136,7 +164,7 @@ def run_session(
     on_log: Callable[[str], None] = print,
 ) -> Outcome:
     """Run a whole session in this process (`load(name)` -> (module, tokenizer))."""
-    loop = SessionLoop(plan)
+    loop = SessionLoop(plan, on_log, tensors)
     while (item := loop.next_segment()) is not None:
         segment, imports = item
         model, tokenizer = load(segment.model)

@@ -14,7 +14,7 @@ import torch
 from intervention import ops
 from intervention.args import ArgError, ref_id, visit, visit_args
 from intervention.errors import ValidationError
-from intervention.ir import IR_VERSION, Node, SessionIR, TraceIR
+from intervention.ir import IR_VERSION, Node, SessionIR, SessionStep, TraceIR
 from intervention.order import check_order
 
 FORWARD_KWARGS = frozenset({"output_hidden_states", "output_attentions", "use_cache"})
@@ -52,11 +52,11 @@ def validate_session(
     (a server always validates everything: what it receives is untrusted)."""
     if session.version != IR_VERSION:
         raise ValidationError(f"IR version {session.version} is not supported (this server speaks {IR_VERSION})")
-    if not session.traces:
+    if not session.traces and not session.steps:
         raise ValidationError("the session has no traces")
     if len(session.traces) > limits.max_traces:
         raise ValidationError(f"a session may hold at most {limits.max_traces} traces", code="too_large")
-    n_nodes = sum(len(t.nodes) for t in session.traces)
+    n_nodes = sum(len(t.nodes) for t in session.traces) + len(session.steps)
     if n_nodes > limits.max_nodes:
         raise ValidationError(f"a session may hold at most {limits.max_nodes} operations", code="too_large")
     size = sum(t.numel() * t.element_size() for t in tensors.values())
@@ -75,6 +75,33 @@ def validate_session(
             _check_generate(trace, (max_new_tokens or {}).get(trace.model, DEFAULT_MAX_NEW_TOKENS))
         if orders and trace.model in orders:
             check_order(trace, orders[trace.model])
+    _check_steps(session.steps, len(session.traces), tensors)
+
+
+def _check_steps(steps: list[SessionStep], n_traces: int, tensors: dict) -> None:
+    """Session steps: in program order, between existing traces, plain values only."""
+    at = 0
+    for step in steps:
+        if not at <= step.at <= n_traces:
+            where = "out of program order" if step.at < at else f"after trace {step.at} of {n_traces}"
+            raise ValidationError(f"session step '{step.op}' is {where}", step.loc)
+        at = step.at
+        if step.op == "stop" and step.args:
+            raise ValidationError("a session stop takes no arguments", step.loc)
+
+        def check(tag: str, body, step: SessionStep = step) -> None:
+            if tag == "$ref":
+                raise ValidationError(
+                    f"{step.op}() in a session body cannot use a value computed in a trace: "
+                    "log it inside that trace", step.loc,
+                )
+            if tag == "$tensor" and body not in tensors:
+                raise ValidationError(f"tensor blob {body!r} is missing from the request", step.loc)
+
+        try:
+            visit(step.args, check)
+        except ArgError as exc:
+            raise ValidationError(str(exc), step.loc) from None
 
 
 _EVENT_OPS = frozenset(ops.MODULE_READS | ops.MODULE_WRITES)  # ops whose args[1] is a call index

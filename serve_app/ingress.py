@@ -8,6 +8,7 @@ store, so this replica can restart without losing accepted requests.
 
 import asyncio
 import base64
+import contextvars
 import json
 import math
 import uuid
@@ -166,16 +167,22 @@ class Ingress:
         cap = self.config.limits.max_concurrent_per_user
         if not await self.store.admit.remote(request_id, user, len(session.traces), cap):
             raise ApiError(429, "too_many_requests", f"at most {cap} requests per user may run at once; wait for one to finish")
-        watcher = asyncio.ensure_future(self._watch(request_id, self.runner.run.remote(request_id, session, tensors, timeout)))
+        # The session runs apart from this HTTP request: Serve cancels the handle calls a request
+        # made when its client disconnects (a blocking client's Ctrl-C, a dropped stream that the
+        # client would resume by id), which would leave the request RUNNING for good. In a fresh
+        # context the call is no child of this request; DELETE and the time limit end it.
+        watcher = asyncio.get_running_loop().create_task(
+            self._watch(request_id, session, tensors, timeout), context=contextvars.Context()
+        )
         self.watchers.add(watcher)
         watcher.add_done_callback(self.watchers.discard)
         if "text/event-stream" in request.headers.get("accept", ""):
             return _event_stream(self._sse(request_id, user, 0, INLINE_RESULT_BYTES), status_code=202)
         return JSONResponse({"id": request_id}, status_code=202)
 
-    async def _watch(self, request_id: str, response: Any) -> None:
+    async def _watch(self, request_id: str, session: Any, tensors: dict, timeout: float) -> None:
         try:
-            await response
+            await self.runner.run.remote(request_id, session, tensors, timeout)
         except Exception as exc:  # noqa: BLE001 - the runner failed; the request must still end
             message = f"the session runner failed ({type(exc).__name__}); retry the request"
             await self.store.finish.remote(request_id, "ERROR", {"code": "runner_failed", "message": message, "location": None})

@@ -149,7 +149,8 @@ def test_cancel_a_queued_and_a_running_request(alice, llama, small_body) -> None
 
 
 def test_an_execution_error_names_the_users_line_and_the_next_request_runs(alice, llama) -> None:
-    with pytest.raises(RemoteError) as exc, llama.session(remote=True):
+    # scan=False: the server's execution error (the client's shape check would find it first)
+    with pytest.raises(RemoteError) as exc, llama.session(remote=True, scan=False):
         with llama.trace(P1):
             ok = llama.lm_head.output.save()
         with llama.trace(P2):

@@ -1,0 +1,62 @@
+"""The client's shape check: a session's traces run on meta tensors before they are sent or run
+(`intervention/scan.py`), so a bad index or a shape mismatch fails at the user's line without a
+forward pass.
+
+Each model gets a meta-device copy built from its config (no weights), and its module events are
+recorded once; after that a trace costs only its own nodes on meta tensors. Opt out with
+`CONFIG.scan = False`, or `scan=False` on a trace or session.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+
+from client_sdk.config import CONFIG
+from intervention.ir import SessionIR, TraceIR
+from intervention.scan import ModelEvents, record_events, scan_session
+
+# LanguageModel -> (meta module, its recorded events), or None when its architecture cannot be
+# built or probed on the meta device (its traces are then not checked).
+_MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def scan(session: SessionIR, tensors: dict[str, torch.Tensor], models: dict[str, Any], skip: set[int]) -> None:
+    """Check `session` on meta tensors; `skip`: ids of TraceIRs recorded with scan=False."""
+    if not CONFIG.scan:
+        return
+
+    def model_for(trace: TraceIR) -> tuple[torch.nn.Module, Any, ModelEvents] | None:
+        if id(trace) in skip:
+            return None
+        lm = models[trace.model]
+        if lm not in _MODELS:
+            _MODELS[lm] = _probe(lm)
+        found = _MODELS[lm]
+        return None if found is None else (found[0], lm.tokenizer, found[1])
+
+    scan_session(session, tensors, model_for)
+
+
+def _probe(lm: Any) -> tuple[torch.nn.Module, ModelEvents] | None:
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        if lm.is_local:
+            config = AutoConfig.from_pretrained(lm.name)
+            dtype = lm.dtype if lm.dtype not in (None, "auto") else getattr(config, "dtype", None)
+        else:
+            info = lm.remote_info
+            fields = dict(info["config"])
+            config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+            dtype = info.get("dtype")
+        if isinstance(dtype, str):
+            dtype = getattr(torch, dtype, None)
+        with torch.device("meta"):
+            meta = AutoModelForCausalLM.from_config(config, **({"dtype": dtype} if isinstance(dtype, torch.dtype) else {}))
+        meta.eval().requires_grad_(False)
+        return meta, record_events(meta)
+    except Exception:  # noqa: BLE001 - an architecture the meta device cannot run: no check, no harm
+        return None
