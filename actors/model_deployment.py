@@ -24,6 +24,7 @@ from intervention.args import ArgError
 from intervention.errors import Cancelled, location_dict
 from intervention.events import LOG, QUEUED, RUNNING
 from intervention.ir import TraceIR
+from intervention.limits import MAX_LOG_CHARS, MAX_TRACE_BYTES, cap_log
 from intervention.module_tree import module_tree
 from intervention.order import record_order
 from intervention.plan import Segment
@@ -37,6 +38,8 @@ class ModelDeployment:
         self.name = spec["name"]
         self.path = spec["path"]
         self.dtype = spec.get("dtype", "float32")
+        self.max_trace_bytes = spec.get("max_trace_bytes", MAX_TRACE_BYTES)
+        self.max_log_chars = spec.get("max_log_chars", MAX_LOG_CHARS)
         self.model, self.tokenizer = load_model(self.path, self.dtype)
         self.tree = module_tree(self.model)
         self.order = record_order(self.model, self.tokenizer)
@@ -100,7 +103,8 @@ class ModelDeployment:
         job = asyncio.get_running_loop().run_in_executor(
             self.pool, lambda: run_segment(
                 self.model, self.tokenizer, segment, imported, tensors,
-                on_log=lambda m: emit(LOG, {"message": m}), on_trace=on_trace, cancel=cancel,
+                on_log=lambda m: emit(LOG, {"message": cap_log(m, self.max_log_chars)}), on_trace=on_trace,
+                cancel=cancel, max_trace_bytes=self.max_trace_bytes,
             )
         )
         try:

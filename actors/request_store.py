@@ -57,6 +57,11 @@ class RequestStore:
         await self._add(request_id, "RECEIVED", {"id": request_id})
         return True
 
+    def active(self, owner: str) -> int:
+        """How many of `owner`'s requests have not ended: the ingress refuses a user at her limit
+        before reading her body (`admit` stays the atomic check)."""
+        return sum(1 for r in self.requests.values() if r.owner == owner and r.state not in TERMINAL)
+
     async def add_event(
         self, request_id: str, kind: str, data: dict[str, Any] | None = None, order: tuple[str, int] | None = None
     ) -> None:

@@ -422,3 +422,62 @@ def http_floor(url: str, key: str, request_id: str, n: int) -> dict:
             health.append((t1 - t0) * 1000)
             status.append((t2 - t1) * 1000)
     return {"healthz_ms": summary(health, 2), "status_ms": summary(status, 2)}
+
+
+# -- cancel: how soon the replica is free again ----------------------------------------------------
+
+
+def heavy_trace(model, ops: int = 4000):
+    """One trace that touches one module, then thousands of 1024x1024 matmuls with no module in
+    between: minutes of replica time unless a cancel stops it between operations."""
+    with model.trace(P1):
+        x = model.model.layers[0].output.new_ones(1024, 1024)
+        acc = x[0, 0]
+        for _ in range(ops):
+            acc = acc + (x @ x)[0, 0]
+        acc.save()
+
+
+def _sse(client: httpx.Client, request_id: str):
+    """(event, data) pairs of a request's stream, as they arrive."""
+    with client.stream("GET", f"/v1/requests/{request_id}/events") as r:
+        kind = None
+        for line in r.iter_lines():
+            if line.startswith("event: "):
+                kind = line[7:]
+            elif line.startswith("data: ") and kind is not None:
+                yield kind, json.loads(line[6:])
+                kind = None
+
+
+def cancel_release(url: str, key: str, heavy_body: bytes, next_body: bytes, rounds: int) -> dict:
+    """`cancel_release_ms`: a compute-heavy request is RUNNING and another waits (QUEUED) on the
+    same replica; from the DELETE of the first to the second's RUNNING event at the client (the
+    replica has started it). Both ends are client marks, so the store and stream hops are in."""
+    release, ends = [], []
+    headers = {"Authorization": f"Bearer {key}"}
+    with httpx.Client(base_url=url, headers=headers, timeout=httpx.Timeout(30.0, read=300.0)) as client:
+        for _ in range(rounds):
+            heavy = client.post("/v1/requests", content=heavy_body).json()["id"]
+            for kind, _data in _sse(client, heavy):
+                if kind == "RUNNING":
+                    break
+            nxt = client.post("/v1/requests", content=next_body).json()["id"]
+            events = _sse(client, nxt)
+            for kind, _data in events:
+                if kind in ("QUEUED", "RUNNING"):
+                    break
+            if kind != "QUEUED":  # it did not have to wait: nothing to measure this round
+                continue
+            t0 = time.perf_counter()
+            client.delete(f"/v1/requests/{heavy}")
+            for kind, _data in events:
+                if kind == "RUNNING":
+                    release.append((time.perf_counter() - t0) * 1000)
+                    break
+            for kind, _data in events:
+                if kind in ("COMPLETED", "ERROR", "CANCELLED"):
+                    break
+            events.close()
+            ends.append(next(k for k, _ in _sse(client, heavy) if k in ("COMPLETED", "ERROR", "CANCELLED")))
+    return {"release_ms": summary(release), "heavy_ends": ends}

@@ -433,4 +433,9 @@ def _method(res: dict, w) -> None:
       "title holds `ServeReplica:raysight:model-`), read from /proc after the load.")
     w("8. The phase breakdown: client marks from wrappers around client_sdk's encode / submit / "
       "decode (`bench/probe.py`), server stamps from the request store's events, read by a Ray "
-      "driver connected to this cluster after the timed work (`bench/cluster.py`).\n")
+      "driver connected to this cluster after the timed work (`bench/cluster.py`).")
+    w(f"9. `cancel_release_ms`: a request whose one trace reads one module, then runs 4,000 1024x1024 "
+      f"matmuls (minutes of work), reaches RUNNING; a single-trace request is then QUEUED behind it on "
+      f"the same replica; the figure is from the DELETE of the first to the second's RUNNING event at "
+      f"the client, {s.get('cancel_rounds', 10)} rounds (`.venv/bin/python bench/cancel_release.py` "
+      "measures it alone, on a cluster of its own).\n")

@@ -50,6 +50,8 @@ HEADLINES = [
      "SmolLM2-135M", "x", ("<=", 0.05), "≤ 0.01"),
     ("concurrent_throughput_ratio", "requests/s with 16 concurrent clients / with 1 client; single-trace requests, one replica",
      "SmolLM2-135M", "x", (">=", 1.0), "≥ 4"),
+    ("cancel_release_ms", "DELETE of a running compute-heavy request (thousands of tensor ops, one module) → the "
+     + "next request on that replica reaches RUNNING, at the client", "tiny Llama", "ms", ("<=", 500.0), "≤ 50"),
 ]
 
 
@@ -122,11 +124,11 @@ def _settings(quick: bool) -> dict:
         return {"quick": True, "engine_rounds": 5, "overhead_rounds": 6, "overhead_rounds_smol": 3,
                 "chain_rounds": 2, "chain_rounds_smol": 1, "download_reps": 2, "load_reps": 1,
                 "load_duration_s": 3.0, "load_reps_tiny": 1, "load_duration_tiny_s": 2.0, "http_floor_n": 20,
-                "cpu_sessions": 10}
+                "cpu_sessions": 10, "cancel_rounds": 3}
     return {"quick": False, "engine_rounds": None, "overhead_rounds": 40, "overhead_rounds_smol": 12,
             "chain_rounds": 10, "chain_rounds_smol": 4, "download_reps": 5, "load_reps": 3,
             "load_duration_s": 8.0, "load_reps_tiny": 2, "load_duration_tiny_s": 4.0, "http_floor_n": 100,
-            "cpu_sessions": 60}
+            "cpu_sessions": 60, "cancel_rounds": 10}
 
 
 # -- setup -------------------------------------------------------------------------------------------
@@ -274,6 +276,14 @@ def run_remote(url: str, key: str, smol_path: Path, tiny_path: Path, s: dict, se
         smol_body = probe.last_body
         ex.single_trace(tiny_r)
         tiny_body = probe.last_body
+        _say(f"cancel of a compute-heavy request -> the next one starts, tiny Llama ({s['cancel_rounds']} rounds)")
+        from client_sdk import tracing
+        from intervention.wire import encode_session
+
+        with tracing.recording(remote=True) as graph:
+            ex.heavy_trace(tiny_r)
+        heavy_body = encode_session(graph.session_ir(), graph.tensors)
+        out["cancel_tiny"] = ex.cancel_release(url, key, heavy_body, tiny_body, s["cancel_rounds"])
         _say(f"concurrent clients 1/4/16, SmolLM2 single-trace requests ({s['load_reps']} x {s['load_duration_s']:g} s per level)")
         out["load_smol"] = ex.concurrency(url, key, smol_body, (1, 4, 16), s["load_reps"], s["load_duration_s"], meter)
         _say(f"concurrent clients 1/4/16, tiny Llama single-trace requests ({s['load_reps_tiny']} x {s['load_duration_tiny_s']:g} s)")
@@ -314,6 +324,7 @@ def assemble(machine, settings, engine, server, remote, memory, events, events_e
         "session_vs_separate_speedup": ct["speedup"],
         "bytes_to_client_ratio": cs["bytes_to_client_ratio"],
         "concurrent_throughput_ratio": ls["throughput_ratio"],
+        "cancel_release_ms": remote["cancel_tiny"]["release_ms"],
     }
     results: dict = {"generated": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "command": "make bench",
                      "machine": machine, "settings": settings}

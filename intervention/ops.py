@@ -8,10 +8,13 @@ here; an existing op never changes meaning.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from intervention.limits import MAX_NEW_ELEMENTS
 
 # Ops the engine implements itself because they touch modules or the run, not only values.
 # name -> (min args, max args); args[0] is a module path for module ops.
@@ -110,41 +113,94 @@ def check_to_args(args: list) -> str | None:
     return None
 
 
-# Ops whose output size comes from their arguments, not from tensors the model made: a request
-# must not be able to ask a replica for terabytes. 2**28 elements is 1 GiB of float32.
-MAX_NEW_ELEMENTS = 2**28
-ALLOCATING_FUNCTIONS = frozenset(
-    f"torch.{n}" for n in ("zeros", "ones", "full", "arange", "linspace", "eye", "tensor")
-)
-ALLOCATING_METHODS = frozenset({"new_zeros", "new_ones", "new_full", "repeat", "expand"})
+# A request must not be able to ask a replica for terabytes (the cap: intervention/limits.py).
+# Ops whose output size comes from their arguments (sizes, counts, widths), not only from the
+# tensors they take: their output shape is always computed first, on the meta device.
+SIZED_FUNCTIONS = frozenset(
+    f"torch.{n}" for n in ("zeros", "ones", "full", "arange", "linspace", "eye", "diag")
+) | {"torch.nn.functional.one_hot", "torch.nn.functional.pad"}
+SIZED_METHODS = frozenset({"new_zeros", "new_ones", "new_full", "repeat", "expand", "diag"})
+_FACTORIES = frozenset(f"torch.{n}" for n in ("zeros", "ones", "full", "arange", "linspace", "eye"))
 
 
-def check_allocation(name: str, args: tuple | list, kwargs: dict, obj=None) -> None:
-    """Raise before allocating if the requested tensor is larger than MAX_NEW_ELEMENTS."""
-    n = _requested_elements(name.rsplit(".", 1)[-1], list(args), kwargs, obj)
+def check_output(name: str, fn: Callable, args: list, kwargs: dict, obj: torch.Tensor | None = None) -> None:
+    """Raise before running `fn` (a function, or method `name` of `obj`) if its output would hold
+    more than MAX_NEW_ELEMENTS elements.
+
+    Sized ops are always checked; any other op only when it takes two or more tensors whose
+    element counts multiply past the limit (broadcasting, `matmul`, `outer`, `einsum`... produce
+    at most that product), so the common small op costs one loop over its arguments."""
+    if name not in SIZED_FUNCTIONS and name not in SIZED_METHODS:
+        bound, tensors = 1, 0
+        for a in (obj, *args, *kwargs.values()) if obj is not None else (*args, *kwargs.values()):
+            if isinstance(a, torch.Tensor):
+                bound *= max(a.numel(), 1)
+                tensors += 1
+        if tensors < 2 or bound <= MAX_NEW_ELEMENTS:
+            return
+    n = _output_elements(name, fn, args, kwargs, obj)
     if n > MAX_NEW_ELEMENTS:
-        raise ValueError(f"{name}() would create {n:,} elements; the limit is {MAX_NEW_ELEMENTS:,}")
+        short = name.rsplit(".", 1)[-1]
+        raise ValueError(f"{short}() would create {n:,} elements; the limit is {MAX_NEW_ELEMENTS:,}")
 
 
-def _requested_elements(name: str, args: list, kwargs: dict, obj) -> int:
-    if name == "tensor":
+def check_binary(fn: Callable, a: object, b: object) -> None:
+    """`check_output` for a plain binary operator (`a * b`, `a @ b`): only tensor pairs whose
+    element counts multiply past the limit can grow (broadcasting, matmul)."""
+    if (
+        isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+        and a.numel() * b.numel() > MAX_NEW_ELEMENTS
+    ):
+        n = _output_elements("", fn, [a, b], {}, None)
+        if n > MAX_NEW_ELEMENTS:
+            raise ValueError(f"this operation would create {n:,} elements; the limit is {MAX_NEW_ELEMENTS:,}")
+
+
+def _output_elements(name: str, fn: Callable, args: list, kwargs: dict, obj: torch.Tensor | None) -> int:
+    """Elements of the op's output, computed on the meta device (shapes only, no data). 0 when
+    the meta run fails: the real call then raises its own error (or the trace's memory budget
+    catches what it holds)."""
+    if name == "torch.tensor":
         return 0  # literal data: bounded by the request size
-    if name == "arange":
-        nums = [float(a) for a in args if isinstance(a, (int, float))]
-        start, end, step = (0.0, nums[0], 1.0) if len(nums) == 1 else (*nums[:2], nums[2] if len(nums) > 2 else 1.0)
-        return int(abs((end - start) / step)) if step else 0
-    if name == "linspace":
-        return int(kwargs.get("steps", args[2] if len(args) > 2 else 0))
-    if name == "eye":
-        n = int(args[0]) if args else 0
-        return n * int(args[1] if len(args) > 1 else n)
-    if name in ("full", "new_full"):
-        args = args[:1]
-    size = kwargs.get("size", args[0] if len(args) == 1 and isinstance(args[0], (tuple, list)) else args)
-    n = 1
-    for d in size:
-        if isinstance(d, int):
-            n *= max(d, 0)
-    if name == "repeat" and obj is not None:
-        n *= obj.numel()
-    return n
+    try:
+        if name in _FACTORIES:
+            out = fn(*_sizes(args), **_sizes(kwargs), device="meta")
+        elif obj is not None:
+            out = getattr(obj.to("meta"), name)(*_sizes(args), **_sizes(kwargs))
+        else:
+            if name == "torch.nn.functional.one_hot" and "num_classes" not in kwargs and len(args) < 2:
+                # its width is the largest index + 1: read it from the (real) index tensor
+                kwargs = {**kwargs, "num_classes": int(args[0].max()) + 1 if args[0].numel() else 0}
+            out = fn(*[_meta(a) for a in args], **{k: _meta(v) for k, v in kwargs.items()})
+    except Exception:  # noqa: BLE001 - see above
+        return 0
+    return _numel(out)
+
+
+def _meta(value: object) -> object:
+    """A tensor as a meta tensor (same shape and dtype, no data); a 0-d tensor as its number,
+    since it may be a size; containers element-wise."""
+    if isinstance(value, torch.Tensor):
+        return value.item() if value.dim() == 0 else value.to("meta")
+    if isinstance(value, (list, tuple)):
+        return type(value)(_meta(v) for v in value) if type(value) in (list, tuple) else value
+    return value
+
+
+def _sizes(value: object) -> object:
+    """Size arguments as numbers: 0-d tensors (a size computed in the trace) become ints."""
+    if isinstance(value, torch.Tensor) and value.dim() == 0:
+        return value.item()
+    if type(value) in (list, tuple):
+        return type(value)(_sizes(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _sizes(v) for k, v in value.items()}
+    return value
+
+
+def _numel(out: object) -> int:
+    if isinstance(out, torch.Tensor):
+        return out.numel()
+    if isinstance(out, (list, tuple)):
+        return sum(_numel(o) for o in out)
+    return 0

@@ -28,6 +28,7 @@ from intervention import ops
 from intervention.args import ArgError, decode, decode_list, ref_id
 from intervention.errors import Cancelled, ExecutionError, InterventionError
 from intervention.ir import TraceIR
+from intervention.limits import MAX_TRACE_BYTES
 from intervention.values import (
     Rows,
     Shape,
@@ -150,12 +151,16 @@ class Program:
         keep: set[int] | frozenset[int] = frozenset(),
         on_log: Callable[[str], None] = print,
         cancel: threading.Event | None = None,
+        max_bytes: int = MAX_TRACE_BYTES,
     ):
         self.trace = trace
         self.tensors = tensors or {}
         self.keep = keep
         self.on_log = on_log
         self.cancel = cancel
+        self.max_bytes = max_bytes
+        self.held = 0  # bytes of the tensors its steps allocated (see _hold)
+        self.storages: set[int] = set()
         self.values: dict[int, Any] = dict(externals) if externals else {}
         self.saved: list[int] = []
         self.state = RUNNING
@@ -261,9 +266,11 @@ class Program:
                         if step.writes:
                             self.last_write = step
                         try:
-                            values[step.id] = step.fn(*args)
+                            value = values[step.id] = step.fn(*args)
                         except Exception as exc:
                             raise _failed(step, exc) from exc
+                        if type(value) is torch.Tensor and not step.writes:
+                            self._hold(step, value)
                     else:
                         self._compute(step)
                 pos += 1
@@ -336,13 +343,41 @@ class Program:
             if step.writes:
                 self.last_write = step
             if step.fn is not None:
-                self.values[step.id] = step.fn(*args)
+                value = self.values[step.id] = step.fn(*args)
             else:
-                self.values[step.id] = step.run(self, step, args, kwargs)
+                value = self.values[step.id] = step.run(self, step, args, kwargs)
         except (InterventionError, _Stop):
             raise
         except Exception as exc:
             raise _failed(step, exc) from exc
+        if not step.writes and self.last_write is not step:  # in place: nothing new is held
+            self._hold(step, value)
+
+    def _hold(self, step: Step, value: Any) -> None:
+        """Count what `value` newly holds against the program's memory budget: every tensor a
+        step allocated (views and tensors already counted hold nothing new), for as long as the
+        program runs (it keeps all its values until it ends). The per-op cap (ops.check_output)
+        stops most huge allocations before they happen; this bounds what many small ones add up to."""
+        if type(value) is not torch.Tensor:
+            if isinstance(value, (tuple, list)):  # topk, split, unbind...: one level deep
+                for v in value:
+                    if isinstance(v, torch.Tensor):
+                        self._hold(step, v)
+            return
+        if value._base is not None:
+            return
+        storage = value.untyped_storage()
+        ptr = storage.data_ptr()
+        if ptr in self.storages:
+            return
+        self.storages.add(ptr)
+        self.held += storage.nbytes()
+        if self.held > self.max_bytes:
+            raise ExecutionError(
+                f"this trace holds {self.held:,} bytes of tensors it computed, over its limit of "
+                f"{self.max_bytes:,} bytes: compute smaller values (or save fewer of them)",
+                step.loc, code="memory_limit",
+            )
 
     def _module_step(self, step: Step, rows: Rows, il: Interleaver) -> None:
         try:
@@ -553,15 +588,14 @@ def _method(p: Program, s: Step, a: list, k: dict) -> Any:
         raise TypeError(f".{name}() needs a tensor, got {type(obj).__name__}")
     if name.endswith("_"):
         p.last_write = s
-    if name in ops.ALLOCATING_METHODS:
-        ops.check_allocation(name, a[2:], k, obj)
+    ops.check_output(name, None, a[2:], k, obj)
     return getattr(obj, name)(*a[2:], **k)
 
 
 def _function(p: Program, s: Step, a: list, k: dict) -> Any:
-    if a[0] in ops.ALLOCATING_FUNCTIONS:
-        ops.check_allocation(a[0], a[1:], k)
-    return ops.FUNCTIONS[a[0]](*a[1:], **k)
+    fn = ops.FUNCTIONS[a[0]]
+    ops.check_output(a[0], fn, a[1:], k)
+    return fn(*a[1:], **k)
 
 
 def _getattr(p: Program, s: Step, a: list, k: dict) -> Any:
@@ -599,9 +633,21 @@ def _unknown(p: Program, s: Step, a: list, k: dict) -> None:
     raise ExecutionError(f"unknown op {s.op!r}", s.loc)
 
 
+def _checked(fn: Callable) -> Callable:
+    """A binary operator that first refuses outputs over the allocation cap (broadcasting two
+    large tensors, matmul): one type check per call unless both operands are large."""
+
+    def run(a: Any, b: Any) -> Any:
+        if type(a) is torch.Tensor and type(b) is torch.Tensor:
+            ops.check_binary(fn, a, b)
+        return fn(a, b)
+
+    return run
+
+
 # op -> its plain operator, called as fn(*args); op -> its runner, for everything else.
 _PLAIN: dict[str, Callable] = {
-    **ops.BINARY, **ops.UNARY, "getitem": operator.getitem, "setitem": operator.setitem,
+    **{op: _checked(fn) for op, fn in ops.BINARY.items()}, **ops.UNARY, "getitem": operator.getitem, "setitem": operator.setitem,
     "augassign": _augassign,
 }
 _RUNNERS: dict[str, Callable] = {

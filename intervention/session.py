@@ -22,6 +22,7 @@ import torch
 from intervention.args import decode, no_refs
 from intervention.engine import run_forward
 from intervention.errors import InterventionError
+from intervention.limits import MAX_TRACE_BYTES
 from intervention.plan import Segment, SessionPlan
 from intervention.program import Program, ProgramResult, log_message
 
@@ -140,15 +141,17 @@ def run_segment(
     on_log: Callable[[str], None] = print,
     on_trace: Callable[[int], None] | None = None,
     cancel: Any = None,
+    max_trace_bytes: int = MAX_TRACE_BYTES,
 ) -> Outcome:
-    """Run a segment's traces in this process, one forward each."""
+    """Run a segment's traces in this process, one forward each; each trace's computed tensors
+    may hold at most `max_trace_bytes` (see Program)."""
     loop = SegmentLoop(segment, imports)
     while (work := loop.next_trace()) is not None:
         if on_trace is not None:
             on_trace(work.index)
         try:
             program = Program(work.trace, tensors=tensors, externals=work.values, keep=work.keep,
-                              on_log=on_log, cancel=cancel)
+                              on_log=on_log, cancel=cancel, max_bytes=max_trace_bytes)
         except InterventionError as err:
             loop.record_trace(ProgramResult(error=err))
             continue

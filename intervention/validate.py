@@ -7,12 +7,14 @@ a ValidationError with the location of the offending node.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from intervention import ops
-from intervention.args import ArgError, ref_id, visit, visit_args
+from intervention.args import WIRE_DTYPES, ArgError, decode, no_refs, ref_id, visit, visit_args
 from intervention.errors import ValidationError
 from intervention.ir import IR_VERSION, Node, SessionIR, SessionStep, TraceIR
 from intervention.order import check_order
@@ -34,6 +36,28 @@ class Limits:
     max_tensor_bytes: int = 256 * 2**20
 
 
+@dataclass(frozen=True)
+class InputBounds:
+    """What a model's inputs must fit: token ids below `vocab_size`, rows of at most `context`
+    tokens (None: unknown, unchecked). `count_tokens` counts a prompt's tokens, where the
+    validator has the model's tokenizer."""
+
+    vocab_size: int | None = None
+    context: int | None = None
+    count_tokens: Callable[[str], int] | None = None
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], count_tokens: Callable[[str], int] | None = None) -> InputBounds:
+        context = next((config[k] for k in CONTEXT_KEYS if isinstance(config.get(k), int)), None)
+        vocab = config.get("vocab_size")
+        return cls(vocab if isinstance(vocab, int) else None, context, count_tokens)
+
+
+# Where transformers configs keep the context length (Llama & most; GPT-2; a few older ones).
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "n_ctx", "seq_length")
+_ACCEPTED_DTYPES = frozenset(WIRE_DTYPES.values())
+
+
 def validate_session(
     session: SessionIR,
     tensors: dict[str, torch.Tensor],
@@ -42,6 +66,7 @@ def validate_session(
     orders: dict[str, list] | None = None,
     recorded: bool = False,
     max_new_tokens: dict[str, int] | None = None,
+    inputs: dict[str, InputBounds] | None = None,
 ) -> None:
     """`models` maps each served model name to its module paths; `orders`, where known, to the
     order its modules run in (see order.py), so out-of-order reads fail before any forward;
@@ -49,7 +74,8 @@ def validate_session(
 
     `recorded`: the session comes from this process's own recorder, which builds every node
     well-formed and runs `check_node_alone` as it records, so the per-node checks are skipped
-    (a server always validates everything: what it receives is untrusted)."""
+    (a server always validates everything: what it receives is untrusted). `inputs`, where known:
+    each model's InputBounds, so bad token ids and too long inputs fail here, not in a replica."""
     if session.version != IR_VERSION:
         raise ValidationError(f"IR version {session.version} is not supported (this server speaks {IR_VERSION})")
     if not session.traces and not session.steps:
@@ -62,6 +88,11 @@ def validate_session(
     size = sum(t.numel() * t.element_size() for t in tensors.values())
     if size > limits.max_tensor_bytes:
         raise ValidationError(f"tensors of {size} bytes exceed the limit of {limits.max_tensor_bytes}", code="too_large")
+    for name, t in tensors.items():
+        if t.dtype not in _ACCEPTED_DTYPES:
+            accepted = ", ".join(WIRE_DTYPES)
+            raise ValidationError(f"tensor blob {name!r} has dtype {str(t.dtype).removeprefix('torch.')}, which "
+                                  f"the server does not accept (accepted: {accepted})", code="unsupported_dtype")
     seen: set[int] = set()
     for trace in session.traces:
         if trace.model not in models:
@@ -75,7 +106,60 @@ def validate_session(
             _check_generate(trace, (max_new_tokens or {}).get(trace.model, DEFAULT_MAX_NEW_TOKENS))
         if orders and trace.model in orders:
             check_order(trace, orders[trace.model])
+        if inputs and trace.model in inputs:
+            check_inputs(trace, tensors, inputs[trace.model])
     _check_steps(session.steps, len(session.traces), tensors)
+
+
+def check_inputs(trace: TraceIR, tensors: dict[str, torch.Tensor], bounds: InputBounds) -> None:
+    """Each invoke's input fits the model: token ids inside its vocabulary, rows no longer than
+    its context. (A prompt is counted only where `bounds` can count tokens.)"""
+    for invoke in trace.invokes:
+        try:
+            value = decode(invoke.input, no_refs, tensors)
+        except ArgError as exc:
+            raise ValidationError(str(exc), trace.loc) from None
+        for row in value if isinstance(value, (list, tuple)) and value and not _is_ids(value) else [value]:
+            _check_row(row, trace, bounds)
+
+
+def _is_ids(value: list | tuple) -> bool:
+    return all(type(v) is int for v in value)
+
+
+def _check_row(row: Any, trace: TraceIR, bounds: InputBounds) -> None:
+    def fail(message: str) -> None:
+        raise ValidationError(message, trace.loc, code="invalid_input")
+
+    if isinstance(row, str):
+        if bounds.count_tokens is None or bounds.context is None:
+            return
+        n = bounds.count_tokens(row)
+    elif isinstance(row, torch.Tensor):
+        if row.dtype.is_floating_point or row.dtype.is_complex or row.dtype == torch.bool:
+            fail(f"a tensor input must hold integer token ids, not {str(row.dtype).removeprefix('torch.')}")
+        if row.dim() not in (1, 2):
+            fail(f"a tensor input must hold token ids with 1 or 2 dimensions, got {row.dim()}")
+        n = row.shape[-1]
+        if row.numel():
+            _check_ids(int(row.min()), int(row.max()), trace, bounds)
+    elif isinstance(row, (list, tuple)) and _is_ids(row):
+        n = len(row)
+        if row:
+            _check_ids(min(row), max(row), trace, bounds)
+    else:
+        return  # not an input shape the engine takes: it says so itself
+    if bounds.context is not None and n > bounds.context:
+        fail(f"the input has {n:,} tokens; this model takes at most {bounds.context:,} (its context length)")
+
+
+def _check_ids(low: int, high: int, trace: TraceIR, bounds: InputBounds) -> None:
+    top = bounds.vocab_size
+    for v in (low, high):
+        if v < 0 or (top is not None and v >= top):
+            valid = f"0..{top - 1}" if top is not None else ">= 0"
+            raise ValidationError(f"token id {v} is outside the model's vocabulary ({valid})", trace.loc,
+                                  code="invalid_input")
 
 
 def _check_steps(steps: list[SessionStep], n_traces: int, tensors: dict) -> None:

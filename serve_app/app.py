@@ -20,12 +20,12 @@ from serve_app.ingress import Ingress
 
 def build_app(args: dict[str, Any]) -> Application:
     config = AppConfig.model_validate(args)
-    models = {m.name: _model_app(m, config.result_ttl_s) for m in config.models}
+    models = {m.name: _model_app(m, config) for m in config.models}
     runner = SessionRunner.bind(models, config.result_ttl_s)
     return Ingress.bind(config.model_dump(), runner, models)
 
 
-def _model_app(m: ModelConfig, result_ttl_s: float) -> Application:
+def _model_app(m: ModelConfig, config: AppConfig) -> Application:
     options: dict[str, Any] = {
         "name": f"model-{m.name}",
         "ray_actor_options": {"num_cpus": m.cpus_per_replica, "num_gpus": m.gpus_per_replica},
@@ -35,5 +35,6 @@ def _model_app(m: ModelConfig, result_ttl_s: float) -> Application:
         options["autoscaling_config"] = m.autoscaling_config
     else:
         options["num_replicas"] = m.num_replicas or 1
-    spec = {"name": m.name, "path": m.resolved_path(), "dtype": m.dtype}
-    return ModelDeployment.options(**options).bind(spec, result_ttl_s)
+    spec = {"name": m.name, "path": m.resolved_path(), "dtype": m.dtype,
+            "max_trace_bytes": config.limits.max_trace_bytes, "max_log_chars": config.limits.max_log_chars}
+    return ModelDeployment.options(**options).bind(spec, config.result_ttl_s)

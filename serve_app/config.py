@@ -31,6 +31,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from intervention.limits import MAX_LOG_CHARS, MAX_TRACE_BYTES
 from intervention.validate import DEFAULT_MAX_NEW_TOKENS
 
 
@@ -90,6 +91,13 @@ class LimitsConfig(BaseModel):
     max_concurrent_per_user: int = 4
     max_traces: int = 64
     max_nodes: int = 20_000
+    # What one trace's computed tensors may hold in all, on its replica (a user error beyond).
+    max_trace_bytes: int = Field(default=MAX_TRACE_BYTES, gt=0)
+    # Longer `log` messages are cut, with a marker saying how much was dropped.
+    max_log_chars: int = Field(default=MAX_LOG_CHARS, gt=0)
+    # Event streams (GET .../events, and POST with Accept: text/event-stream) one user may hold
+    # open at once, per ingress replica; one more is a 429.
+    max_streams_per_user: int = Field(default=16, gt=0)
 
 
 class AppConfig(BaseModel):

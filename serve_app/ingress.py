@@ -12,16 +12,19 @@ import contextvars
 import json
 import math
 import uuid
+import weakref
+from functools import partial
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
 from actors.request_store import TERMINAL, get_store
 from intervention.errors import InterventionError
 from intervention.module_tree import module_paths
-from intervention.validate import Limits, validate_session
+from intervention.validate import InputBounds, Limits, validate_session
 from intervention.wire import decode_session
 from serve_app import errors, readiness
 from serve_app.auth import KeyRing
@@ -40,6 +43,9 @@ errors.install(app)
 
 SSE_HEARTBEAT_S = 15.0
 INLINE_RESULT_BYTES = 1 << 20  # results up to this size ride in the COMPLETED event of a stream
+# Bodies larger than this are decoded and validated on a worker thread, so the event loop (every
+# other route, /healthz included) never waits on them; smaller ones cost less than the hop.
+OFF_LOOP_BYTES = 64 << 10
 
 
 # Helpers come before the class: serve.ingress snapshots the module's globals when it wraps it.
@@ -54,6 +60,34 @@ def _superseded(batch: list[dict], i: int) -> bool:
 def _event_stream(events, status_code: int = 200) -> StreamingResponse:
     return StreamingResponse(events, status_code=status_code, media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache"})
+
+
+def _count_tokens(files: dict[str, str]):
+    """A prompt's token count with the model's own tokenizer (`tokenizers` alone: no files, no
+    transformers), or None when the model ships no tokenizer.json."""
+    text = files.get("tokenizer.json")
+    if text is None:
+        return None
+    from tokenizers import Tokenizer
+
+    tokenizer = Tokenizer.from_str(text)
+    return lambda prompt: len(tokenizer.encode(prompt).ids)
+
+
+def _last_event_id(request: Request) -> int:
+    """The index to resume after (`Last-Event-ID`, as this route numbers events), or -1."""
+    raw = request.headers.get("last-event-id")
+    if raw is None or raw == "":
+        return -1
+    if not raw.isdigit() or len(raw) > 18:  # digits only: no sign, no spaces, no huge numbers
+        raise ApiError(422, "invalid_request",
+                       f"Last-Event-ID must be a non-negative integer (an event id of this stream), got {raw[:40]!r}")
+    return int(raw)
+
+
+def _too_many(cap: int) -> ApiError:
+    return ApiError(429, "too_many_requests", f"at most {cap} requests per user may run at once "
+                    "(limits.max_concurrent_per_user); wait for one to finish")
 
 
 def _no_such_request(request_id: str) -> ApiError:
@@ -94,7 +128,9 @@ class Ingress:
         self.infos: dict[str, dict] = {}
         self.paths: dict[str, set[str]] = {}
         self.orders: dict[str, list[tuple[str, str]]] = {}
+        self.inputs: dict[str, InputBounds] = {}
         self.watchers: set[asyncio.Task] = set()
+        self.streams: dict[str, int] = {}  # user -> event streams open on this replica
         lim = self.config.limits
         self.limits = Limits(max_traces=lim.max_traces, max_nodes=lim.max_nodes, max_tensor_bytes=lim.max_request_bytes)
         self.max_new_tokens = {m.name: m.max_new_tokens for m in self.config.models}
@@ -139,6 +175,7 @@ class Ingress:
             self.infos[name] = info
             self.paths[name] = set(module_paths(info["module_tree"]))
             self.orders[name] = [tuple(e) for e in info["module_order"]]
+            self.inputs[name] = InputBounds.from_config(info["config"], _count_tokens(info["tokenizer_files"]))
         return self.infos[name]
 
     # -- requests ------------------------------------------------------------------------------
@@ -152,21 +189,35 @@ class Ingress:
         first event, RECEIVED, carries the id) whose COMPLETED event carries a small result inline
         (base64 `result`): a blocking client needs one round trip, not three."""
         user = self.keys.user_for(request)
+        cap = self.config.limits.max_concurrent_per_user
+        # A user at her limit is refused before a large body is read or decoded (admit re-checks
+        # atomically below; a small body costs less to decode than this extra store call).
+        declared = request.headers.get("content-length", "")
+        small = declared.isdigit() and int(declared) <= OFF_LOOP_BYTES
+        if not small and await self.store.active.remote(user) >= cap:
+            raise _too_many(cap)
+        timeout = self._timeout(request)  # a bad header is refused before the request exists
         body = await self._read_body(request)
+        off_loop = len(body) > OFF_LOOP_BYTES
         try:
-            session, tensors = decode_session(body)
+            session, tensors = await run_in_threadpool(decode_session, body) if off_loop else decode_session(body)
             for name in {t.model for t in session.traces}:
                 if name in self.models:
                     await self._info(name)
             served = {n: self.paths.get(n, set()) for n in self.models}  # used ones were fetched above
-            validate_session(session, tensors, served, self.limits, self.orders, max_new_tokens=self.max_new_tokens)
+            check = partial(validate_session, session, tensors, served, self.limits, self.orders,
+                            max_new_tokens=self.max_new_tokens, inputs=self.inputs)
+            await run_in_threadpool(check) if off_loop else check()
         except InterventionError as err:
             raise errors.from_intervention(err) from None
-        timeout = self._timeout(request)  # a bad header is refused before the request exists
         request_id = uuid.uuid4().hex
-        cap = self.config.limits.max_concurrent_per_user
+        streaming = "text/event-stream" in request.headers.get("accept", "")
+        if streaming and not self._stream_slot(user):
+            raise self._too_many_streams()
         if not await self.store.admit.remote(request_id, user, len(session.traces), cap):
-            raise ApiError(429, "too_many_requests", f"at most {cap} requests per user may run at once; wait for one to finish")
+            if streaming:
+                self._release_slot(user)
+            raise _too_many(cap)
         # The session runs apart from this HTTP request: Serve cancels the handle calls a request
         # made when its client disconnects (a blocking client's Ctrl-C, a dropped stream that the
         # client would resume by id), which would leave the request RUNNING for good. In a fresh
@@ -176,8 +227,8 @@ class Ingress:
         )
         self.watchers.add(watcher)
         watcher.add_done_callback(self.watchers.discard)
-        if "text/event-stream" in request.headers.get("accept", ""):
-            return _event_stream(self._sse(request_id, user, 0, INLINE_RESULT_BYTES), status_code=202)
+        if streaming:
+            return _event_stream(self._stream(user, self._sse(request_id, user, 0, INLINE_RESULT_BYTES)), status_code=202)
         return JSONResponse({"id": request_id}, status_code=202)
 
     async def _watch(self, request_id: str, session: Any, tensors: dict, timeout: float) -> None:
@@ -226,11 +277,54 @@ class Ingress:
         """Server-sent events: RECEIVED, QUEUED{position}, RUNNING{trace, of}, LOG{message},
         COMPLETED, ERROR{code, message, location}, CANCELLED. Resume with `Last-Event-ID`."""
         user = self.keys.user_for(request)
-        after = int(request.headers.get("last-event-id", "-1")) + 1
-        first = await self.store.events.remote(request_id, user, after, 0.0)
-        if first is None:
+        if await self.store.status.remote(request_id, user) is None:  # ownership before anything else
             raise _no_such_request(request_id)
-        return _event_stream(self._sse(request_id, user, after))
+        after = _last_event_id(request) + 1
+        if not self._stream_slot(user):
+            raise self._too_many_streams()
+        return _event_stream(self._stream(user, self._sse(request_id, user, after)))
+
+    def _stream_slot(self, user: str) -> bool:
+        """Take one of `user`'s open-stream slots, if she has one left."""
+        open_now = self.streams.get(user, 0)
+        if open_now >= self.config.limits.max_streams_per_user:
+            return False
+        self.streams[user] = open_now + 1
+        return True
+
+    def _release_slot(self, user: str) -> None:
+        left = self.streams.get(user, 1) - 1
+        if left > 0:
+            self.streams[user] = left
+        else:
+            self.streams.pop(user, None)
+
+    def _too_many_streams(self) -> ApiError:
+        limit = self.config.limits.max_streams_per_user
+        return ApiError(429, "too_many_streams", f"at most {limit} event streams per user may be open at once "
+                        "(limits.max_streams_per_user); close one first")
+
+    def _stream(self, user: str, events):
+        """`events` holding one of `user`'s stream slots until it ends: closed, finished, or
+        dropped unstarted (a client gone before the first byte: released when collected)."""
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._release_slot(user)
+
+        async def held():
+            try:
+                async for chunk in events:
+                    yield chunk
+            finally:
+                release()
+
+        stream = held()
+        weakref.finalize(stream, release)
+        return stream
 
     async def _sse(self, request_id: str, user: str, after: int, inline_limit: int = 0):
         while True:
@@ -238,6 +332,11 @@ class Ingress:
             if batch is None:
                 return
             if not batch:
+                # Nothing new: a request that has ended has nothing more to send (a client
+                # resuming after its last event gets an empty stream, not heartbeats forever).
+                status = await self.store.status.remote(request_id, user)
+                if status is None or status["state"] in TERMINAL:
+                    return
                 yield ": heartbeat\n\n"
                 continue
             for i, event in enumerate(batch):

@@ -55,7 +55,8 @@ def cluster(tiny_llama_path: Path, tiny_gpt2_path: Path) -> Iterator[Cluster]:
                 {"name": "gpt2", "path": str(tiny_gpt2_path)},
             ],
             "auth": {"api_keys": [{"user": u, "key_sha256": hash_key(k)} for u, k in keys.items()]},
-            "limits": {"max_concurrent_per_user": 3, "request_timeout_s": 120, "max_request_bytes": 8 * 2**20},
+            "limits": {"max_concurrent_per_user": 3, "request_timeout_s": 120, "max_request_bytes": 8 * 2**20,
+                       "max_trace_bytes": 256 * 2**20},
         }
     )
     url = launcher.start(config, port=_free_port(), num_cpus=2)

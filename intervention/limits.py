@@ -1,0 +1,20 @@
+"""The engine's default bounds, one definition each (plain numbers: importing this costs nothing,
+so the server's config can name them without importing torch).
+
+`MAX_NEW_ELEMENTS`: the most elements one operation may create (ops.check_output), 1 GiB of
+float32. `MAX_TRACE_BYTES`: what the tensors one trace computes may hold in all (Program);
+servers set it with `limits.max_trace_bytes`. `MAX_LOG_CHARS`: a `log` message's length on a
+server (`limits.max_log_chars`); longer ones are cut, with a marker saying how much went.
+"""
+
+MAX_NEW_ELEMENTS = 2**28
+MAX_TRACE_BYTES = 2**30
+MAX_LOG_CHARS = 4096
+
+
+def cap_log(message: str, limit: int = MAX_LOG_CHARS) -> str:
+    """`message` cut to `limit` characters, ending with a marker of what was dropped."""
+    if len(message) <= limit:
+        return message
+    dropped = len(message) - limit
+    return f"{message[:limit]}… [log message cut: {dropped:,} more characters]"
