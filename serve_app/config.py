@@ -19,6 +19,7 @@ A Serve config YAML is the source of truth:
             key_sha256: 5e88...      # `raysight keys hash` prints it; plain keys never stored
         limits: {max_request_bytes: 67108864, request_timeout_s: 300, max_concurrent_per_user: 4}
         result_ttl_s: 3600
+        state_dir: ~/.raysight/state   # request state and results (see docs/operator.md)
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from actors.state_db import DEFAULT_STATE_DIR
 
 
 class ModelConfig(BaseModel):
@@ -86,6 +89,10 @@ class LimitsConfig(BaseModel):
     max_concurrent_per_user: int = 4
     max_traces: int = 64
     max_nodes: int = 20_000
+    # Quotas on what a user's requests hold in the request store: unfetched result bytes (until
+    # fetched or expired) and log bytes (until the request expires). At the limit, submitting is 429.
+    max_result_bytes_per_user: int = Field(default=1 << 30, gt=0)
+    max_log_bytes_per_user: int = Field(default=64 << 20, gt=0)
 
 
 class AppConfig(BaseModel):
@@ -95,6 +102,12 @@ class AppConfig(BaseModel):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     result_ttl_s: float = 3600.0
+    # Request state (SQLite) and result files: survive any process death and a restart of
+    # `raysight serve` with the same folder. On a cluster: a folder on the head node.
+    state_dir: str = DEFAULT_STATE_DIR
+
+    def resolved_state_dir(self) -> str:
+        return str(Path(self.state_dir).expanduser().absolute())
 
     @model_validator(mode="after")
     def _unique(self) -> AppConfig:
