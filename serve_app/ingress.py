@@ -113,6 +113,8 @@ class Ingress:
         """Readiness: 200 once every configured model has a running replica, else 503; the body
         lists each check (and, for the models check, each model's replicas and state)."""
         report = await readiness.run_checks(readiness.checks_for(self.config, self.store.handle))
+        if not report.ready and not next(c for c in report.checks if c.name == "store").ok:
+            self.store.refresh()  # a store gone for good is created again (its state is on disk)
         return JSONResponse(report.model_dump(), status_code=200 if report.ready else 503)
 
     @app.get("/v1/models", response_model=list[ModelSummary], tags=["models"])
