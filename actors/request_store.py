@@ -153,10 +153,10 @@ class RequestStore:
             return
         log_bytes = 0
         if kind == LOG:
+            if row.logs_capped:
+                return
             log_bytes = len(str(data.get("message", "")).encode())
             if self.db.usage(row.owner).log_bytes + log_bytes > row.max_log_bytes:
-                if row.logs_capped:
-                    return
                 self.db.cap_logs(request_id)
                 kind, log_bytes, data = LOG, 0, {"message": (
                     f"[raysight] log quota reached (limits.max_log_bytes_per_user = {row.max_log_bytes} "
