@@ -252,7 +252,7 @@ class RequestStore:
             data = self.db.read_result(request_id)
             if data is not None:
                 batch[-1] = {**last, "result": data}
-                self.db.mark_fetched(request_id)
+                self.db.mark_fetched(row)
         return batch
 
     def result(self, request_id: str, owner: str) -> tuple[str, bytes | None] | None:
@@ -261,7 +261,7 @@ class RequestStore:
             return None
         data = self.db.read_result(request_id) if row.result_bytes is not None else None
         if data is not None:
-            self.db.mark_fetched(request_id)
+            self.db.mark_fetched(row)
         return row.state, data
 
     def unfinished(self) -> list[tuple[str, str, str]]:

@@ -127,6 +127,10 @@ class StateDB:
         self.db.execute("PRAGMA synchronous=NORMAL")  # durable across a process death
         self.db.execute("PRAGMA busy_timeout=5000")
         self.db.executescript(_SCHEMA)
+        # Per-owner usage, kept up to date by this (the only) writer so admitting a request does
+        # not sum over every request the owner has stored; loaded per owner on first use and
+        # dropped on expiry, which changes many rows at once.
+        self._usage: dict[str, list[int]] = {}
 
     def close(self) -> None:
         self.db.close()
@@ -134,13 +138,19 @@ class StateDB:
     # -- requests ------------------------------------------------------------------------------
 
     def usage(self, owner: str) -> Usage:
+        return Usage(*self._counts(owner))
+
+    def _counts(self, owner: str) -> list[int]:
+        if (counts := self._usage.get(owner)) is not None:
+            return counts
         active, results, logs = self.db.execute(
             f"SELECT COALESCE(SUM(state NOT IN {_TERMINAL_SQL}), 0),"
             " COALESCE(SUM(CASE WHEN fetched IS NULL THEN result_bytes END), 0),"
             " COALESCE(SUM(log_bytes), 0) FROM requests WHERE owner = ?",
             (owner,),
         ).fetchone()
-        return Usage(int(active), int(results), int(logs))
+        counts = self._usage[owner] = [int(active), int(results), int(logs)]
+        return counts
 
     def insert(self, request_id: str, owner: str, n_traces: int, max_result_bytes: int, max_log_bytes: int) -> None:
         now = time.time()
@@ -149,6 +159,7 @@ class StateDB:
             " VALUES (?, ?, ?, ?, 'RECEIVED', ?, ?, ?)",
             (request_id, owner, now, n_traces, max_result_bytes, max_log_bytes, now),
         )
+        self._counts(owner)[0] += 1
 
     def get(self, request_id: str) -> Row | None:
         values = self.db.execute(f"SELECT {_ROW_COLUMNS} FROM requests WHERE id = ?", (request_id,)).fetchone()
@@ -164,8 +175,12 @@ class StateDB:
     def set_runner(self, request_id: str, runner: str | None) -> None:
         self.db.execute("UPDATE requests SET runner = ?, since = ? WHERE id = ?", (runner, time.time(), request_id))
 
-    def mark_fetched(self, request_id: str) -> None:
-        self.db.execute("UPDATE requests SET fetched = ? WHERE id = ? AND fetched IS NULL", (time.time(), request_id))
+    def mark_fetched(self, row: Row) -> None:
+        if row.fetched is not None:
+            return
+        self.db.execute("UPDATE requests SET fetched = ? WHERE id = ?", (time.time(), row.id))
+        if row.result_bytes is not None:
+            self._counts(row.owner)[1] -= row.result_bytes
 
     # -- events --------------------------------------------------------------------------------
 
@@ -202,6 +217,11 @@ class StateDB:
                 (row.id, row.n_events, kind, text, now, source, seq),
             )
             self.db.execute(f"UPDATE requests SET {', '.join(sets)} WHERE id = ?", (*params, row.id))
+        counts = self._counts(row.owner)
+        counts[2] += log_bytes
+        if kind in TERMINAL:
+            counts[0] -= 1
+            counts[1] += result_bytes or 0
 
     def cap_logs(self, request_id: str) -> None:
         self.db.execute("UPDATE requests SET logs_capped = 1 WHERE id = ?", (request_id,))
@@ -281,6 +301,8 @@ class StateDB:
             self.db.execute("DELETE FROM runners WHERE seen < ?", (now - max(ttl_s, 3600.0),))
         for rid in gone:
             self.result_path(rid).unlink(missing_ok=True)
+        if gone or fetched:
+            self._usage.clear()
         for stray in self.results.glob("*.partial"):  # a store that died mid-write
             if now - stray.stat().st_mtime > 60:
                 stray.unlink(missing_ok=True)

@@ -209,9 +209,10 @@ def servers(tiny_llama_path: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         {"name": "llama", "path": str(tiny_llama_path)},
         {"name": "needs-gpus", "path": str(tiny_llama_path), "gpus_per_replica": 64},  # cannot be placed
     ]}))
+    state = ["--state-dir", str(folder / "state")]  # not ~/.raysight: test runs must not share state
     started = {
-        "ready": Server.start(["--model", f"llama={tiny_llama_path}"]),
-        "never": Server.start(["--config", str(never)]),
+        "ready": Server.start(["--model", f"llama={tiny_llama_path}", *state]),
+        "never": Server.start(["--config", str(never), *state]),
     }
     try:
         yield started
