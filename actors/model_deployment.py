@@ -19,7 +19,7 @@ import ray
 from ray import serve
 
 from actors.model_loader import load_model, placement, tokenizer_files
-from actors.request_store import get_store
+from actors.request_store import StoreClient, StoreSpec
 from intervention.args import ArgError
 from intervention.errors import Cancelled, location_dict
 from intervention.events import LOG, QUEUED, RUNNING
@@ -34,7 +34,7 @@ from intervention.wire import encode_result
 
 @serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})
 class ModelDeployment:
-    def __init__(self, spec: dict[str, Any], result_ttl_s: float = 3600.0):
+    def __init__(self, spec: dict[str, Any], store: StoreSpec | None = None):
         self.name = spec["name"]
         self.path = spec["path"]
         self.dtype = spec.get("dtype", "float32")
@@ -43,7 +43,7 @@ class ModelDeployment:
         self.model, self.tokenizer = load_model(self.path, self.dtype)
         self.tree = module_tree(self.model)
         self.order = record_order(self.model, self.tokenizer)
-        self.store = get_store(result_ttl_s)
+        self.store = StoreClient(store or StoreSpec())
         self.lock = asyncio.Lock()  # one forward at a time; FIFO
         self.waiting: list[_EventSender] = []
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{self.name}")
@@ -114,7 +114,7 @@ class ModelDeployment:
             await asyncio.wait([job])
             raise
         finally:
-            await asyncio.gather(*events.sent)  # LOG events land before the caller reports the end
+            await events.flush()  # LOG events land before the caller reports the end
         if outcome.error is not None:
             if isinstance(outcome.error, Cancelled):
                 return {"error": {"code": "cancelled", "message": "cancelled", "location": None}}
@@ -143,17 +143,26 @@ class ModelDeployment:
 
 class _EventSender:
     """One segment call's events to the request store, numbered: the store is an async actor, so
-    calls may start out of order; it puts numbered events back in order (LOGs stay in order)."""
+    calls may start out of order; it puts numbered events back in order (LOGs stay in order).
+    Sending does not wait (the forward thread sends too); `flush` waits, and sends again through
+    the StoreClient any event whose call found the store dead (the store drops a number it has)."""
 
-    def __init__(self, store: Any, request_id: str):
+    def __init__(self, store: StoreClient, request_id: str):
         self.store, self.request_id = store, request_id
         self.source = uuid.uuid4().hex
         self.numbers = itertools.count()  # next() is atomic: the forward thread sends too
-        self.sent: list[ray.ObjectRef] = []
+        self.sent: list[tuple[ray.ObjectRef, tuple]] = []
 
     def send(self, kind: str, data: dict) -> None:
-        order = (self.source, next(self.numbers))
-        self.sent.append(self.store.add_event.remote(self.request_id, kind, data, order))
+        args = (self.request_id, kind, data, (self.source, next(self.numbers)))
+        self.sent.append((self.store.handle.add_event.remote(*args), args))
+
+    async def flush(self) -> None:
+        sent, self.sent = self.sent, []
+        answers = await asyncio.gather(*(ref for ref, _ in sent), return_exceptions=True)
+        for answer, (_, args) in zip(answers, sent, strict=True):
+            if isinstance(answer, Exception):
+                await self.store.call("add_event", *args)
 
 
 def _unsendable(traces: list[TraceIR], saves: dict[int, Any]) -> dict[str, Any]:

@@ -1,61 +1,110 @@
-"""The request store: one detached actor that remembers every accepted request.
+"""The request store: the one actor that fronts the durable request state (actors/state_db.py).
 
-It holds each request's owner, state, event log (what the SSE route streams) and result bytes,
-outside the ingress, so an ingress replica restarting loses nothing. Readers wait on new events
-with a condition instead of polling. Results are dropped a grace period after they are fetched,
-or when the TTL passes; per-user concurrency is admitted here, atomically.
+It holds each request's owner, state, event log (what the SSE route streams) and result, in an
+embedded database and files under the config's `state_dir`, never only in its own memory: the
+actor restarts on any death (`max_restarts=-1`, always on the head node, where the files are) and
+carries on from the database; a restarted `raysight serve` with the same `state_dir` still serves
+the results it had. Callers reach it through `StoreClient`, which re-fetches the actor by name and
+retries (bounded) when a call finds it dead, so no caller holds a dead handle.
+
+Readers wait on new events with a condition instead of polling. Per-user concurrency and the
+quotas on stored result and log bytes are admitted here, atomically (one actor, one writer).
+A background task expires results (fetched ones after a grace period, all after the TTL) and ends
+orphans: requests whose session runner stopped renewing its lease (runner and ingress died
+together), so no request stays RUNNING forever.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import ray
+from ray.exceptions import ActorUnschedulableError, RayActorError
+
+from actors.state_db import DEFAULT_STATE_DIR, Row, StateDB
+from intervention.events import CANCELLED, ERROR, LOG, TERMINAL
 
 STORE_NAME = "raysight-requests"
 NAMESPACE = "raysight"
-TERMINAL = ("COMPLETED", "ERROR", "CANCELLED")
 FETCH_GRACE_S = 60.0
+HEARTBEAT_S = 3.0  # how often a session runner renews its lease on the requests it runs
+LEASE_S = 15.0  # a runner silent this long is dead: its open requests are orphans
+UNCLAIMED_S = 60.0  # an accepted request no runner has started within this is an orphan (covers a runner restart)
+ORPHAN_CHECK_S = 2.0
+STORE_RETRY_S = 30.0  # how long a caller waits for a dead store to come back before giving up
 
 
-@dataclass
-class _Request:
-    owner: str
-    created: float
-    n_traces: int
-    state: str = "RECEIVED"
-    events: list[dict] = field(default_factory=list)
-    result: bytes | None = None
-    finished: float | None = None
-    fetched: float | None = None
-    cancel_requested: bool = False
-    held: dict[str, dict[int, tuple]] = field(default_factory=dict)  # numbered events, early
-    next_number: dict[str, int] = field(default_factory=dict)
-    # Per request, so an event wakes only that request's readers, not every open stream.
-    changed: asyncio.Condition = field(default_factory=asyncio.Condition)
+@dataclass(frozen=True)
+class StoreSpec:
+    """Where the store keeps state and for how long: enough for any caller to (re)create it."""
+
+    state_dir: str = DEFAULT_STATE_DIR
+    result_ttl_s: float = 3600.0
+
+    def resolved_dir(self) -> str:
+        return str(Path(self.state_dir).expanduser().absolute())
+
+
+@dataclass(frozen=True)
+class Quota:
+    """Per-user limits checked at admission (serve_app/config.py `limits` names them)."""
+
+    max_active: int
+    max_result_bytes: int
+    max_log_bytes: int
+
+
+class StoreUnavailable(RuntimeError):
+    """The request store did not come back within STORE_RETRY_S."""
 
 
 @ray.remote(num_cpus=0)
 class RequestStore:
-    def __init__(self, result_ttl_s: float = 3600.0):
-        self.requests: dict[str, _Request] = {}
+    def __init__(self, state_dir: str, result_ttl_s: float = 3600.0):
+        self.db = StateDB(state_dir)
         self.ttl = result_ttl_s
-        self._sweeper: asyncio.Task | None = None
+        self.started = time.time()  # runner leases restart their count with the store
+        self.conditions: dict[str, tuple[asyncio.Condition, list[int]]] = {}
+        self.tasks: list[asyncio.Task] = []
+
+    def ping(self) -> str:
+        self._start_background()
+        return "ok"
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    async def admit(self, request_id: str, owner: str, n_traces: int, max_active: int) -> bool:
-        """Register a request unless `owner` already has `max_active` unfinished ones."""
-        self._start_sweeper()
-        active = sum(1 for r in self.requests.values() if r.owner == owner and r.state not in TERMINAL)
-        if active >= max_active:
-            return False
-        self.requests[request_id] = _Request(owner=owner, created=time.time(), n_traces=n_traces)
+    async def admit(self, request_id: str, owner: str, n_traces: int, quota: Quota) -> dict | None:
+        """Register a request, or say why not: {status, code, message} when `owner` is at a limit.
+        Idempotent (a caller retrying after a store restart gets the same answer)."""
+        self._start_background()
+        existing = self.db.get(request_id)
+        if existing is not None:
+            return None if existing.owner == owner else _refusal(429, "conflict", "request id in use")
+        use = self.db.usage(owner)
+        if use.active >= quota.max_active:
+            return _refusal(429, "too_many_requests",
+                            f"at most {quota.max_active} requests per user may run at once "
+                            "(limits.max_concurrent_per_user); wait for one to finish")
+        if use.result_bytes >= quota.max_result_bytes:
+            return _refusal(429, "result_quota",
+                            f"your unfetched results hold {use.result_bytes} bytes, at the limit of "
+                            f"{quota.max_result_bytes} (limits.max_result_bytes_per_user): fetch or wait "
+                            "for results to expire")
+        if use.log_bytes >= quota.max_log_bytes:
+            return _refusal(429, "log_quota",
+                            f"your stored request logs hold {use.log_bytes} bytes, at the limit of "
+                            f"{quota.max_log_bytes} (limits.max_log_bytes_per_user): they are freed when "
+                            f"their requests expire ({self.ttl:g} s after finishing)")
+        self.db.insert(request_id, owner, n_traces, quota.max_result_bytes, quota.max_log_bytes)
         await self._add(request_id, "RECEIVED", {"id": request_id})
-        return True
+        return None
 
     def active(self, owner: str) -> int:
         """How many of `owner`'s requests have not ended: the ingress refuses a user at her limit
@@ -66,75 +115,118 @@ class RequestStore:
         self, request_id: str, kind: str, data: dict[str, Any] | None = None, order: tuple[str, int] | None = None
     ) -> None:
         """Record an event. With `order` = (source, n), events of one source are recorded in n
-        order even if their calls arrive out of order (Ray does not order async actor calls)."""
-        req = self.requests.get(request_id)
-        if order is None or req is None:
+        order even if their calls arrive out of order (Ray does not order async actor calls);
+        a number already recorded is a caller's retry and is dropped."""
+        if order is None:
             await self._add(request_id, kind, data or {})
             return
         source, n = order
-        held = req.held.setdefault(source, {})
-        held[n] = (kind, data or {})
-        while (nxt := req.next_number.get(source, 0)) in held:
-            req.next_number[source] = nxt + 1
-            await self._add(request_id, *held.pop(nxt))
+        nxt = self.db.next_seq(request_id, source)
+        if n < nxt:
+            return
+        if n > nxt:
+            self.db.hold(request_id, source, n, kind, data or {})
+            return
+        item: tuple[str, dict] | None = (kind, data or {})
+        while item is not None:
+            await self._add(request_id, *item, order=(source, nxt))
+            nxt += 1
+            item = self.db.take_held(request_id, source, nxt)
 
     async def finish(self, request_id: str, kind: str, data: dict[str, Any], result: bytes | None = None) -> None:
-        """Record the terminal event; the first one wins (a late COMPLETED after CANCELLED is dropped)."""
-        req = self.requests.get(request_id)
-        if req is None or req.state in TERMINAL:
+        """Record the terminal event; the first one wins (a late COMPLETED after CANCELLED is dropped).
+        A result beyond its owner's quota of stored result bytes ends the request in ERROR instead."""
+        row = self.db.get(request_id)
+        if row is None or row.state in TERMINAL:
             return
-        req.result = result
-        req.finished = time.time()
-        await self._add(request_id, kind, data)
+        if result is not None:
+            held = self.db.usage(row.owner).result_bytes
+            if held + len(result) > row.max_result_bytes:
+                size, kind, result = len(result), ERROR, None
+                data = {"code": "result_quota", "location": None, "message": (
+                    f"the result is {size} bytes; with your "
+                    f"{held} bytes of unfetched results it exceeds the limit of {row.max_result_bytes} "
+                    "(limits.max_result_bytes_per_user): fetch earlier results, or save less")}
+            else:
+                self.db.write_result(request_id, result)
+        await self._add(request_id, kind, data, result_bytes=None if result is None else len(result))
 
-    async def _add(self, request_id: str, kind: str, data: dict) -> None:
-        req = self.requests.get(request_id)
-        if req is None or req.state in TERMINAL:
+    async def _add(self, request_id: str, kind: str, data: dict, order: tuple[str, int] | None = None,
+                   result_bytes: int | None = None) -> None:
+        row = self.db.get(request_id)
+        if row is None or row.state in TERMINAL:
             return
-        req.events.append({"event": kind, "data": data, "time": time.time()})
-        req.state = kind if kind != "LOG" else req.state
-        async with req.changed:
-            req.changed.notify_all()
+        log_bytes = 0
+        if kind == LOG:
+            if row.logs_capped:
+                return
+            log_bytes = len(str(data.get("message", "")).encode())
+            if self.db.usage(row.owner).log_bytes + log_bytes > row.max_log_bytes:
+                self.db.cap_logs(request_id)
+                kind, log_bytes, data = LOG, 0, {"message": (
+                    f"[raysight] log quota reached (limits.max_log_bytes_per_user = {row.max_log_bytes} "
+                    "bytes): this request's later logs are dropped")}
+        self.db.append(row, kind, data, order, log_bytes=log_bytes, result_bytes=result_bytes)
+        await self._notify(request_id)
 
     async def request_cancel(self, request_id: str, owner: str) -> str | None:
-        req = self._owned(request_id, owner)
-        if req is None:
+        row = self._owned(request_id, owner)
+        if row is None:
             return None
-        if req.state not in TERMINAL:
-            req.cancel_requested = True
-            async with req.changed:
-                req.changed.notify_all()
-        return req.state
+        if row.state not in TERMINAL:
+            self.db.set_cancel(request_id)
+            if self._orphaned(row, time.time(), self.db.runner_seen()):
+                await self._add(request_id, CANCELLED, {})  # nobody runs it: end it here
+            await self._notify(request_id)
+        return row.state
 
-    async def wait_cancel(self, request_id: str) -> bool:
-        """Returns once a cancel is requested (True) or the request has ended (False)."""
-        req = self.requests.get(request_id)
-        if req is None:
+    async def watch(self, request_id: str, runner: str) -> bool:
+        """A runner starts `request_id`: it holds the request's lease (renewed by `heartbeat`).
+        Returns once a cancel is requested (True) or the request has ended (False)."""
+        self._start_background()
+        self.db.heartbeat(runner)
+        if (row := self.db.get(request_id)) is None:
             return True
-        async with req.changed:
-            await req.changed.wait_for(lambda: req.cancel_requested or req.state in TERMINAL)
-        return req.cancel_requested
+        self.db.set_runner(request_id, runner)
+
+        def settled() -> bool:
+            now = self.db.get(request_id)
+            return now is None or now.cancel_requested or now.state in TERMINAL
+
+        await self._wait(request_id, settled, None)
+        row = self.db.get(request_id)
+        return row is None or row.cancel_requested
+
+    def release(self, request_id: str) -> str | None:
+        """The request's runner died and it is about to be retried: no runner holds it now (it is
+        an orphan only if none starts it within UNCLAIMED_S). Returns its state."""
+        row = self.db.get(request_id)
+        if row is None:
+            return None
+        if row.state not in TERMINAL:
+            self.db.set_runner(request_id, None)
+        return row.state
+
+    def heartbeat(self, runner: str) -> None:
+        self._start_background()
+        self.db.heartbeat(runner)
 
     # -- reading -------------------------------------------------------------------------------
 
     def status(self, request_id: str, owner: str) -> dict | None:
-        req = self._owned(request_id, owner)
-        if req is None:
+        row = self._owned(request_id, owner)
+        if row is None:
             return None
-        last = {}
-        for e in req.events:
-            if e["event"] in ("QUEUED", "RUNNING"):
-                last[e["event"]] = e["data"]
         return {
             "id": request_id,
-            "state": req.state,
-            "created": req.created,
-            "finished": req.finished,
-            "traces": req.n_traces,
-            "queue_position": last.get("QUEUED", {}).get("position") if req.state == "QUEUED" else None,
-            "running": last.get("RUNNING"),
-            "result_available": req.result is not None,
-            "error": req.events[-1]["data"] if req.state == "ERROR" else None,
+            "state": row.state,
+            "created": row.created,
+            "finished": row.finished,
+            "traces": row.n_traces,
+            "queue_position": (row.queued or {}).get("position") if row.state == "QUEUED" else None,
+            "running": row.running,
+            "result_available": row.result_bytes is not None,
+            "error": row.error if row.state == ERROR else None,
         }
 
     async def events(
@@ -144,64 +236,157 @@ class RequestStore:
 
         With `inline_limit`, a COMPLETED event carries a result of at most that many bytes
         itself (it then counts as fetched): one round trip less for small results."""
-        req = self._owned(request_id, owner)
-        if req is None:
+        row = self._owned(request_id, owner)
+        if row is None:
             return None
-        if len(req.events) <= after and req.state not in TERMINAL:
-            async with req.changed:
-                try:
-                    await asyncio.wait_for(
-                        req.changed.wait_for(lambda: len(req.events) > after or req.state in TERMINAL),
-                        timeout_s,
-                    )
-                except TimeoutError:
-                    pass
-        batch = req.events[after:]
+        if row.n_events <= after and row.state not in TERMINAL and timeout_s > 0:
+            def news() -> bool:
+                now = self.db.get(request_id)
+                return now is None or now.n_events > after or now.state in TERMINAL
+
+            await self._wait(request_id, news, timeout_s)
+            row = self.db.get(request_id)
+            if row is None:
+                return None
+        if row.n_events <= after:
+            return []
+        batch = self.db.events(request_id, after)
         last = batch[-1] if batch else None
-        if inline_limit and last and last["event"] == "COMPLETED" and req.result is not None and len(req.result) <= inline_limit:
-                batch = batch[:-1] + [{**batch[-1], "result": req.result}]
-                req.fetched = req.fetched or time.time()
+        if (inline_limit and last and last["event"] == "COMPLETED" and row.result_bytes is not None
+                and row.result_bytes <= inline_limit):
+            data = self.db.read_result(request_id)
+            if data is not None:
+                batch[-1] = {**last, "result": data}
+                self.db.mark_fetched(row)
         return batch
 
     def result(self, request_id: str, owner: str) -> tuple[str, bytes | None] | None:
-        req = self._owned(request_id, owner)
-        if req is None:
+        row = self._owned(request_id, owner)
+        if row is None:
             return None
-        if req.result is not None and req.fetched is None:
-            req.fetched = time.time()
-        return req.state, req.result
+        data = self.db.read_result(request_id) if row.result_bytes is not None else None
+        if data is not None:
+            self.db.mark_fetched(row)
+        return row.state, data
 
-    def _owned(self, request_id: str, owner: str) -> _Request | None:
-        req = self.requests.get(request_id)
-        return req if req is not None and req.owner == owner else None  # others' ids look absent
+    def unfinished(self) -> list[tuple[str, str, str]]:
+        """(id, owner, state) of every request that has not ended (for tests and operators)."""
+        return [(r.id, r.owner, r.state) for r in self.db.open_requests()]
 
-    # -- expiry --------------------------------------------------------------------------------
+    def pid(self) -> int:
+        return os.getpid()
 
-    def _start_sweeper(self) -> None:
-        if self._sweeper is None:
-            self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
+    def _owned(self, request_id: str, owner: str) -> Row | None:
+        row = self.db.get(request_id)
+        return row if row is not None and row.owner == owner else None  # others' ids look absent
 
-    async def _sweep(self) -> None:
+    # -- waiting -------------------------------------------------------------------------------
+
+    async def _wait(self, request_id: str, done: Callable[[], bool], timeout_s: float | None) -> None:
+        # Per request, so an event wakes only that request's readers, not every open stream.
+        cond, waiters = self.conditions.setdefault(request_id, (asyncio.Condition(), [0]))
+        waiters[0] += 1
+        try:
+            async with cond:
+                await asyncio.wait_for(cond.wait_for(done), timeout_s)
+        except TimeoutError:
+            pass
+        finally:
+            waiters[0] -= 1
+            if not waiters[0]:
+                self.conditions.pop(request_id, None)
+
+    async def _notify(self, request_id: str) -> None:
+        if (entry := self.conditions.get(request_id)) is not None:
+            async with entry[0]:
+                entry[0].notify_all()
+
+    # -- background: expiry and orphans --------------------------------------------------------
+
+    def _start_background(self) -> None:
+        if not self.tasks:
+            loop = asyncio.get_running_loop()
+            self.tasks = [loop.create_task(self._expire_loop()), loop.create_task(self._orphan_loop())]
+
+    async def _expire_loop(self) -> None:
         while True:
-            await asyncio.sleep(min(30.0, max(self.ttl / 4, 0.5)))
             self.expire(time.time())
+            await asyncio.sleep(min(30.0, max(self.ttl / 4, 0.5)))
+
+    async def _orphan_loop(self) -> None:
+        while True:
+            await asyncio.sleep(ORPHAN_CHECK_S)
+            await self.end_orphans(time.time())
 
     def expire(self, now: float) -> int:
         """Drop results fetched a while ago and requests past the TTL. Returns how many went."""
-        gone = [
-            rid for rid, r in self.requests.items()
-            if r.finished is not None and now - r.finished > self.ttl
-        ]
-        for rid in gone:
-            del self.requests[rid]
-        for r in self.requests.values():
-            if r.fetched is not None and now - r.fetched > FETCH_GRACE_S:
-                r.result = None
-        return len(gone)
+        return self.db.expire(now, self.ttl, FETCH_GRACE_S)
+
+    async def end_orphans(self, now: float) -> list[str]:
+        """End every open request that no live runner holds; returns their ids."""
+        if now - self.started < LEASE_S:  # leases are counted from the store's (re)start
+            return []
+        seen = self.db.runner_seen()
+        ended = []
+        for row in self.db.open_requests():
+            if not self._orphaned(row, now, seen):
+                continue
+            if row.cancel_requested:
+                await self._add(row.id, CANCELLED, {})
+            else:
+                await self._add(row.id, ERROR, {"code": "orphaned", "location": None, "message": (
+                    "the service processes running this request died (its session runner and the ingress "
+                    "that submitted it); it was stopped: submit it again")})
+            ended.append(row.id)
+        return ended
+
+    def _orphaned(self, row: Row, now: float, seen: dict[str, float]) -> bool:
+        if now - self.started < LEASE_S:
+            return False
+        if row.runner is None:
+            return now - row.since > UNCLAIMED_S
+        return now - max(seen.get(row.runner, 0.0), row.since) > LEASE_S
 
 
-def get_store(result_ttl_s: float = 3600.0):
-    """The cluster's store, created on first use (detached: it outlives ingress restarts)."""
+def _refusal(status: int, code: str, message: str) -> dict:
+    return {"status": status, "code": code, "message": message}
+
+
+def get_store(spec: StoreSpec) -> Any:
+    """The cluster's store actor, created on first use: detached (it outlives ingress restarts),
+    restarted by Ray whenever it dies, and placed on the head node, whose disk holds the state."""
     return RequestStore.options(
-        name=STORE_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True
-    ).remote(result_ttl_s)
+        name=STORE_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
+        max_restarts=-1, resources={"node:__internal_head__": 0.001},
+    ).remote(spec.resolved_dir(), spec.result_ttl_s)
+
+
+class StoreClient:
+    """A caller's way to the store: `await client.call("status", ...)`. On a dead or restarting
+    store it gets the actor by name again (creating it if it is gone for good) and retries, for
+    at most STORE_RETRY_S; then raises StoreUnavailable. Calls are made idempotent by the store,
+    so a retry is safe. The happy path is one plain actor call."""
+
+    def __init__(self, spec: StoreSpec):
+        self.spec = spec
+        self.handle = get_store(spec)
+
+    async def call(self, method: str, *args: Any) -> Any:
+        deadline = time.monotonic() + STORE_RETRY_S
+        delay = 0.05
+        while True:
+            try:
+                return await getattr(self.handle, method).remote(*args)
+            except (RayActorError, ActorUnschedulableError) as exc:
+                if time.monotonic() > deadline:
+                    raise StoreUnavailable(
+                        f"the request store did not answer for {STORE_RETRY_S:g} s ({type(exc).__name__})"
+                    ) from exc
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+            self.refresh()
+
+    def refresh(self) -> None:
+        # The GCS may be briefly unreachable too: keep the old handle, the next try retries.
+        with contextlib.suppress(Exception):
+            self.handle = get_store(self.spec)

@@ -13,6 +13,7 @@ from typing import Any
 from ray.serve import Application
 
 from actors.model_deployment import ModelDeployment
+from actors.request_store import StoreSpec
 from actors.session_runner import SessionRunner
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.ingress import Ingress
@@ -20,12 +21,13 @@ from serve_app.ingress import Ingress
 
 def build_app(args: dict[str, Any]) -> Application:
     config = AppConfig.model_validate(args)
-    models = {m.name: _model_app(m, config) for m in config.models}
-    runner = SessionRunner.bind(models, config.result_ttl_s)
+    store = StoreSpec(config.resolved_state_dir(), config.result_ttl_s)
+    models = {m.name: _model_app(m, config, store) for m in config.models}
+    runner = SessionRunner.bind(models, store)
     return Ingress.bind(config.model_dump(), runner, models)
 
 
-def _model_app(m: ModelConfig, config: AppConfig) -> Application:
+def _model_app(m: ModelConfig, config: AppConfig, store: StoreSpec) -> Application:
     options: dict[str, Any] = {
         "name": f"model-{m.name}",
         "ray_actor_options": {"num_cpus": m.cpus_per_replica, "num_gpus": m.gpus_per_replica},
@@ -37,4 +39,4 @@ def _model_app(m: ModelConfig, config: AppConfig) -> Application:
         options["num_replicas"] = m.num_replicas or 1
     spec = {"name": m.name, "path": m.resolved_path(), "dtype": m.dtype,
             "max_trace_bytes": config.limits.max_trace_bytes, "max_log_chars": config.limits.max_log_chars}
-    return ModelDeployment.options(**options).bind(spec, config.result_ttl_s)
+    return ModelDeployment.options(**options).bind(spec, store)

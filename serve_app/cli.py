@@ -62,6 +62,12 @@ def serve(
     api_key: Annotated[
         str | None, typer.Option(help="Accept this key (also: env RAYSIGHT_API_KEY); else the config's keys.")
     ] = None,
+    state_dir: Annotated[
+        Path | None,
+        typer.Option("--state-dir", help="Request state and results [default: the config's state_dir, "
+                     "else ~/.raysight/state]; a restart with the same folder still serves its results.",
+                     show_default=False),
+    ] = None,
 ) -> None:
     """Start a local Ray + Serve running raysight on 127.0.0.1; Ctrl-C or SIGTERM stops it and Ray
     (exit status 0). Bad model paths and a busy port are reported before Ray starts (status 2)."""
@@ -70,7 +76,9 @@ def serve(
     if config is None and not model:
         _fail("give --config FILE or at least one --model NAME=PATH", 2)
     try:
-        app_config, generated = local_server.build_config(str(config) if config else None, model or [], api_key)
+        app_config, generated = local_server.build_config(
+            str(config) if config else None, model or [], api_key, str(state_dir) if state_dir else None
+        )
     except (ValueError, OSError) as e:
         _fail(str(e), 2)
 

@@ -19,6 +19,7 @@ A Serve config YAML is the source of truth:
             key_sha256: 5e88...      # `raysight keys hash` prints it; plain keys never stored
         limits: {max_request_bytes: 67108864, request_timeout_s: 300, max_concurrent_per_user: 4}
         result_ttl_s: 3600
+        state_dir: ~/.raysight/state   # request state and results (see docs/operator.md)
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from actors.state_db import DEFAULT_STATE_DIR
 from intervention.limits import MAX_LOG_CHARS, MAX_TRACE_BYTES
 from intervention.validate import DEFAULT_MAX_NEW_TOKENS
 
@@ -98,6 +100,10 @@ class LimitsConfig(BaseModel):
     # Event streams (GET .../events, and POST with Accept: text/event-stream) one user may hold
     # open at once, per ingress replica; one more is a 429.
     max_streams_per_user: int = Field(default=16, gt=0)
+    # Quotas on what a user's requests hold in the request store: unfetched result bytes (until
+    # fetched or expired) and log bytes (until the request expires). At the limit, submitting is 429.
+    max_result_bytes_per_user: int = Field(default=1 << 30, gt=0)
+    max_log_bytes_per_user: int = Field(default=64 << 20, gt=0)
 
 
 class AppConfig(BaseModel):
@@ -107,6 +113,12 @@ class AppConfig(BaseModel):
     auth: AuthConfig = Field(default_factory=AuthConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     result_ttl_s: float = 3600.0
+    # Request state (SQLite) and result files: survive any process death and a restart of
+    # `raysight serve` with the same folder. On a cluster: a folder on the head node.
+    state_dir: str = DEFAULT_STATE_DIR
+
+    def resolved_state_dir(self) -> str:
+        return str(Path(self.state_dir).expanduser().absolute())
 
     @model_validator(mode="after")
     def _unique(self) -> AppConfig:

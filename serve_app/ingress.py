@@ -21,8 +21,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
-from actors.request_store import TERMINAL, get_store
+from actors.request_store import TERMINAL, Quota, StoreClient, StoreSpec, StoreUnavailable
 from intervention.errors import InterventionError
+from intervention.events import RETRYING
 from intervention.module_tree import module_paths
 from intervention.validate import InputBounds, Limits, validate_session
 from intervention.wire import decode_session
@@ -124,7 +125,7 @@ class Ingress:
         self.runner = runner
         self.models = models
         self.keys = KeyRing(self.config.auth)
-        self.store = get_store(self.config.result_ttl_s)
+        self.store = StoreClient(StoreSpec(self.config.resolved_state_dir(), self.config.result_ttl_s))
         self.infos: dict[str, dict] = {}
         self.paths: dict[str, set[str]] = {}
         self.orders: dict[str, list[tuple[str, str]]] = {}
@@ -134,6 +135,8 @@ class Ingress:
         lim = self.config.limits
         self.limits = Limits(max_traces=lim.max_traces, max_nodes=lim.max_nodes, max_tensor_bytes=lim.max_request_bytes)
         self.max_new_tokens = {m.name: m.max_new_tokens for m in self.config.models}
+        self.quota = Quota(max_active=lim.max_concurrent_per_user, max_result_bytes=lim.max_result_bytes_per_user,
+                           max_log_bytes=lim.max_log_bytes_per_user)
 
     # -- health and models ---------------------------------------------------------------------
 
@@ -147,7 +150,9 @@ class Ingress:
     async def readyz(self) -> JSONResponse:
         """Readiness: 200 once every configured model has a running replica, else 503; the body
         lists each check (and, for the models check, each model's replicas and state)."""
-        report = await readiness.run_checks(readiness.checks_for(self.config))
+        report = await readiness.run_checks(readiness.checks_for(self.config, self.store.handle))
+        if not report.ready and not next(c for c in report.checks if c.name == "store").ok:
+            self.store.refresh()  # a store gone for good is created again (its state is on disk)
         return JSONResponse(report.model_dump(), status_code=200 if report.ready else 503)
 
     @app.get("/v1/models", response_model=list[ModelSummary], tags=["models"])
@@ -194,7 +199,7 @@ class Ingress:
         # atomically below; a small body costs less to decode than this extra store call).
         declared = request.headers.get("content-length", "")
         small = declared.isdigit() and int(declared) <= OFF_LOOP_BYTES
-        if not small and await self.store.active.remote(user) >= cap:
+        if not small and await self._store("active", user) >= cap:
             raise _too_many(cap)
         timeout = self._timeout(request)  # a bad header is refused before the request exists
         body = await self._read_body(request)
@@ -214,16 +219,17 @@ class Ingress:
         streaming = "text/event-stream" in request.headers.get("accept", "")
         if streaming and not self._stream_slot(user):
             raise self._too_many_streams()
-        if not await self.store.admit.remote(request_id, user, len(session.traces), cap):
+        refused = await self._store("admit", request_id, user, len(session.traces), self.quota)
+        if refused is not None:
             if streaming:
                 self._release_slot(user)
-            raise _too_many(cap)
+            raise ApiError(refused["status"], refused["code"], refused["message"])
         # The session runs apart from this HTTP request: Serve cancels the handle calls a request
         # made when its client disconnects (a blocking client's Ctrl-C, a dropped stream that the
         # client would resume by id), which would leave the request RUNNING for good. In a fresh
         # context the call is no child of this request; DELETE and the time limit end it.
         watcher = asyncio.get_running_loop().create_task(
-            self._watch(request_id, session, tensors, timeout), context=contextvars.Context()
+            self._watch(request_id, (request_id, session, tensors, timeout)), context=contextvars.Context()
         )
         self.watchers.add(watcher)
         watcher.add_done_callback(self.watchers.discard)
@@ -231,12 +237,35 @@ class Ingress:
             return _event_stream(self._stream(user, self._sse(request_id, user, 0, INLINE_RESULT_BYTES)), status_code=202)
         return JSONResponse({"id": request_id}, status_code=202)
 
-    async def _watch(self, request_id: str, session: Any, tensors: dict, timeout: float) -> None:
+    async def _watch(self, request_id: str, args: tuple) -> None:
+        """Run the request on a session runner; if that runner dies, once more on another (traces
+        have no side effects) before the request ends in ERROR: it must end either way."""
+        for attempt in (1, 2):
+            try:
+                await self.runner.run.remote(*args)
+                return
+            except Exception as exc:  # noqa: BLE001 - the runner failed
+                failure = type(exc).__name__
+            try:
+                state = await self.store.call("release", request_id)
+                if state is None or state in TERMINAL:
+                    return
+                if attempt == 1:
+                    await self.store.call("add_event", request_id, RETRYING, {"code": "runner_failed", "attempt": 2})
+            except StoreUnavailable:
+                return  # the store ends it as an orphan once it is back
+        message = f"the session runner failed ({failure}), also when retried once; retry the request later"
         try:
-            await self.runner.run.remote(request_id, session, tensors, timeout)
-        except Exception as exc:  # noqa: BLE001 - the runner failed; the request must still end
-            message = f"the session runner failed ({type(exc).__name__}); retry the request"
-            await self.store.finish.remote(request_id, "ERROR", {"code": "runner_failed", "message": message, "location": None})
+            await self.store.call("finish", request_id, "ERROR", {"code": "runner_failed", "message": message, "location": None})
+        except StoreUnavailable:
+            pass
+
+    async def _store(self, method: str, *args: Any) -> Any:
+        """A store call from a route: a store that stays down is a 503, not a 500."""
+        try:
+            return await self.store.call(method, *args)
+        except StoreUnavailable as exc:
+            raise ApiError(503, "store_unavailable", f"{exc}; retry shortly") from None
 
     async def _read_body(self, request: Request) -> bytes:
         cap = self.config.limits.max_request_bytes
@@ -267,7 +296,7 @@ class Ingress:
     @app.get("/v1/requests/{request_id}", response_model=RequestStatus, tags=["requests"])
     async def status(self, request_id: str, request: Request) -> dict:
         user = self.keys.user_for(request)
-        status = await self.store.status.remote(request_id, user)
+        status = await self._store("status", request_id, user)
         if status is None:
             raise _no_such_request(request_id)
         return status
@@ -277,7 +306,7 @@ class Ingress:
         """Server-sent events: RECEIVED, QUEUED{position}, RUNNING{trace, of}, LOG{message},
         COMPLETED, ERROR{code, message, location}, CANCELLED. Resume with `Last-Event-ID`."""
         user = self.keys.user_for(request)
-        if await self.store.status.remote(request_id, user) is None:  # ownership before anything else
+        if await self._store("status", request_id, user) is None:  # ownership before anything else
             raise _no_such_request(request_id)
         after = _last_event_id(request) + 1
         if not self._stream_slot(user):
@@ -328,13 +357,19 @@ class Ingress:
 
     async def _sse(self, request_id: str, user: str, after: int, inline_limit: int = 0):
         while True:
-            batch = await self.store.events.remote(request_id, user, after, SSE_HEARTBEAT_S, inline_limit)
+            try:
+                batch = await self.store.call("events", request_id, user, after, SSE_HEARTBEAT_S, inline_limit)
+            except StoreUnavailable:
+                return  # the client resumes with Last-Event-ID
             if batch is None:
                 return
             if not batch:
                 # Nothing new: a request that has ended has nothing more to send (a client
                 # resuming after its last event gets an empty stream, not heartbeats forever).
-                status = await self.store.status.remote(request_id, user)
+                try:
+                    status = await self.store.call("status", request_id, user)
+                except StoreUnavailable:
+                    return
                 if status is None or status["state"] in TERMINAL:
                     return
                 yield ": heartbeat\n\n"
@@ -356,7 +391,7 @@ class Ingress:
     async def result(self, request_id: str, request: Request) -> Response:
         """The saved values as a safetensors file (kept until fetched or the TTL passes)."""
         user = self.keys.user_for(request)
-        found = await self.store.result.remote(request_id, user)
+        found = await self._store("result", request_id, user)
         if found is None:
             raise _no_such_request(request_id)
         state, data = found
@@ -369,7 +404,7 @@ class Ingress:
     @app.delete("/v1/requests/{request_id}", status_code=202, tags=["requests"])
     async def cancel(self, request_id: str, request: Request) -> dict:
         user = self.keys.user_for(request)
-        state = await self.store.request_cancel.remote(request_id, user)
+        state = await self._store("request_cancel", request_id, user)
         if state is None:
             raise _no_such_request(request_id)
         return {"id": request_id, "state": state, "cancel_requested": state not in TERMINAL}

@@ -41,6 +41,7 @@ def start(
     app waits for changes; `timeout_s=None` waits as long as the models take to load."""
     preflight.check_models(config.models)
     preflight.check_port(port)
+    prepare_state_dir(config.resolved_state_dir())
     # Without this Ray registers the node on eth0, not 127.0.0.1 (see ENV.md).
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     import ray
@@ -67,6 +68,21 @@ def start(
     url = f"http://127.0.0.1:{port}"
     wait_ready(url, timeout_s, progress)
     return url
+
+
+def prepare_state_dir(path: str) -> None:
+    """Create the request store's folder (state survives restarts there), or say in one line why
+    it cannot be used, before Ray starts."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".write-check")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise preflight.PreflightError(
+            f"state_dir {path} cannot be used ({e.strerror or e}); choose another with --state-dir or state_dir"
+        ) from None
 
 
 def wait_ready(

@@ -34,12 +34,14 @@ def load_config(path: str | Path) -> dict[str, Any]:
 
 
 def build_config(
-    config_path: str | None, models: list[str], api_key: str | None
+    config_path: str | None, models: list[str], api_key: str | None, state_dir: str | None = None
 ) -> tuple[AppConfig, str | None]:
     """Merge file and flags. Returns the config and a generated key (None if keys were given)."""
     args = load_config(config_path) if config_path else {}
     if models:
         args["models"] = [_parse_model(m) for m in models]
+    if state_dir:
+        args["state_dir"] = state_dir
     auth = args.setdefault("auth", {}).setdefault("api_keys", [])
     generated = None
     key = api_key or os.environ.get("RAYSIGHT_API_KEY")

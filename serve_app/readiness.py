@@ -2,7 +2,9 @@
 
 Liveness (`/healthz`) only says the ingress answers. Readiness is a list of named checks, each an
 async function returning a `Check`; the app is ready when every check passes. Adding a dependency
-(the request store, say) is one more function in `checks_for`.
+is one more function in `checks_for`.
+
+The store check: the request store actor answers a ping within STORE_TIMEOUT_S.
 
 The models check: every configured model has at least one RUNNING replica (a model autoscaled
 with `min_replicas: 0` also counts once Serve reports its deployment HEALTHY: it has scaled to zero
@@ -20,6 +22,7 @@ from pydantic import BaseModel
 from serve_app.config import AppConfig, ModelConfig
 
 MAX_MESSAGE_CHARS = 500
+STORE_TIMEOUT_S = 2.0
 
 
 class ModelReadiness(BaseModel):
@@ -45,9 +48,13 @@ class Readiness(BaseModel):
 ReadinessCheck = Callable[[], Awaitable[Check]]
 
 
-def checks_for(config: AppConfig) -> list[tuple[str, ReadinessCheck]]:
-    """The named checks `/readyz` runs for an app with this config."""
-    return [("models", lambda: models_check(config.models))]
+def checks_for(config: AppConfig, store: Any | None = None) -> list[tuple[str, ReadinessCheck]]:
+    """The named checks `/readyz` runs for an app with this config (`store`: the request store
+    actor's handle; its check is left out without one)."""
+    checks: list[tuple[str, ReadinessCheck]] = [("models", lambda: models_check(config.models))]
+    if store is not None:
+        checks.append(("store", lambda: store_check(store)))
+    return checks
 
 
 async def run_checks(checks: Sequence[tuple[str, ReadinessCheck]]) -> Readiness:
@@ -69,6 +76,18 @@ async def models_check(models: Sequence[ModelConfig]) -> Check:
         return Check(name="models", ok=True, message="every model has a running replica", models=states)
     summary = "; ".join(f"{s.name} ({s.replicas} running replicas, {s.state})" for s in waiting)
     return Check(name="models", ok=False, message=f"not ready: {summary}", models=states)
+
+
+async def store_check(store: Any, timeout_s: float = STORE_TIMEOUT_S) -> Check:
+    """The request store answers within `timeout_s` (Ray restarts a dead one: this fails while it
+    is down or restarting, or if its database cannot be opened)."""
+    try:
+        await asyncio.wait_for(store.ping.remote(), timeout_s)
+    except TimeoutError:
+        return Check(name="store", ok=False, message=f"the request store did not answer within {timeout_s:g} s")
+    except Exception as exc:  # noqa: BLE001 - any failure is the answer
+        return Check(name="store", ok=False, message=f"the request store failed: {short_message(str(exc))}")
+    return Check(name="store", ok=True, message="the request store answers")
 
 
 def model_readiness(model: ModelConfig, deployment: Any | None) -> ModelReadiness:

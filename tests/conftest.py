@@ -43,7 +43,7 @@ class Cluster:
 
 
 @pytest.fixture(scope="session")
-def cluster(tiny_llama_path: Path, tiny_gpt2_path: Path) -> Iterator[Cluster]:
+def cluster(tiny_llama_path: Path, tiny_gpt2_path: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     from serve_app import launcher
     from serve_app.config import AppConfig, hash_key
 
@@ -57,6 +57,7 @@ def cluster(tiny_llama_path: Path, tiny_gpt2_path: Path) -> Iterator[Cluster]:
             "auth": {"api_keys": [{"user": u, "key_sha256": hash_key(k)} for u, k in keys.items()]},
             "limits": {"max_concurrent_per_user": 3, "request_timeout_s": 120, "max_request_bytes": 8 * 2**20,
                        "max_trace_bytes": 256 * 2**20},
+            "state_dir": str(tmp_path_factory.mktemp("state")),  # not ~/.raysight: runs must not share state
         }
     )
     url = launcher.start(config, port=_free_port(), num_cpus=2)

@@ -37,12 +37,9 @@ def unfinished_requests() -> list[tuple[str, str, str]]:
     Read from the real store actor (the test process is the cluster's Ray driver)."""
     import ray
 
-    from actors.request_store import get_store
+    from actors.request_store import NAMESPACE, STORE_NAME
 
-    def unfinished(store):
-        return [(k, r.owner, r.state) for k, r in store.requests.items() if r.state not in TERMINAL]
-
-    return ray.get(get_store().__ray_call__.remote(unfinished))
+    return [tuple(r) for r in ray.get(ray.get_actor(STORE_NAME, namespace=NAMESPACE).unfinished.remote())]
 
 
 @pytest.fixture

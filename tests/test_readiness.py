@@ -21,7 +21,8 @@ def test_readyz_is_200_once_every_model_has_a_replica(cluster) -> None:
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["ready"] is True
-    (check,) = body["checks"]
+    check, store = body["checks"]
+    assert store == {"name": "store", "ok": True, "message": "the request store answers", "models": None}
     assert check == {"name": "models", "ok": True, "message": "every model has a running replica",
                      "models": check["models"]}
     states = {m["name"]: (m["ready"], m["replicas"] >= 1, m["state"]) for m in check["models"]}

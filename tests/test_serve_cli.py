@@ -209,9 +209,10 @@ def servers(tiny_llama_path: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         {"name": "llama", "path": str(tiny_llama_path)},
         {"name": "needs-gpus", "path": str(tiny_llama_path), "gpus_per_replica": 64},  # cannot be placed
     ]}))
+    state = ["--state-dir", str(folder / "state")]  # not ~/.raysight: test runs must not share state
     started = {
-        "ready": Server.start(["--model", f"llama={tiny_llama_path}"]),
-        "never": Server.start(["--config", str(never)]),
+        "ready": Server.start(["--model", f"llama={tiny_llama_path}", *state]),
+        "never": Server.start(["--config", str(never), *state]),
     }
     try:
         yield started
@@ -226,8 +227,9 @@ def test_ready_line_comes_once_readyz_says_ready(servers: dict[str, Server]) -> 
     assert line == f"raysight is ready at {server.url} (models: llama)"
     r = httpx.get(f"{server.url}/readyz")  # no key: health routes are open
     assert r.status_code == 200, r.text
-    (check,) = r.json()["checks"]
+    check, store = r.json()["checks"]
     assert check["name"] == "models" and check["ok"] is True
+    assert store["name"] == "store" and store["ok"] is True
     assert [(m["name"], m["ready"], m["replicas"] >= 1) for m in check["models"]] == [("llama", True, True)]
     assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
 
@@ -236,7 +238,8 @@ def test_readyz_is_503_naming_the_model_without_a_replica(servers: dict[str, Ser
     server = servers["never"]
     body = _poll_readyz_until(server, lambda b: _ready_models(b) == {"llama": True, "needs-gpus": False})
     assert body["ready"] is False
-    (check,) = body["checks"]
+    check, store = body["checks"]
+    assert store["ok"] is True  # the store does not wait for models
     assert check["ok"] is False and "needs-gpus (0 running replicas" in check["message"]
     assert "llama" not in check["message"]
     gpu_model = next(m for m in check["models"] if m["name"] == "needs-gpus")

@@ -181,17 +181,44 @@ def test_an_execution_error_names_the_users_line_and_the_next_request_runs(alice
 # -- a model replica dies --------------------------------------------------------------------------
 
 
-def test_model_replica_killed_mid_request(alice, llama, small_body) -> None:
-    rid = alice.submit(slow_session(llama, 60))
+def test_model_replica_killed_mid_request_is_retried_once(alice, llama, small_body) -> None:
+    """A dead replica is not the user's problem: the session runs again from its first trace
+    (RETRYING), on the replica Serve starts instead, and completes."""
+    rid = alice.submit(slow_session(llama, 12))
     alice.wait_for(rid, lambda k, d: k == "RUNNING" and d["trace"] >= 2)
     killed = kill_replica("model-llama")
 
-    kind, data = alice.end(rid)
-    assert kind == "ERROR" and data["code"] == "replica_failed", (kind, data)
-    assert "llama" in data["message"] and "retry" in data["message"]
-    assert alice.status(rid)["state"] == "ERROR"
+    events = list(alice.events(rid))
+    kinds = [k for k, _ in events]
+    assert kinds[-1] == "COMPLETED", events[-1]
+    (retry,) = [d for k, d in events if k == "RETRYING"]
+    assert retry["code"] == "replica_failed" and retry["model"] == "llama" and retry["attempt"] == 2
+    after = [d["trace"] for k, d in events[kinds.index("RETRYING"):] if k == "RUNNING"]
+    assert after[0] == 1 and max(after) == 12  # the whole session ran again
+    assert alice.status(rid)["state"] == "COMPLETED"
+    assert alice.result(rid).status_code == 200
 
     wait_replaced("model-llama", killed)
+    wait_model_ready(alice, "llama")
+    quick_request_completes(alice, small_body)
+
+
+def test_model_replica_killed_twice_ends_in_replica_failed(alice, llama, small_body) -> None:
+    """Retried once only: a replica that dies again ends the request with an error saying so."""
+    rid = alice.submit(slow_session(llama, 60))
+    killed: list[str] = []
+    retried = False
+    for kind, data in alice.events(rid):  # one stream: kill at trace 2 of each attempt
+        if kind == "RETRYING":
+            retried = True
+        elif kind == "RUNNING" and data["trace"] >= 2 and len(killed) == int(retried):
+            killed.append(kill_replica("model-llama"))  # the second: the replica Serve started instead
+    assert retried and len(killed) == 2, (retried, killed)
+    assert kind == "ERROR" and data["code"] == "replica_failed", (kind, data)
+    assert "llama" in data["message"] and "retried once" in data["message"]
+    assert alice.status(rid)["state"] == "ERROR"
+
+    wait_replaced("model-llama", killed[-1])
     wait_model_ready(alice, "llama")
     quick_request_completes(alice, small_body)
     # and a session spanning both models still works after the restart
