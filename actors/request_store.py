@@ -109,7 +109,7 @@ class RequestStore:
     def active(self, owner: str) -> int:
         """How many of `owner`'s requests have not ended: the ingress refuses a user at her limit
         before reading her body (`admit` stays the atomic check)."""
-        return sum(1 for r in self.requests.values() if r.owner == owner and r.state not in TERMINAL)
+        return self.db.usage(owner).active
 
     async def add_event(
         self, request_id: str, kind: str, data: dict[str, Any] | None = None, order: tuple[str, int] | None = None

@@ -21,9 +21,9 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
-from actors.request_store import TERMINAL, Quota, StoreClient, StoreSpec, StoreUnavailable
+from actors.request_store import Quota, StoreClient, StoreSpec, StoreUnavailable
 from intervention.errors import InterventionError
-from intervention.events import RETRYING
+from intervention.events import RETRYING, TERMINAL
 from intervention.module_tree import module_paths
 from intervention.validate import InputBounds, Limits, validate_session
 from intervention.wire import decode_session

@@ -78,9 +78,12 @@ def _all_request_ids() -> set[str]:
     """Every request the cluster's store has seen (the test process is the Ray driver)."""
     import ray
 
-    from actors.request_store import get_store
+    from actors.request_store import NAMESPACE, STORE_NAME
 
-    return set(ray.get(get_store().__ray_call__.remote(lambda store: list(store.requests))))
+    def ids(store) -> list[str]:
+        return [r for (r,) in store.db.db.execute("SELECT id FROM requests").fetchall()]
+
+    return set(ray.get(ray.get_actor(STORE_NAME, namespace=NAMESPACE).__ray_call__.remote(ids)))
 
 
 def _no_model_time(model: LanguageModel, remote: bool):
