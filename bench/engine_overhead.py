@@ -107,14 +107,16 @@ def nn_edits(model, modules, n):
 
 
 def programs_call(rs, count: int) -> Callable[[], object]:
-    """`count` single-read programs (each `layers[1].output[:, -1].save()`) in one forward."""
+    """`count` single-read programs in one forward. Each reads the last module (`lm_head`), so
+    the forward runs to its end as the bare one does (programs that have all ended skip the
+    rest of the model: a read of an early layer would make this cheaper than the baseline)."""
     from client_sdk.tracing import recording
     from intervention.drivers import ForwardDriver
     from intervention.engine import run_programs
     from intervention.program import Program
 
     with recording() as graph, rs.trace(PROMPT):
-        rs.model.layers[1].output[:, -1].save()
+        rs.lm_head.output[:, -1].save()
     trace, module, tokenizer = graph.traces[0], rs.local_module, rs.tokenizer
 
     def call():
