@@ -4,7 +4,7 @@
 
 bench/engine_overhead.py times raysight and nnsight on this machine's CPU clock, which a busy
 shared box makes noisy (its per-read and per-edit slopes move by ±50% between runs). This runs the
-same configurations under valgrind's callgrind and counts the instructions each call executes —
+same configurations (and the programs-per-forward ones) under valgrind's callgrind and counts the instructions each call executes —
 the same count on every run — so a change can be judged in one run. Needs valgrind and its header
 (`valgrind/callgrind.h`) and a C compiler; ~3 minutes.
 
@@ -26,7 +26,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 CONFIGS = ("raysight reads 0", "raysight reads 16", "raysight edits 16",
-           "nnsight reads 0", "nnsight reads 16", "nnsight edits 16")
+           "nnsight reads 0", "nnsight reads 16", "nnsight edits 16",
+           "programs 1", "bare rows 1", "programs 16", "bare rows 16")
 _SHIM = """#include <valgrind/callgrind.h>
 void cg_start(void){ CALLGRIND_ZERO_STATS; CALLGRIND_START_INSTRUMENTATION; CALLGRIND_TOGGLE_COLLECT; }
 void cg_stop(void){ CALLGRIND_TOGGLE_COLLECT; CALLGRIND_DUMP_STATS; CALLGRIND_STOP_INSTRUMENTATION; }
@@ -85,7 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
         per_call = {}
         for i, name in enumerate(CONFIGS, start=1):
             text = Path(f"{tmp}/cg.out.{i}").read_text()
-            total = int(re.search(r"^(?:summary|totals): (\d+)", text, re.MULTILINE).group(1))
+            # "totals", not the header's "summary": after a zeroing the latter can be off (even wrap)
+            total = int(re.search(r"^totals: (\d+)", text, re.MULTILINE).group(1))
             per_call[name] = total / args.calls
     figs: dict = {"instructions_per_call": per_call, "calls": args.calls}
     for lib in ("raysight", "nnsight"):
@@ -96,6 +98,13 @@ def main(argv: list[str] | None = None) -> dict:
         figs[f"engine_{what}_instructions_ratio_vs_nnsight"] = (
             figs[f"raysight_{what}_instructions"] / figs[f"nnsight_{what}_instructions"]
         )
+    # 16 single-read programs in one forward (over 16 rows) against one program (over one row),
+    # each minus a bare forward on the same rows.
+    many = per_call["programs 16"] - per_call["bare rows 16"]
+    one = per_call["programs 1"] - per_call["bare rows 1"]
+    figs["engine_programs_per_forward_total_instructions"] = many / one
+    figs["engine_programs_per_forward_instructions"] = many / 16 / one
+    print(f"16 programs in one forward / 1 alone, overhead: {many / one:.3f} in all, {many / 16 / one:.3f} per program")
     for what in ("read", "edit"):
         print(f"per {what}: raysight {figs[f'raysight_{what}_instructions']:,.0f} instructions, "
               f"nnsight {figs[f'nnsight_{what}_instructions']:,.0f}: "
