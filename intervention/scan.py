@@ -52,6 +52,12 @@ class ModelEvents:
 
     events: list[tuple[Event, Any]]
     tensor_kinds: dict[tuple[str, str], bool] = field(default_factory=dict)  # (path, kind) -> a tensor?
+    # (path, kind) -> indices of its events: a trace touches a few modules of thousands
+    positions: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for i, ((path, kind, _), _) in enumerate(self.events):
+            self.positions.setdefault((path, kind), []).append(i)
 
 
 def record_events(meta_model: torch.nn.Module) -> ModelEvents:
@@ -202,11 +208,10 @@ class ScanDriver:
         for program in il.programs:
             for path, kinds in program.events.items():
                 wanted.setdefault(path, set()).update(kinds)
-        batch = self.shape.batch
-        for event, template in self.events.events:
-            path, kind, _ = event
-            if kind not in wanted.get(path, ()):
-                continue
+        batch, positions, events = self.shape.batch, self.events.positions, self.events.events
+        picked = sorted(i for path, kinds in wanted.items() for kind in kinds for i in positions.get((path, kind), ()))
+        for i in picked:
+            event, template = events[i]
             try:
                 il.current = _build(template, batch, self.length)
             except _GiveUp:
