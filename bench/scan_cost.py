@@ -13,8 +13,9 @@ blocks), so the check's cost reads as a ratio too. Models:
 - 70B: a Llama-3-70B-sized module tree (80 layers, hidden 8192) from a LlamaConfig alone, on the
   meta device: no weights exist, which is all the check needs.
 
-`first_use_s` is the one-time cost per model and process: building its meta-device copy and
-recording its module events (two meta forwards). Writes `scan_cpu_ms_tiny`, `scan_cpu_ms_smollm2`,
+`first_use_s` is the check's one-time cost per model and process (wall clock): building its
+meta-device copy and recording its module events (two meta forwards of a two-layer copy where the
+decoder layers are all alike). Writes `scan_cpu_ms_tiny`, `scan_cpu_ms_smollm2`,
 `scan_cpu_ms_70b_meta` into the results JSON (other keys are kept).
 """
 
@@ -53,10 +54,10 @@ def seed(model: LanguageModel) -> None:
 
 
 def measure(model: LanguageModel, rounds: int) -> dict:
-    t = time.perf_counter()
-    with recording() as graph:
+    with recording() as graph:  # first use of the model (its module tree, tokenizer): not the check's
         seed(model)
     session = graph.session_ir()
+    t = time.perf_counter()
     client_scan.scan(session, graph.tensors, graph.models, set())  # first use: probe the model
     first_use = time.perf_counter() - t
     assert model in client_scan._MODELS and client_scan._MODELS[model] is not None, "not checked"
