@@ -10,6 +10,9 @@ recorded once; after that a trace costs only its own nodes on meta tensors. Opt 
 from __future__ import annotations
 
 import copy
+import hashlib
+import json
+import threading
 import weakref
 from typing import Any
 
@@ -22,6 +25,9 @@ from intervention.scan import ModelEvents, expand_layers, record_events, scan_se
 # LanguageModel -> (meta module, its recorded events), or None when its architecture cannot be
 # built or probed on the meta device (its traces are then not checked).
 _MODELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+# The same by (config, dtype): a notebook or a test suite makes many LanguageModels of one model.
+_BY_CONFIG: dict[str, tuple[torch.nn.Module, ModelEvents] | None] = {}
+_LOCK = threading.RLock()
 
 
 def scan(session: SessionIR, tensors: dict[str, torch.Tensor], models: dict[str, Any], skip: set[int]) -> None:
@@ -38,7 +44,8 @@ def scan(session: SessionIR, tensors: dict[str, torch.Tensor], models: dict[str,
         found = _MODELS[lm]
         return None if found is None else (found[0], lm.tokenizer, found[1])
 
-    scan_session(session, tensors, model_for)
+    with _LOCK:  # a scan wraps the meta modules' forwards for its run: one scan at a time
+        scan_session(session, tensors, model_for)
 
 
 def _probe(lm: Any) -> tuple[torch.nn.Module, ModelEvents] | None:
@@ -56,10 +63,14 @@ def _probe(lm: Any) -> tuple[torch.nn.Module, ModelEvents] | None:
         if isinstance(dtype, str):
             dtype = getattr(torch, dtype, None)
         kwargs = {"dtype": dtype} if isinstance(dtype, torch.dtype) else {}
-        with torch.device("meta"):
-            meta = AutoModelForCausalLM.from_config(config, **kwargs)
-        meta.eval().requires_grad_(False)
-        return meta, _events(meta, config, kwargs)
+        key = hashlib.sha256(json.dumps([config.to_dict(), str(dtype)], sort_keys=True, default=str).encode()).hexdigest()
+        if key not in _BY_CONFIG:
+            _BY_CONFIG[key] = None  # if probing fails, it fails once
+            with torch.device("meta"):
+                meta = AutoModelForCausalLM.from_config(config, **kwargs)
+            meta.eval().requires_grad_(False)
+            _BY_CONFIG[key] = meta, _events(meta, config, kwargs)
+        return _BY_CONFIG[key]
     except Exception:  # noqa: BLE001 - an architecture the meta device cannot run: no check, no harm
         return None
 
