@@ -260,7 +260,8 @@ def scan_session(
     values: dict[int, Any] = {}
     for segment in plan.segments:
         for trace, keep in zip(segment.traces, segment.keeps, strict=True):
-            found = models(trace) if trace.kind == "forward" else None
+            # Forward kwargs (output_attentions, ...) change what modules return: not recorded.
+            found = models(trace) if trace.kind == "forward" and not trace.kwargs else None
             if found is None:
                 return  # later traces may use its values: nothing more can be checked
             meta, tokenizer, events = found
