@@ -109,6 +109,9 @@ def main(argv: list[str] | None = None) -> dict:
     results["wall_s"] = round(time.perf_counter() - started, 1)
     machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     args.json.parent.mkdir(parents=True, exist_ok=True)
+    if args.json.exists():  # figures of bench/scan_cost.py, which runs on its own: kept
+        kept = json.loads(args.json.read_text())
+        results.update({k: v for k, v in kept.items() if k.startswith("scan_cpu_ms_")})
     args.json.write_text(json.dumps(results, indent=2) + "\n")
 
     from bench.report import render_into

@@ -240,7 +240,10 @@ def _cancel_after_interrupt(request_id: str | None) -> str:
         return f"raysight: interrupted; could not cancel request {request_id} ({type(exc).__name__})"
     if response.status_code >= 400:
         return f"raysight: interrupted; could not cancel request {request_id} (HTTP {response.status_code})"
-    state = response.json().get("state")
+    try:
+        state = response.json().get("state")
+    except (ValueError, AttributeError):
+        state = None
     if state in TERMINAL:
         return f"raysight: interrupted; request {request_id} had already ended ({state})"
     return f"raysight: interrupted; cancelled request {request_id}"

@@ -52,6 +52,12 @@ class ModelEvents:
 
     events: list[tuple[Event, Any]]
     tensor_kinds: dict[tuple[str, str], bool] = field(default_factory=dict)  # (path, kind) -> a tensor?
+    # (path, kind) -> indices of its events: a trace touches a few modules of thousands
+    positions: dict[tuple[str, str], list[int]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for i, ((path, kind, _), _) in enumerate(self.events):
+            self.positions.setdefault((path, kind), []).append(i)
 
 
 def record_events(meta_model: torch.nn.Module) -> ModelEvents:
@@ -87,9 +93,13 @@ def _record(model: torch.nn.Module, batch: int, length: int) -> list[tuple[Event
 
         return hook
 
+    quiet = []
     for path, module in model.named_modules():
         handles.append(module.register_forward_pre_hook(pre(path), with_kwargs=True))
         handles.append(module.register_forward_hook(post(path), with_kwargs=True))
+        if hasattr(module, _PAD_WARNING):  # reads token ids (GPT-2): no data on the meta device
+            module.__dict__[_PAD_WARNING] = _no_warning
+            quiet.append(module)
     try:
         ids = torch.zeros(batch, length, dtype=torch.long, device="meta")
         with torch.no_grad():
@@ -97,7 +107,16 @@ def _record(model: torch.nn.Module, batch: int, length: int) -> list[tuple[Event
     finally:
         for h in handles:
             h.remove()
+        for module in quiet:
+            module.__dict__.pop(_PAD_WARNING, None)
     return [(e, _with_probe(v, batch, length)) for e, v in seen]
+
+
+_PAD_WARNING = "warn_if_padding_and_no_attention_mask"
+
+
+def _no_warning(*args: Any, **kwargs: Any) -> None:
+    pass
 
 
 @dataclass(frozen=True)
@@ -202,11 +221,10 @@ class ScanDriver:
         for program in il.programs:
             for path, kinds in program.events.items():
                 wanted.setdefault(path, set()).update(kinds)
-        batch = self.shape.batch
-        for event, template in self.events.events:
-            path, kind, _ = event
-            if kind not in wanted.get(path, ()):
-                continue
+        batch, positions, events = self.shape.batch, self.events.positions, self.events.events
+        picked = sorted(i for path, kinds in wanted.items() for kind in kinds for i in positions.get((path, kind), ()))
+        for i in picked:
+            event, template = events[i]
             try:
                 il.current = _build(template, batch, self.length)
             except _GiveUp:
@@ -242,7 +260,8 @@ def scan_session(
     values: dict[int, Any] = {}
     for segment in plan.segments:
         for trace, keep in zip(segment.traces, segment.keeps, strict=True):
-            found = models(trace) if trace.kind == "forward" else None
+            # Forward kwargs (output_attentions, ...) change what modules return: not recorded.
+            found = models(trace) if trace.kind == "forward" and not trace.kwargs else None
             if found is None:
                 return  # later traces may use its values: nothing more can be checked
             meta, tokenizer, events = found
@@ -315,3 +334,28 @@ def _refs(value: Any) -> list[int]:
     from intervention.args import walk
 
     return [body for tag, body in walk(value) if tag == "$ref"]
+
+
+def expand_layers(short: ModelEvents, blocks: str, n_layers: int) -> ModelEvents:
+    """The events of a model with `n_layers` identical decoder layers under `blocks` (e.g.
+    "model.layers"), from a recording of the same model built with two: layer 1's events, renamed,
+    stand for every layer after it. Recording a 70B-sized model's 80 layers on the meta device
+    takes seconds; two take a fraction. Raises ValueError if layer 1's events are not one
+    contiguous run (the caller then records the whole model)."""
+    prefix = f"{blocks}.1"
+    inside = [i for i, ((path, _, _), _) in enumerate(short.events) if path == prefix or path.startswith(prefix + ".")]
+    if not inside or inside != list(range(inside[0], inside[-1] + 1)):
+        raise ValueError(f"the events of '{prefix}' are not contiguous")
+    first, last = inside[0], inside[-1] + 1
+    layer = short.events[first:last]
+    events = list(short.events[:last])
+    for k in range(2, n_layers):
+        name = f"{blocks}.{k}"
+        events += [((name + path[len(prefix):], kind, call), tpl) for (path, kind, call), tpl in layer]
+    events += short.events[last:]
+    return ModelEvents(events, {
+        **short.tensor_kinds,
+        **{(f"{blocks}.{k}" + p[len(prefix):], kind): v
+           for (p, kind), v in short.tensor_kinds.items() if p == prefix or p.startswith(prefix + ".")
+           for k in range(2, n_layers)},
+    })

@@ -228,3 +228,19 @@ def test_recorded_events_describe_batch_and_length(local_model) -> None:
     assert events[("model.layers.0", "output", 0)].dims == ("B", "T", 64)
     assert events[("lm_head", "output", 0)].dims == ("B", "T", 803)
     assert len({b for b, _ in _PROBES}) == 2 and len({t for _, t in _PROBES}) == 2
+
+
+@pytest.mark.parametrize("which", ["tiny_llama_path", "tiny_gpt2_path"])
+def test_events_recorded_on_two_layers_equal_a_full_recording(request, which) -> None:
+    """The first-use shortcut for deep models (record two layers, extend) changes nothing."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from client_sdk.scan import _events
+
+    config = AutoConfig.from_pretrained(request.getfixturevalue(which))
+    with torch.device("meta"):
+        meta = AutoModelForCausalLM.from_config(config).eval()
+    full = record_events(meta)
+    short = _events(meta, config, {})
+    assert len(short.events) == len(full.events) and short.events == full.events
+    assert short.tensor_kinds == full.tensor_kinds and short.positions == full.positions
