@@ -335,12 +335,14 @@ class Program:
             return
         if value._base is not None:
             return
-        storage = value.untyped_storage()
-        ptr = storage.data_ptr()
+        # A tensor that is no view owns its memory from its data pointer on (no storage objects
+        # made: they cost a Python object per step); one already counted (an in-place result,
+        # `detach()`) adds nothing.
+        ptr = value.data_ptr()
         if ptr in self.storages:
             return
         self.storages.add(ptr)
-        self.held += storage.nbytes()
+        self.held += value.nbytes
         if self.held > self.max_bytes:
             raise ExecutionError(
                 f"this trace holds {self.held:,} bytes of tensors it computed, over its limit of "
