@@ -210,14 +210,17 @@ class Ingress:
         streaming = "text/event-stream" in request.headers.get("accept", "")
         if streaming and not self._stream_slot(user):
             raise self._too_many_streams()
-        if not await self.store.admit.remote(request_id, user, len(session.traces), cap):
-            if streaming:
+        try:
+            if not await self.store.admit.remote(request_id, user, len(session.traces), cap):
+                raise _too_many(cap)
+            watcher = asyncio.ensure_future(self._watch(request_id, self.runner.run.remote(request_id, session, tensors, timeout)))
+            self.watchers.add(watcher)
+            watcher.add_done_callback(self.watchers.discard)
+        except BaseException:
+            if streaming:  # no stream comes of it: give the slot back
                 self._release_slot(user)
-            raise _too_many(cap)
-        watcher = asyncio.ensure_future(self._watch(request_id, self.runner.run.remote(request_id, session, tensors, timeout)))
-        self.watchers.add(watcher)
-        watcher.add_done_callback(self.watchers.discard)
-        if streaming:
+            raise
+        if streaming:  # from here the stream holds the slot (see _stream)
             return _event_stream(self._stream(user, self._sse(request_id, user, 0, INLINE_RESULT_BYTES)), status_code=202)
         return JSONResponse({"id": request_id}, status_code=202)
 
