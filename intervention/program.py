@@ -28,7 +28,6 @@ from intervention import ops
 from intervention.args import ArgError, decode, decode_list, ref_id
 from intervention.errors import Cancelled, ExecutionError, InterventionError
 from intervention.ir import TraceIR
-from intervention.limits import MAX_TRACE_BYTES
 from intervention.values import (
     Rows,
     Shape,
@@ -135,13 +134,15 @@ class Program:
         keep: set[int] | frozenset[int] = frozenset(),
         on_log: Callable[[str], None] = print,
         cancel: threading.Event | None = None,
-        max_bytes: int = MAX_TRACE_BYTES,
+        max_bytes: int | None = None,
     ):
         self.trace = trace
         self.tensors = tensors or {}
         self.keep = keep
         self.on_log = on_log
         self.cancel = cancel
+        # What the tensors its steps allocate may hold (None: unbounded, as locally; servers set
+        # limits.max_trace_bytes, default intervention.limits.MAX_TRACE_BYTES).
         self.max_bytes = max_bytes
         self.held = 0  # bytes of the tensors its steps allocated (see _hold)
         self.storages: set[int] = set()
@@ -212,7 +213,7 @@ class Program:
             self._end(FAILED, exc)
 
     def _run_thread(self, thread: Thread, event: Event | None, il: Interleaver) -> None:
-        steps, values = thread.steps, self.values
+        steps, values, max_bytes = thread.steps, self.values, self.max_bytes
         pos, n = thread.pos, len(steps)
         try:
             while pos < n:
@@ -249,7 +250,7 @@ class Program:
                             value = values[step.id] = step.fn(*args)
                         except Exception as exc:
                             raise _failed(step, exc) from exc
-                        if type(value) is torch.Tensor and not step.writes:
+                        if max_bytes is not None and type(value) is torch.Tensor and not step.writes:
                             self._hold(step, value)
                     else:
                         self._compute(step)
@@ -319,7 +320,7 @@ class Program:
             raise
         except Exception as exc:
             raise _failed(step, exc) from exc
-        if not step.writes and self.last_write is not step:  # in place: nothing new is held
+        if self.max_bytes is not None and not step.writes and self.last_write is not step:  # in place: nothing new
             self._hold(step, value)
 
     def _hold(self, step: Step, value: Any) -> None:
