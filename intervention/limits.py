@@ -2,8 +2,8 @@
 so the server's config can name them without importing torch).
 
 `MAX_NEW_ELEMENTS`: the most elements one operation may create (ops.check_output), 1 GiB of
-float32. `MAX_TRACE_BYTES`: what the tensors one trace computes may hold in all (Program);
-servers set it with `limits.max_trace_bytes`. `MAX_LOG_CHARS`: a `log` message's length on a
+float32. `MAX_TRACE_BYTES`: what the tensors one trace computes may hold in all on a server (the
+default of `limits.max_trace_bytes`, passed to each Program; local runs are not budgeted). `MAX_LOG_CHARS`: a `log` message's length on a
 server (`limits.max_log_chars`); longer ones are cut, with a marker saying how much went.
 """
 

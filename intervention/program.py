@@ -28,7 +28,6 @@ from intervention import ops
 from intervention.args import ArgError, decode, decode_list, ref_id
 from intervention.errors import Cancelled, ExecutionError, InterventionError
 from intervention.ir import TraceIR
-from intervention.limits import MAX_TRACE_BYTES
 from intervention.values import (
     Rows,
     Shape,
@@ -151,13 +150,15 @@ class Program:
         keep: set[int] | frozenset[int] = frozenset(),
         on_log: Callable[[str], None] = print,
         cancel: threading.Event | None = None,
-        max_bytes: int = MAX_TRACE_BYTES,
+        max_bytes: int | None = None,
     ):
         self.trace = trace
         self.tensors = tensors or {}
         self.keep = keep
         self.on_log = on_log
         self.cancel = cancel
+        # What the tensors its steps allocate may hold (None: unbounded, as locally; servers set
+        # limits.max_trace_bytes, default intervention.limits.MAX_TRACE_BYTES).
         self.max_bytes = max_bytes
         self.held = 0  # bytes of the tensors its steps allocated (see _hold)
         self.storages: set[int] = set()
@@ -232,7 +233,7 @@ class Program:
             self._end(FAILED, exc)
 
     def _run_thread(self, thread: Thread, event: Event | None, il: Interleaver) -> None:
-        steps, values = thread.steps, self.values
+        steps, values, max_bytes = thread.steps, self.values, self.max_bytes
         pos, n = thread.pos, len(steps)
         try:
             while pos < n:
@@ -269,7 +270,7 @@ class Program:
                             value = values[step.id] = step.fn(*args)
                         except Exception as exc:
                             raise _failed(step, exc) from exc
-                        if type(value) is torch.Tensor and not step.writes:
+                        if max_bytes is not None and type(value) is torch.Tensor and not step.writes:
                             self._hold(step, value)
                     else:
                         self._compute(step)
@@ -350,7 +351,7 @@ class Program:
             raise
         except Exception as exc:
             raise _failed(step, exc) from exc
-        if not step.writes and self.last_write is not step:  # in place: nothing new is held
+        if self.max_bytes is not None and not step.writes and self.last_write is not step:  # in place: nothing new
             self._hold(step, value)
 
     def _hold(self, step: Step, value: Any) -> None:
@@ -366,12 +367,14 @@ class Program:
             return
         if value._base is not None:
             return
-        storage = value.untyped_storage()
-        ptr = storage.data_ptr()
+        # A tensor that is no view owns its memory from its data pointer on (no storage objects
+        # made: they cost a Python object per step); one already counted (an in-place result,
+        # `detach()`) adds nothing.
+        ptr = value.data_ptr()
         if ptr in self.storages:
             return
         self.storages.add(ptr)
-        self.held += storage.nbytes()
+        self.held += value.nbytes
         if self.held > self.max_bytes:
             raise ExecutionError(
                 f"this trace holds {self.held:,} bytes of tensors it computed, over its limit of "

@@ -22,7 +22,6 @@ import torch
 from intervention.args import decode, no_refs
 from intervention.engine import run_forward
 from intervention.errors import InterventionError
-from intervention.limits import MAX_TRACE_BYTES
 from intervention.plan import Segment, SessionPlan
 from intervention.program import Program, ProgramResult, log_message
 
@@ -141,10 +140,10 @@ def run_segment(
     on_log: Callable[[str], None] = print,
     on_trace: Callable[[int], None] | None = None,
     cancel: Any = None,
-    max_trace_bytes: int = MAX_TRACE_BYTES,
+    max_trace_bytes: int | None = None,
 ) -> Outcome:
     """Run a segment's traces in this process, one forward each; each trace's computed tensors
-    may hold at most `max_trace_bytes` (see Program)."""
+    may hold at most `max_trace_bytes` (see Program; None: unbounded, as in local runs)."""
     loop = SegmentLoop(segment, imports)
     while (work := loop.next_trace()) is not None:
         if on_trace is not None:

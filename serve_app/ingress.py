@@ -219,21 +219,25 @@ class Ingress:
         streaming = "text/event-stream" in request.headers.get("accept", "")
         if streaming and not self._stream_slot(user):
             raise self._too_many_streams()
-        refused = await self._store("admit", request_id, user, len(session.traces), self.quota)
-        if refused is not None:
-            if streaming:
+        try:
+            refused = await self._store("admit", request_id, user, len(session.traces), self.quota)
+            if refused is not None:
+                raise ApiError(refused["status"], refused["code"], refused["message"])
+            # The session runs apart from this HTTP request: Serve cancels the handle calls a
+            # request made when its client disconnects (a blocking client's Ctrl-C, a dropped
+            # stream that the client would resume by id), which would leave the request RUNNING
+            # for good. In a fresh context the call is no child of this request; DELETE and the
+            # time limit end it.
+            watcher = asyncio.get_running_loop().create_task(
+                self._watch(request_id, (request_id, session, tensors, timeout)), context=contextvars.Context()
+            )
+            self.watchers.add(watcher)
+            watcher.add_done_callback(self.watchers.discard)
+        except BaseException:
+            if streaming:  # no stream comes of it: give the slot back
                 self._release_slot(user)
-            raise ApiError(refused["status"], refused["code"], refused["message"])
-        # The session runs apart from this HTTP request: Serve cancels the handle calls a request
-        # made when its client disconnects (a blocking client's Ctrl-C, a dropped stream that the
-        # client would resume by id), which would leave the request RUNNING for good. In a fresh
-        # context the call is no child of this request; DELETE and the time limit end it.
-        watcher = asyncio.get_running_loop().create_task(
-            self._watch(request_id, (request_id, session, tensors, timeout)), context=contextvars.Context()
-        )
-        self.watchers.add(watcher)
-        watcher.add_done_callback(self.watchers.discard)
-        if streaming:
+            raise
+        if streaming:  # from here the stream holds the slot (see _stream)
             return _event_stream(self._stream(user, self._sse(request_id, user, 0, INLINE_RESULT_BYTES)), status_code=202)
         return JSONResponse({"id": request_id}, status_code=202)
 

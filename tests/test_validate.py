@@ -13,7 +13,7 @@ from client_sdk.local import LocalBackend
 from intervention.errors import ValidationError
 from intervention.ir import Invoke, Node, SessionIR, TraceIR
 from intervention.module_tree import module_paths
-from intervention.validate import Limits, validate_session
+from intervention.validate import InputBounds, Limits, validate_session
 from intervention.wire import decode_session, encode_session
 
 PATHS = {"", "model", "model.layers", "model.layers.0", "model.layers.1", "model.norm", "lm_head"}
@@ -242,3 +242,41 @@ def test_sdk_sessions_validate_after_a_wire_round_trip(tiny_llama_path: Path) ->
         LocalBackend().run(graph)
     assert info.value.code == "unknown_module"
     assert info.value.location[0] == __file__
+
+
+# -- inputs that fit the model, tensor dtypes the server takes (issue 9) ---------------------------
+
+BOUNDS = {"tiny": InputBounds(vocab_size=1000, context=16, count_tokens=lambda s: len(s.split()))}
+
+
+def _inputs_refused(value, tensors=None) -> ValidationError:
+    with pytest.raises(ValidationError) as info:
+        validate_session(_session(invokes=[Invoke(input=value)]), tensors or {}, MODELS, inputs=BOUNDS)
+    assert info.value.code == "invalid_input" and info.value.location == TRACE_LOC, info.value
+    return info.value
+
+
+@pytest.mark.parametrize("ids", [[2**70], [5, -1], [[1, 2], [3, 1000]]])
+def test_token_ids_outside_the_vocabulary_are_refused(ids) -> None:
+    assert "outside the model's vocabulary (0..999)" in _inputs_refused(ids).message
+
+
+def test_inputs_longer_than_the_context_are_refused() -> None:
+    assert "17 tokens" in _inputs_refused([1] * 17).message
+    assert "17 tokens" in _inputs_refused(" ".join(["word"] * 17)).message
+    assert "17 tokens" in _inputs_refused({"$tensor": "ids"}, {"ids": torch.ones(2, 17, dtype=torch.long)}).message
+    # at the limit, and short prompts (not even counted), pass
+    validate_session(_session(invokes=[Invoke(input=[1] * 16), Invoke(input="a b c")]), {}, MODELS, inputs=BOUNDS)
+
+
+def test_token_id_tensors_must_be_integers() -> None:
+    err = _inputs_refused({"$tensor": "ids"}, {"ids": torch.ones(1, 3)})
+    assert "integer token ids, not float32" in err.message
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.uint16, torch.uint32])
+def test_tensor_blobs_of_dtypes_the_server_does_not_take_are_refused(dtype) -> None:
+    with pytest.raises(ValidationError) as info:
+        validate_session(_session(), {"t0": torch.zeros(2, dtype=dtype)}, MODELS)
+    assert info.value.code == "unsupported_dtype"
+    assert str(dtype).removeprefix("torch.") in info.value.message and "'t0'" in info.value.message
