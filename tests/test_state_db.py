@@ -13,8 +13,7 @@ from serve_app import launcher, preflight
 
 
 def _finished(db: StateDB, rid: str, owner: str = "alice", result: bytes = b"values") -> None:
-    db.insert(rid, owner, 1, 1 << 20, 1 << 20)
-    db.append(db.get(rid), "RECEIVED", {"id": rid})
+    db.insert(rid, owner, 1, 1 << 20, 1 << 20)  # with its RECEIVED event
     db.append(db.get(rid), "RUNNING", {"trace": 1, "of": 1}, ("replica", 0))
     db.append(db.get(rid), "LOG", {"message": "hello"}, ("replica", 1), log_bytes=5)
     db.write_result(rid, result)
@@ -31,6 +30,7 @@ def test_a_new_process_reads_what_the_last_one_wrote(tmp_path: Path) -> None:
     row = db.get("r1")
     assert (row.owner, row.state, row.n_events, row.result_bytes, row.running) == (
         "alice", "COMPLETED", 4, 6, {"trace": 1, "of": 1})
+    assert db.events("r1", 0)[0]["data"] == {"id": "r1"}
     assert [e["event"] for e in db.events("r1", 0)] == ["RECEIVED", "RUNNING", "LOG", "COMPLETED"]
     assert db.events("r1", 2)[0]["data"] == {"message": "hello"}
     assert db.read_result("r1") == b"values"
