@@ -102,8 +102,7 @@ class RequestStore:
                             f"your stored request logs hold {use.log_bytes} bytes, at the limit of "
                             f"{quota.max_log_bytes} (limits.max_log_bytes_per_user): they are freed when "
                             f"their requests expire ({self.ttl:g} s after finishing)")
-        self.db.insert(request_id, owner, n_traces, quota.max_result_bytes, quota.max_log_bytes)
-        await self._add(request_id, "RECEIVED", {"id": request_id})
+        self.db.insert(request_id, owner, n_traces, quota.max_result_bytes, quota.max_log_bytes)  # + RECEIVED
         return None
 
     def active(self, owner: str) -> int:

@@ -153,12 +153,19 @@ class StateDB:
         return counts
 
     def insert(self, request_id: str, owner: str, n_traces: int, max_result_bytes: int, max_log_bytes: int) -> None:
+        """A new request and its first event, RECEIVED {id}, in one transaction."""
         now = time.time()
-        self.db.execute(
-            "INSERT INTO requests (id, owner, created, n_traces, state, max_result_bytes, max_log_bytes, since)"
-            " VALUES (?, ?, ?, ?, 'RECEIVED', ?, ?, ?)",
-            (request_id, owner, now, n_traces, max_result_bytes, max_log_bytes, now),
-        )
+        with self.db:
+            self.db.execute("BEGIN")
+            self.db.execute(
+                "INSERT INTO requests (id, owner, created, n_traces, state, n_events, max_result_bytes, max_log_bytes,"
+                " since) VALUES (?, ?, ?, ?, 'RECEIVED', 1, ?, ?, ?)",
+                (request_id, owner, now, n_traces, max_result_bytes, max_log_bytes, now),
+            )
+            self.db.execute(
+                "INSERT INTO events (request_id, n, kind, data, time) VALUES (?, 0, 'RECEIVED', ?, ?)",
+                (request_id, json.dumps({"id": request_id}), now),
+            )
         self._counts(owner)[0] += 1
 
     def get(self, request_id: str) -> Row | None:
