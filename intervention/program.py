@@ -338,6 +338,10 @@ class Program:
                 self.values[step.id] = self._read(step.op, rows, il)
             elif step.op == GRAD_READ:
                 self.values[step.id] = self._grad_read(step, rows, il)
+            elif step.op == "module.skip":
+                args, _ = self._bind(step)
+                il.skip(args[2], rows)
+                self.last_write = step
             else:
                 args, _ = self._bind(step)
                 self._write(step.event[1], args[2], rows, il)

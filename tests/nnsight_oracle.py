@@ -175,3 +175,13 @@ def attribution(path: str, prompt: str, layer: int) -> dict[str, Any]:
             g_h = h.grad.save()
         attr = (h * g_h).sum(-1).save()
     return {"g_h": g_h, "g_m": g_m, "attr": attr}
+
+
+def skip(path: str, prompt: str, layer: int) -> torch.Tensor:
+    """Skip a decoder layer, passing its input through as its output."""
+    model = load(path)
+    block = layers(model)[layer]
+    with torch.no_grad(), model.trace(prompt):
+        block.skip(block.input)
+        logits = model.lm_head.output.save()
+    return logits

@@ -400,3 +400,33 @@ def test_gradient_errors_name_the_line(llama) -> None:
         late = llama.model.layers[1].output
         with early.sum().backward():  # frozen weights, no tracked value before it: no graph
             late.grad.save()
+
+
+# -- module.skip -----------------------------------------------------------------------------------
+
+
+def test_skip_matches_nnsight(case, nnsight_mounted) -> None:
+    path, model = case
+    block = layers(model)[1]
+    with model.trace(P1):
+        block.skip(block.input)
+        logits = model.lm_head.output.save()
+    with model.trace(P1):
+        plain = model.lm_head.output.save()
+    assert same(logits, oracle.skip(path, P1, 1)) and not torch.equal(logits, plain)
+
+
+def test_skip_in_one_invoke_touches_only_its_rows(llama) -> None:
+    block = llama.model.layers[1]
+    with llama.trace() as tracer:
+        with tracer.invoke(P1):
+            block.skip(block.input)
+            skipped = llama.lm_head.output.save()
+        with tracer.invoke(P1):
+            kept = llama.lm_head.output.save()
+    with llama.trace(P1):
+        block.skip(block.input)
+        alone = llama.lm_head.output.save()
+    with llama.trace(P1):
+        plain = llama.lm_head.output.save()
+    assert torch.allclose(skipped, alone, atol=1e-6) and torch.allclose(kept, plain, atol=1e-6)

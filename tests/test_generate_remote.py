@@ -166,3 +166,14 @@ def test_gradients_and_attribution_patching(local, served) -> None:
 
     got = parity(exp, local, served)
     assert got["grad"].shape == (1, len(local.llama.tokenizer(P1)["input_ids"]), 64)
+
+
+def test_skip(local, served) -> None:
+    def exp(m: SimpleNamespace) -> dict:
+        block = m.llama.model.layers[2]
+        with m.llama.trace(P1, remote=m.remote):
+            block.skip(block.input * 0.5)
+            logits = m.llama.lm_head.output.save()
+        return {"logits": logits}
+
+    parity(exp, local, served)
