@@ -159,7 +159,8 @@ class Program:
         # some `grad` node asks for; the driver runs with grad mode on when any backward is there.
         self.grad_sources: dict[int, tuple[torch.Tensor, Rows]] = {}
         self.invoke_threads, self.body = _compile(trace, self.tensors, self.events)
-        self.threads = [*self.invoke_threads, *([self.body] if self.body else [])]
+        caches = [t for t in self.invoke_threads if trace.invokes[t.invoke].cache] if trace.invokes else []
+        self.threads = [*(t for t in self.invoke_threads if t not in caches), *([self.body] if self.body else []), *caches]
         self.needs_grad = any(s.op == "backward" for t in self.threads for s in t.steps)
 
     # -- placement in the batch ----------------------------------------------------------------
@@ -456,8 +457,10 @@ def _compile(
     body = None
     if None in by_invoke:
         body = Thread(by_invoke[None])
-        for step in body.steps if threads else ():  # no invoke threads: nothing to wait for
-            step.after = [(t, n) for t in threads if (n := sum(1 for x in t.steps if x.id < step.id))]
+        # caches only read: code after them need not wait (they run last, at every event)
+        waits = [t for t in threads if t.invoke >= len(trace.invokes) or not trace.invokes[t.invoke].cache]
+        for step in body.steps if waits else ():  # no invoke threads: nothing to wait for
+            step.after = [(t, n) for t in waits if (n := sum(1 for x in t.steps if x.id < step.id))]
     return threads, body
 
 

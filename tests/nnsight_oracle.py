@@ -185,3 +185,18 @@ def skip(path: str, prompt: str, layer: int) -> torch.Tensor:
         block.skip(block.input)
         logits = model.lm_head.output.save()
     return logits
+
+
+def cache(path: str, prompt: str, layer: int) -> dict[str, Any]:
+    """tracer.cache() of two modules, with an edit before them (values after interventions)."""
+    model = load(path)
+    blocks = layers(model)
+    with torch.no_grad(), model.trace(prompt) as tracer:
+        c = tracer.cache(modules=[blocks[layer], model.lm_head], include_inputs=True)
+        blocks[layer].output[:, -1] = 0
+    name = "model.transformer.h" if hasattr(model, "transformer") else "model.model.layers"
+    return {
+        "block": c[f"{name}.{layer}"].output,
+        "block_input": c[f"{name}.{layer}"].input,
+        "head": c["model.lm_head"].output,
+    }

@@ -430,3 +430,32 @@ def test_skip_in_one_invoke_touches_only_its_rows(llama) -> None:
     with llama.trace(P1):
         plain = llama.lm_head.output.save()
     assert torch.allclose(skipped, alone, atol=1e-6) and torch.allclose(kept, plain, atol=1e-6)
+
+
+# -- tracer.cache ----------------------------------------------------------------------------------
+
+
+def test_cache_matches_nnsight(case, nnsight_mounted) -> None:
+    path, model = case
+    blocks = layers(model)
+    with model.trace(P1) as tracer:
+        cache = tracer.cache(modules=[blocks[1], model.lm_head], include_inputs=True)
+        blocks[1].output[:, -1] = 0
+    want = oracle.cache(path, P1, 1)
+    name = _path(model, 1)
+    assert same(cache[name].output, want["block"]) and same(cache[name].input, want["block_input"])
+    assert same(cache["lm_head"].output, want["head"])
+    assert bool((cache[name].output[:, -1] == 0).all())  # after the edit
+
+
+def test_cache_everything_and_per_step(llama) -> None:
+    with llama.trace(P1) as tracer:
+        cache = tracer.cache()
+        logits = llama.lm_head.output.save()
+    assert "model.layers.3.mlp" in cache and torch.equal(cache.lm_head.output, logits)
+    assert torch.equal(cache.model.layers[0].output, cache["model.layers.0"].output)
+    with llama.generate(P1, max_new_tokens=3) as tracer:
+        steps = tracer.cache(modules=["lm_head"])
+        ids = tracer.result.save()
+    assert len(steps["lm_head"]) == 3
+    assert [int(o[0, -1].argmax()) for o in steps["lm_head"].output] == ids[0, -3:].tolist()

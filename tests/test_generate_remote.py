@@ -177,3 +177,15 @@ def test_skip(local, served) -> None:
         return {"logits": logits}
 
     parity(exp, local, served)
+
+
+def test_cache(local, served) -> None:
+    def exp(m: SimpleNamespace) -> dict:
+        llama = m.llama
+        with llama.generate(P1, max_new_tokens=2, remote=m.remote) as tracer:
+            cache = tracer.cache(modules=[llama.model.layers[1], llama.lm_head])
+            llama.model.layers[1].output[:, -1] *= 2
+        return {"layer": cache.model.layers[1].output, "head": cache["lm_head"].output}
+
+    got = parity(exp, local, served)
+    assert len(got["layer"]) == 2 and len(got["head"]) == 2
