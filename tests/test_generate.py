@@ -459,3 +459,34 @@ def test_cache_everything_and_per_step(llama) -> None:
         ids = tracer.result.save()
     assert len(steps["lm_head"]) == 3
     assert [int(o[0, -1].argmax()) for o in steps["lm_head"].output] == ids[0, -3:].tolist()
+
+
+def test_a_step_read_after_a_later_step_is_refused_before_model_time(llama) -> None:
+    refused = pytest.raises(client_sdk.ValidationError, match="step 0 is accessed after step 2")
+    with refused as info, llama.generate(P1, max_new_tokens=3) as tracer:
+        for _ in tracer.all():
+            llama.lm_head.output.save()
+        llama.model.layers[0].output.save()  # the line: binds to step 0
+    assert info.value.code == "out_of_order" and info.value.location[2].endswith("# the line: binds to step 0")
+
+
+def test_cancel_stops_a_generation_within_a_step(llama) -> None:
+    """The cancel flag is checked at every decoder layer, in every step."""
+    import threading
+
+    from intervention.engine import run_trace
+    from intervention.errors import Cancelled
+
+    with client_sdk.tracing.recording() as graph, llama.generate(P1, max_new_tokens=50) as tracer:
+        for step in tracer.all():
+            client_sdk.log(step)
+    trace, cancel, logged = graph.session_ir().traces[0], threading.Event(), []
+
+    def on_log(message: str) -> None:
+        logged.append(message)
+        if message == "2":
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        run_trace(llama.local_module, trace, llama.tokenizer, on_log=on_log, cancel=cancel)
+    assert logged == ["0", "1", "2"]
