@@ -102,6 +102,10 @@ class Envoy:
         graph = self._graph()
         return graph.record(op, [self._path, graph.tracer.call_index, value])
 
+    def skip(self, value: Any) -> None:
+        """Do not run this module (at the current call): `value` is its output instead."""
+        self._record("module.skip", value)
+
     def __call__(self, *args: Any, **kwargs: Any) -> Proxy:
         """Run this module on traced values (outside the model's own forward)."""
         return self._graph().record("module.call", [self._path, *args], kwargs)

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from typing import Any, Self
 
 from client_sdk.backends import Backend, RemoteHandle, backend_for
+from client_sdk.cache import CacheView, record_cache
 from client_sdk.graph import Graph, current_graph, set_current_graph
 from client_sdk.location import user_location
 from client_sdk.proxy import Proxy, TracingError
@@ -178,6 +179,16 @@ class Tracer:
     def all(self) -> Steps:
         """Every generation step: `for step in tracer.all():` (same as `tracer.iter[:]`)."""
         return self.iter[:]
+
+    def cache(
+        self, modules: list | None = None, include_output: bool = True, include_inputs: bool = False
+    ) -> CacheView:
+        """Record many modules' activations: their outputs (and first inputs if
+        `include_inputs`), after interventions, at every call (every step of a generation).
+        `modules`: envoys or module paths; None: every module. Returns a view: after the block,
+        `cache["model.layers.0"].output` or `cache.model.layers[0].output` is the value."""
+        self._recording("tracer.cache()")
+        return record_cache(self, modules, include_output, include_inputs)
 
     def _recording(self, what: str) -> None:
         if self.session is None or self.graph.tracer is not self:

@@ -28,7 +28,7 @@ import torch
 
 from intervention.errors import ExecutionError, ValidationError
 from intervention.program import RUNNING, Event, Program
-from intervention.values import Shape, first_device, to_device_of
+from intervention.values import Shape, first_device, to_device_of, write_rows
 
 _MISSING = object()
 
@@ -47,6 +47,7 @@ class Interleaver:
         self.current: Any = None  # the value at the firing event: output, or [args, kwargs]
         self.inputs_replaced = False
         self.paused = False  # a module the user calls explicitly is not a model event
+        self.skips: list | None = None  # (value, rows) given by module.skip for the call firing now
         self._restore: list[tuple[torch.nn.Module, Any]] = []
 
     # -- lifetime ------------------------------------------------------------------------------
@@ -114,7 +115,12 @@ class Interleaver:
             calls[path] = call + 1
             if inputs:
                 args, kwargs = self._fire_input((path, "input", call), args, kwargs)
-            output = forward(*args, **kwargs)
+                if self.skips is not None:  # module.skip at this input event
+                    output = self._skipped(forward, args, kwargs)
+                else:
+                    output = forward(*args, **kwargs)
+            else:
+                output = forward(*args, **kwargs)
             if outputs:
                 self.current = output
                 self.fire((path, "output", call))
@@ -129,6 +135,25 @@ class Interleaver:
         self.fire(event)
         (new_args, new_kwargs), self.current = self.current, None
         return (tuple(new_args), new_kwargs) if self.inputs_replaced else (args, kwargs)
+
+    def skip(self, value: Any, rows: Any) -> None:
+        """`module.skip(value)` for the call whose input event is firing."""
+        if self.skips is None:
+            self.skips = []
+        self.skips.append((value, rows))
+
+    def _skipped(self, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        """The output of a skipped call: the value given for the whole batch (the module does not
+        run), or, when invokes skipped only their rows, the module's output with those rows
+        replaced."""
+        skips, self.skips = self.skips, None
+        whole = [value for value, rows in skips if rows is None]
+        output = whole[-1] if whole else forward(*args, **kwargs)
+        for value, rows in skips:
+            if rows is not None:
+                write_rows(output, to_device_of(value, output) if isinstance(output, torch.Tensor) else value,
+                           rows, self.shape)
+        return output
 
     def fire(self, event: Event) -> None:
         """Dispatch `event` to every running program, in order."""

@@ -58,6 +58,9 @@ class Invoke:
     __pydantic_config__ = _STRICT
 
     input: Any
+    # An input-less invoke that records activations (`tracer.cache()`): at each module event its
+    # reads run after every other thread's, so they see the values after interventions.
+    cache: bool = False
 
 
 @dataclass(slots=True)

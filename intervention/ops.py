@@ -19,8 +19,9 @@ from intervention.limits import MAX_NEW_ELEMENTS
 # Ops the engine implements itself because they touch modules or the run, not only values.
 # name -> (min args, max args); args[0] is a module path for module ops.
 MODULE_READS = {"module.output", "module.input", "module.inputs"}
-MODULE_WRITES = {"module.set_output", "module.set_input"}
-INPUT_OPS = {"module.input", "module.inputs", "module.set_input"}  # wait for a module's input event
+MODULE_WRITES = {"module.set_output", "module.set_input", "module.skip"}
+# wait for a module's input event (a skip: before the module would run)
+INPUT_OPS = {"module.input", "module.inputs", "module.set_input", "module.skip"}
 CONTROL_OPS = {"save", "log", "stop"}
 
 ARITY: dict[str, tuple[int, int | None]] = {
@@ -29,6 +30,7 @@ ARITY: dict[str, tuple[int, int | None]] = {
     "module.inputs": (2, 2),
     "module.set_output": (3, 3),  # path, call index, value
     "module.set_input": (3, 3),
+    "module.skip": (3, 3),  # path, call index, value: the module does not run, value is its output
     "module.call": (1, None),  # path, *args
     "result": (0, 0),
     "backward": (1, 1),  # loss: backpropagate to the activations (weights stay frozen)

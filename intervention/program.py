@@ -176,9 +176,10 @@ class Program:
         # Gradients: node id -> (the tensor whose .grad holds its gradient, rows), for the values
         # some `grad` node asks for; the driver runs with grad mode on when any backward is there.
         self.grad_sources: dict[int, tuple[torch.Tensor, Rows]] = {}
-        self.invoke_threads, self.body = _compile(trace, self.tensors, self.events)
-        self.threads = [*self.invoke_threads, *([self.body] if self.body else [])]
-        self.needs_grad = any(s.op == "backward" for t in self.threads for s in t.steps)
+        self.invoke_threads, self.body, self.needs_grad = _compile(trace, self.tensors, self.events)
+        caches = [t for t in self.invoke_threads if trace.invokes[t.invoke].cache] if trace.invokes else []
+        self.threads = [*(t for t in self.invoke_threads if t not in caches), *([self.body] if self.body else []), *caches]
+
 
     # -- placement in the batch ----------------------------------------------------------------
 
@@ -388,6 +389,10 @@ class Program:
                 self.values[step.id] = self._read(step.op, rows, il)
             elif step.op == GRAD_READ:
                 self.values[step.id] = self._grad_read(step, rows, il)
+            elif step.op == "module.skip":
+                args, _ = self._bind(step)
+                il.skip(args[2], rows)
+                self.last_write = step
             else:
                 args, _ = self._bind(step)
                 self._write(step.event[1], args[2], rows, il)
@@ -451,9 +456,12 @@ GRAD_READ = "module.output+grad"  # internal: a module.output read whose gradien
 
 def _compile(
     trace: TraceIR, tensors: dict[str, torch.Tensor], events: dict[str, set[str]]
-) -> tuple[list[Thread], Thread | None]:
+) -> tuple[list[Thread], Thread | None, bool]:
+    """Threads (one per invoke with code), the body (code outside invokes), and whether a
+    backward is among the steps (the driver then runs with grad mode on)."""
     by_invoke: dict[int | None, list[Step]] = {}
     nested: list[int] = []  # the current node's references inside containers or kwargs
+    gradients: list[Step] = []  # its backward and grad steps, if any
 
     def ref(i: int) -> _Ref:
         nested.append(i)
@@ -493,24 +501,32 @@ def _compile(
                 refs.append(slot[1])
             refs.extend(nested)
             step = Step(node.id, op, node.loc, event, refs, args, kwargs, slots, bool(nested))
+            if op in _GRADIENT_OPS:  # rare: noted here so other traces pay no extra pass
+                gradients.append(step)
         steps = by_invoke.get(node.invoke)
         if steps is None:
             steps = by_invoke[node.invoke] = []
         steps.append(step)
-    _track_grads(trace, by_invoke)
+    if gradients:
+        _track_grads(gradients, by_invoke)
     threads = [Thread(by_invoke[i], i) for i in sorted(k for k in by_invoke if k is not None)]
     body = None
     if None in by_invoke:
         body = Thread(by_invoke[None])
-        for step in body.steps if threads else ():  # no invoke threads: nothing to wait for
-            step.after = [(t, n) for t in threads if (n := sum(1 for x in t.steps if x.id < step.id))]
-    return threads, body
+        # caches only read: code after them need not wait (they run last, at every event)
+        waits = [t for t in threads if t.invoke >= len(trace.invokes) or not trace.invokes[t.invoke].cache]
+        for step in body.steps if waits else ():  # no invoke threads: nothing to wait for
+            step.after = [(t, n) for t in waits if (n := sum(1 for x in t.steps if x.id < step.id))]
+    return threads, body, any(s.op == "backward" for s in gradients)
 
 
-def _track_grads(trace: TraceIR, by_invoke: dict[int | None, list[Step]]) -> None:
+_GRADIENT_OPS = frozenset({"grad", "backward"})
+
+
+def _track_grads(gradients: list[Step], by_invoke: dict[int | None, list[Step]]) -> None:
     """Steps whose value some `grad` node asks for keep their gradient: module output reads
     become GRAD_READ steps, computed values retain theirs."""
-    wanted = {s.refs[0] for steps in by_invoke.values() for s in steps if s.op == "grad" and s.refs}
+    wanted = {s.refs[0] for s in gradients if s.op == "grad" and s.refs}
     if not wanted:
         return
     for steps in by_invoke.values():

@@ -220,14 +220,25 @@ def _check_generate(trace: TraceIR, cap: int) -> None:
         if value is not None and type(value) is not int:
             raise ValidationError(f"generate's {name} must be an integer", trace.loc)
     events = _EVENT_OPS
+    last: dict[int | None, int] = {}  # per invoke: the latest step read so far
     for node in trace.nodes:
-        if node.op in events and type(node.args[1]) is int and node.args[1] >= n:
+        if node.op not in events or type(node.args[1]) is not int:
+            continue
+        step = node.args[1]
+        if step >= n:
             raise ValidationError(
-                f"step {node.args[1]} does not exist: this generation has max_new_tokens={n} "
-                f"(steps 0-{n - 1})",
+                f"step {step} does not exist: this generation has max_new_tokens={n} (steps 0-{n - 1})",
                 node.loc,
                 code="out_of_range",
             )
+        if step < last.get(node.invoke, 0):
+            raise ValidationError(
+                f"step {step} is accessed after step {last[node.invoke]}: generation steps run in order "
+                "(a step loop after another one starts where the first ended; use one loop)",
+                node.loc,
+                code="out_of_order",
+            )
+        last[node.invoke] = step
 
 
 def _check_trace(trace: TraceIR, tensors: dict, paths: set[str], seen: set[int]) -> None:

@@ -31,6 +31,8 @@ EXPECT = {
     "into layer 1, where it is out of place, to show the mechanics. T3 holds layer 0's output, shape (1, 8, 576).",
     "patch_answer": "' Rome' as is; ' Paris' once layer 23's last-token state comes from the Eiffel Tower "
     "prompt: a same-layer patch moves the answer.",
+    "attribution_patching": "answers ' Paris' (clean) and ' Rome' (corrupted), metric ~2.86; the attribution "
+    "of layer 15 is largest (negative) at 'iffel' and ' Tower'.",
     "generate_steering": "without steering ' gym and I was working out. ...'; with the beach-minus-city "
     "vector added at layer 6 on every step: ' beach and ...'; then the steered model's confidence per step.",
 }

@@ -175,3 +175,28 @@ def attribution(path: str, prompt: str, layer: int) -> dict[str, Any]:
             g_h = h.grad.save()
         attr = (h * g_h).sum(-1).save()
     return {"g_h": g_h, "g_m": g_m, "attr": attr}
+
+
+def skip(path: str, prompt: str, layer: int) -> torch.Tensor:
+    """Skip a decoder layer, passing its input through as its output."""
+    model = load(path)
+    block = layers(model)[layer]
+    with torch.no_grad(), model.trace(prompt):
+        block.skip(block.input)
+        logits = model.lm_head.output.save()
+    return logits
+
+
+def cache(path: str, prompt: str, layer: int) -> dict[str, Any]:
+    """tracer.cache() of two modules, with an edit before them (values after interventions)."""
+    model = load(path)
+    blocks = layers(model)
+    with torch.no_grad(), model.trace(prompt) as tracer:
+        c = tracer.cache(modules=[blocks[layer], model.lm_head], include_inputs=True)
+        blocks[layer].output[:, -1] = 0
+    name = "model.transformer.h" if hasattr(model, "transformer") else "model.model.layers"
+    return {
+        "block": c[f"{name}.{layer}"].output,
+        "block_input": c[f"{name}.{layer}"].input,
+        "head": c["model.lm_head"].output,
+    }

@@ -178,9 +178,14 @@ def test_unsupported_tensor_method(model: LanguageModel) -> None:
     assert ".numpy() is not supported" in str(info.value)
     assert_at(info.value, "method")
     with pytest.raises(InterventionError) as info, model.trace(P):
-        model.model.layers[0].output.grad.save()  # @attribute
-    assert ".grad is not supported" in str(info.value)
+        model.model.layers[0].output.data.save()  # @attribute
+    assert ".data is not supported" in str(info.value)
     assert_at(info.value, "attribute")
+    # .grad is supported since issue 10, after a backward: without one it is refused at the line
+    with pytest.raises(TracingError) as info, model.trace(P):
+        model.model.layers[0].output.grad.save()  # @grad
+    assert "with loss.backward()" in str(info.value)
+    assert_at(info.value, "grad")
 
 
 def test_envoy_outside_a_trace(model: LanguageModel) -> None:

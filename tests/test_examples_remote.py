@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -107,6 +108,26 @@ def test_generate_steering(cluster, llama: LanguageModel) -> None:
     assert f"with steering:    Yesterday I went to the{decode(steered[0, -n:])!r}" in out
     printed = re.search(r"per step: (.*)$", out, re.MULTILINE).group(1).split()
     assert len(printed) == n and all(close(float(p), c) for p, c in zip(printed, confidence, strict=True))
+
+
+def test_attribution_patching(cluster, llama: LanguageModel, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    """Remote prints what the same script prints run locally on the same weights."""
+    out = run_example(cluster, "attribution_patching", "llama", "1")
+    local_script = tmp_path / "attribution_patching_local.py"
+    source = (ROOT / "examples" / "attribution_patching.py").read_text()
+    local_script.write_text(source.replace("remote=True", "remote=False"))
+    argv = sys.argv
+    sys.argv = [str(local_script), str(llama.name), "1"]
+    try:
+        capsys.readouterr()
+        runpy.run_path(str(local_script), run_name="__main__")
+    finally:
+        sys.argv = argv
+    local = capsys.readouterr().out
+    assert "attribution per position of layer 1:" in out
+    numbers = [float(x) for x in re.findall(r"[-+]\d+\.\d{4}", out)]
+    want = [float(x) for x in re.findall(r"[-+]\d+\.\d{4}", local)]
+    assert len(numbers) == len(want) > 1 and all(abs(a - b) <= 2 * ROUNDING for a, b in zip(numbers, want, strict=True))
 
 
 def test_logit_lens(cluster, llama: LanguageModel) -> None:

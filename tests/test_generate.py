@@ -400,3 +400,93 @@ def test_gradient_errors_name_the_line(llama) -> None:
         late = llama.model.layers[1].output
         with early.sum().backward():  # frozen weights, no tracked value before it: no graph
             late.grad.save()
+
+
+# -- module.skip -----------------------------------------------------------------------------------
+
+
+def test_skip_matches_nnsight(case, nnsight_mounted) -> None:
+    path, model = case
+    block = layers(model)[1]
+    with model.trace(P1):
+        block.skip(block.input)
+        logits = model.lm_head.output.save()
+    with model.trace(P1):
+        plain = model.lm_head.output.save()
+    assert same(logits, oracle.skip(path, P1, 1)) and not torch.equal(logits, plain)
+
+
+def test_skip_in_one_invoke_touches_only_its_rows(llama) -> None:
+    block = llama.model.layers[1]
+    with llama.trace() as tracer:
+        with tracer.invoke(P1):
+            block.skip(block.input)
+            skipped = llama.lm_head.output.save()
+        with tracer.invoke(P1):
+            kept = llama.lm_head.output.save()
+    with llama.trace(P1):
+        block.skip(block.input)
+        alone = llama.lm_head.output.save()
+    with llama.trace(P1):
+        plain = llama.lm_head.output.save()
+    assert torch.allclose(skipped, alone, atol=1e-6) and torch.allclose(kept, plain, atol=1e-6)
+
+
+# -- tracer.cache ----------------------------------------------------------------------------------
+
+
+def test_cache_matches_nnsight(case, nnsight_mounted) -> None:
+    path, model = case
+    blocks = layers(model)
+    with model.trace(P1) as tracer:
+        cache = tracer.cache(modules=[blocks[1], model.lm_head], include_inputs=True)
+        blocks[1].output[:, -1] = 0
+    want = oracle.cache(path, P1, 1)
+    name = _path(model, 1)
+    assert same(cache[name].output, want["block"]) and same(cache[name].input, want["block_input"])
+    assert same(cache["lm_head"].output, want["head"])
+    assert bool((cache[name].output[:, -1] == 0).all())  # after the edit
+
+
+def test_cache_everything_and_per_step(llama) -> None:
+    with llama.trace(P1) as tracer:
+        cache = tracer.cache()
+        logits = llama.lm_head.output.save()
+    assert "model.layers.3.mlp" in cache and torch.equal(cache.lm_head.output, logits)
+    assert torch.equal(cache.model.layers[0].output, cache["model.layers.0"].output)
+    with llama.generate(P1, max_new_tokens=3) as tracer:
+        steps = tracer.cache(modules=["lm_head"])
+        ids = tracer.result.save()
+    assert len(steps["lm_head"]) == 3
+    assert [int(o[0, -1].argmax()) for o in steps["lm_head"].output] == ids[0, -3:].tolist()
+
+
+def test_a_step_read_after_a_later_step_is_refused_before_model_time(llama) -> None:
+    refused = pytest.raises(client_sdk.ValidationError, match="step 0 is accessed after step 2")
+    with refused as info, llama.generate(P1, max_new_tokens=3) as tracer:
+        for _ in tracer.all():
+            llama.lm_head.output.save()
+        llama.model.layers[0].output.save()  # the line: binds to step 0
+    assert info.value.code == "out_of_order" and info.value.location[2].endswith("# the line: binds to step 0")
+
+
+def test_cancel_stops_a_generation_within_a_step(llama) -> None:
+    """The cancel flag is checked at every decoder layer, in every step."""
+    import threading
+
+    from intervention.engine import run_trace
+    from intervention.errors import Cancelled
+
+    with client_sdk.tracing.recording() as graph, llama.generate(P1, max_new_tokens=50) as tracer:
+        for step in tracer.all():
+            client_sdk.log(step)
+    trace, cancel, logged = graph.session_ir().traces[0], threading.Event(), []
+
+    def on_log(message: str) -> None:
+        logged.append(message)
+        if message == "2":
+            cancel.set()
+
+    with pytest.raises(Cancelled):
+        run_trace(llama.local_module, trace, llama.tokenizer, on_log=on_log, cancel=cancel)
+    assert logged == ["0", "1", "2"]

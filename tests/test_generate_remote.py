@@ -142,3 +142,50 @@ def test_max_new_tokens_over_the_cap_is_refused_at_the_line(served) -> None:
         too_long()
     assert info.value.code == "too_large"
     assert "# the line" in info.value.location[2]
+
+
+def test_gradients_and_attribution_patching(local, served) -> None:
+    def exp(m: SimpleNamespace) -> dict:
+        llama = m.llama
+        with llama.session(remote=m.remote):
+            with llama.trace() as tracer:
+                with tracer.invoke(P1):
+                    h = llama.model.layers[1].output
+                with tracer.invoke(SHORT):
+                    pass
+                with tracer.invoke():
+                    loss = llama.lm_head.output[:, -1].max(dim=-1).values.sum()
+                    with loss.backward():
+                        grad = h.grad.save()
+                        attr = (h * h.grad).sum(-1).save()
+                        direction = h.grad[0, -1]  # stays in the cluster for the next trace
+            with llama.trace(SHORT):
+                llama.model.layers[1].output[0, -1] += direction
+                steered = llama.lm_head.output[0, -1].save()
+        return {"grad": grad, "attr": attr, "steered": steered}
+
+    got = parity(exp, local, served)
+    assert got["grad"].shape == (1, len(local.llama.tokenizer(P1)["input_ids"]), 64)
+
+
+def test_skip(local, served) -> None:
+    def exp(m: SimpleNamespace) -> dict:
+        block = m.llama.model.layers[2]
+        with m.llama.trace(P1, remote=m.remote):
+            block.skip(block.input * 0.5)
+            logits = m.llama.lm_head.output.save()
+        return {"logits": logits}
+
+    parity(exp, local, served)
+
+
+def test_cache(local, served) -> None:
+    def exp(m: SimpleNamespace) -> dict:
+        llama = m.llama
+        with llama.generate(P1, max_new_tokens=2, remote=m.remote) as tracer:
+            cache = tracer.cache(modules=[llama.model.layers[1], llama.lm_head])
+            llama.model.layers[1].output[:, -1] *= 2
+        return {"layer": cache.model.layers[1].output, "head": cache["lm_head"].output}
+
+    got = parity(exp, local, served)
+    assert len(got["layer"]) == 2 and len(got["head"]) == 2
