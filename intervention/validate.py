@@ -17,6 +17,7 @@ from intervention import ops
 from intervention.args import WIRE_DTYPES, ArgError, decode, no_refs, ref_id, visit, visit_args
 from intervention.errors import ValidationError
 from intervention.ir import IR_VERSION, Node, SessionIR, SessionStep, TraceIR
+from intervention.limits import DEFAULT_MAX_NEW_TOKENS
 from intervention.order import check_order
 
 FORWARD_KWARGS = frozenset({"output_hidden_states", "output_attentions", "use_cache"})
@@ -26,7 +27,6 @@ GENERATE_KWARGS = frozenset({
     "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
     "repetition_penalty", "seed", "use_cache",
 })
-DEFAULT_MAX_NEW_TOKENS = 256  # a model's cap on max_new_tokens unless its config says otherwise
 
 
 @dataclass(frozen=True)

@@ -33,8 +33,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from actors.state_db import DEFAULT_STATE_DIR
-from intervention.limits import MAX_LOG_CHARS, MAX_TRACE_BYTES
-from intervention.validate import DEFAULT_MAX_NEW_TOKENS
+from intervention.limits import DEFAULT_MAX_NEW_TOKENS, MAX_LOG_CHARS, MAX_TRACE_BYTES
 
 
 class ModelConfig(BaseModel):
