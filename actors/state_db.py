@@ -99,9 +99,23 @@ class Row:
     max_log_bytes: int
     runner: str | None
     since: float
-    queued: dict | None
-    running: dict | None
-    error: dict | None
+    # The last QUEUED / RUNNING / the ERROR event's data as JSON text: parsed only by `status`
+    # (every event reads the row; few read these).
+    queued_json: str | None
+    running_json: str | None
+    error_json: str | None
+
+    @property
+    def queued(self) -> dict | None:
+        return json.loads(self.queued_json) if self.queued_json else None
+
+    @property
+    def running(self) -> dict | None:
+        return json.loads(self.running_json) if self.running_json else None
+
+    @property
+    def error(self) -> dict | None:
+        return json.loads(self.error_json) if self.error_json else None
 
 
 _ROW_COLUMNS = (
@@ -111,9 +125,9 @@ _ROW_COLUMNS = (
 
 
 def _row(values: tuple) -> Row:
-    *head, queued, running, error = values
-    head[8], head[11] = bool(head[8]), bool(head[11])
-    return Row(*head, *(json.loads(v) if v else None for v in (queued, running, error)))
+    fields = list(values)
+    fields[8], fields[11] = bool(fields[8]), bool(fields[11])
+    return Row(*fields)
 
 
 class StateDB:

@@ -209,10 +209,10 @@ def servers(tiny_llama_path: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         {"name": "llama", "path": str(tiny_llama_path)},
         {"name": "needs-gpus", "path": str(tiny_llama_path), "gpus_per_replica": 64},  # cannot be placed
     ]}))
-    state = ["--state-dir", str(folder / "state")]  # not ~/.raysight: test runs must not share state
+    # Not ~/.raysight/state: servers and test runs must not share request state.
     started = {
-        "ready": Server.start(["--model", f"llama={tiny_llama_path}", *state]),
-        "never": Server.start(["--config", str(never), *state]),
+        "ready": Server.start(["--model", f"llama={tiny_llama_path}", "--state-dir", str(folder / "ready")]),
+        "never": Server.start(["--config", str(never), "--state-dir", str(folder / "never")]),
     }
     try:
         yield started
