@@ -117,6 +117,7 @@ def test_generate_inside_a_session_uses_an_earlier_trace(llama) -> None:
 # -- 2. per-step interventions ---------------------------------------------------------------------
 
 
+@pytest.mark.filterwarnings("ignore:.*was never reached")  # nnsight's open-ended loop ends so
 def test_steps_match_nnsight(case, nnsight_mounted) -> None:
     path, model = case
     vector = vector_for(model)
@@ -171,6 +172,16 @@ def test_picked_steps_match_nnsight(case, nnsight_mounted) -> None:
         ids = tracer.result.save()
     want = oracle.generate_picked_steps(path, P1, N, 1)
     assert same(late, want["late"]) and torch.equal(ids, want["ids"])
+
+
+def test_the_whole_model_per_step(llama) -> None:
+    """The root module's output at each step (generate calls the wrapped root forward)."""
+    logits = []
+    with llama.generate(P1, max_new_tokens=3) as tracer:
+        for _ in tracer.all():
+            logits.append(llama.output.logits[0, -1].save())
+        ids = tracer.result.save()
+    assert [int(x.argmax()) for x in logits] == ids[0, -3:].tolist()
 
 
 def test_saves_into_lists_and_dicts_come_back_as_tensors(llama) -> None:
