@@ -17,9 +17,11 @@ class Config:
     # Live status line on the terminal while remote requests run (off when not a terminal).
     show_status: bool = True
     timeout_s: float = 600.0
-    # Check each trace's shapes and indexing on meta tensors before it runs or is sent (see
-    # client_sdk/scan.py); `scan=False` on a trace or session skips it there.
-    scan: bool = True
+    # Check each trace's shapes and indexing on meta tensors before it is sent or runs (see
+    # client_sdk/scan.py). None: remote sessions only (a local run reports the same error at the
+    # same line from the model itself, and the check would double a local trace's overhead);
+    # True: every session; False: none. `scan=` on a trace or session decides for it.
+    scan: bool | None = None
 
     def set_host(self, host: str) -> None:
         self.host = host.rstrip("/")

@@ -36,10 +36,10 @@ class LanguageModel:
     # -- tracing -------------------------------------------------------------------------------
 
     def trace(
-        self, input: Any = None, *, remote: bool = False, blocking: bool = True, scan: bool = True, **kwargs: Any
+        self, input: Any = None, *, remote: bool = False, blocking: bool = True, scan: bool | None = None, **kwargs: Any
     ) -> Tracer:
         """One forward pass on `input` (a prompt, prompts, or token ids); `**kwargs` go to forward.
-        `scan=False` skips the shape check on meta tensors before it runs."""
+        `scan`: check shapes on meta tensors before it runs (default: when remote; see CONFIG.scan)."""
         tracer = Tracer(self, input, remote, blocking, kwargs)
         tracer.scan = scan
         return tracer
@@ -52,7 +52,7 @@ class LanguageModel:
         remote: bool = False,
         blocking: bool = True,
         seed: int | None = None,
-        scan: bool = True,
+        scan: bool | None = None,
         **kwargs: Any,
     ) -> Tracer:
         """One HF `generate` on `input`: the block's reads and edits bind to step 0 (the prompt's
@@ -68,7 +68,7 @@ class LanguageModel:
         tracer.scan = scan
         return tracer
 
-    def session(self, remote: bool = False, blocking: bool = True, scan: bool = True) -> Session:
+    def session(self, remote: bool = False, blocking: bool = True, scan: bool | None = None) -> Session:
         return Session(remote=remote, blocking=blocking, scan=scan)
 
     # -- the module tree -----------------------------------------------------------------------

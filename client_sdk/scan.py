@@ -4,7 +4,8 @@ forward pass.
 
 Each model gets a meta-device copy built from its config (no weights), and its module events are
 recorded once; after that a trace costs only its own nodes on meta tensors. Opt out with
-`CONFIG.scan = False`, or `scan=False` on a trace or session.
+`CONFIG.scan = False`, or `scan=False` on a trace or session; local sessions are checked only
+with `scan=True` (or `CONFIG.scan = True`).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ _LOCK = threading.RLock()
 
 def scan(session: SessionIR, tensors: dict[str, torch.Tensor], models: dict[str, Any], skip: set[int]) -> None:
     """Check `session` on meta tensors; `skip`: ids of TraceIRs recorded with scan=False."""
-    if not CONFIG.scan:
+    if CONFIG.scan is False:
         return
 
     def model_for(trace: TraceIR) -> tuple[torch.nn.Module, Any, ModelEvents] | None:

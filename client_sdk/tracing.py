@@ -16,6 +16,7 @@ from typing import Any, Self
 
 from client_sdk.backends import Backend, RemoteHandle, backend_for
 from client_sdk.cache import CacheView, record_cache
+from client_sdk.config import CONFIG
 from client_sdk.graph import Graph, current_graph, set_current_graph
 from client_sdk.location import user_location
 from client_sdk.proxy import Proxy, TracingError
@@ -29,11 +30,13 @@ class Session:
     """`with client_sdk.session(remote=...) as s:` — several traces, possibly of several models,
     run in order as one request. Values flow between traces without .save()."""
 
-    def __init__(self, remote: bool = False, blocking: bool = True, scan: bool = True):
+    def __init__(self, remote: bool = False, blocking: bool = True, scan: bool | None = None):
         self.backend: Backend = backend_for(remote, blocking)
         self.graph = Graph()
         self.handle: RemoteHandle | None = None
-        self.scan = scan  # check shapes on meta tensors before running (client_sdk/scan.py)
+        # Check shapes on meta tensors before running (client_sdk/scan.py); None: CONFIG.scan's
+        # default, which checks remote sessions only.
+        self.scan = scan
         self.unscanned: set[int] = set()  # ids of its TraceIRs recorded with scan=False
 
     def __enter__(self) -> Self:
@@ -103,7 +106,7 @@ class Tracer:
         self.session: Session | None = None  # the session this trace records into
         self.owns_session = False
         self.ir: TraceIR | None = None
-        self.scan = True  # False: no shape check of this trace before it runs
+        self.scan: bool | None = None  # False: no shape check of this trace; see Session.scan
 
     @property
     def graph(self) -> Graph:
@@ -112,7 +115,7 @@ class Tracer:
     def __enter__(self) -> Self:
         session = _current_session()
         if session is None:  # a trace outside a session is a session of one
-            session = Session(self.remote, self.blocking)
+            session = Session(self.remote, self.blocking, scan=self.scan)
             _enter(session)
             self.owns_session = True
         elif self.remote and not session.backend.remote:
@@ -128,7 +131,7 @@ class Tracer:
             self.ir.invokes.append(Invoke(input=graph.encode(self.input, loc)))
         graph.traces.append(self.ir)
         graph.tracer = self
-        if not self.scan:
+        if self.scan is False:
             session.unscanned.add(id(self.ir))
         return self
 
@@ -312,7 +315,7 @@ def _exit(session: Session, exc: BaseException | None, frame) -> None:
         if not ir.traces and not ir.steps:
             graph.resolve({})
             return
-        if session.scan:
+        if _scans(session):
             scan(ir, graph.tensors, graph.models, session.unscanned)
         outcome = session.backend.run(graph)
         if isinstance(outcome, RemoteHandle):  # non-blocking: values come with session.result()
@@ -353,6 +356,14 @@ def recording(remote: bool = False) -> Iterator[Graph]:
     finally:
         _leave(session)
         session.graph.done = True
+
+
+def _scans(session: Session) -> bool:
+    """Whether the session's traces get the shape check: its own `scan=`, else CONFIG.scan, else
+    only when it goes to a server (where a failed forward would have waited in a queue)."""
+    if session.scan is not None:
+        return session.scan
+    return CONFIG.scan if CONFIG.scan is not None else session.backend.remote
 
 
 # -- module-level helpers (client_sdk.save / log / stop / session) ---------------------------------
@@ -400,6 +411,6 @@ def stop() -> None:
     _require_graph("stop").record("stop", ["trace"])
 
 
-def session(remote: bool = False, blocking: bool = True, scan: bool = True) -> Session:
+def session(remote: bool = False, blocking: bool = True, scan: bool | None = None) -> Session:
     """A session that may hold traces of several models."""
     return Session(remote=remote, blocking=blocking, scan=scan)

@@ -65,6 +65,25 @@ def seed_cell_1_ported(model, remote):
     return t1_tokens_out, t2_tokens_out
 
 
+@pytest.fixture(autouse=True)
+def check_local_sessions_too():
+    """By default only remote sessions are checked (CONFIG.scan None); these tests check local
+    sessions as well, as `CONFIG.scan = True` does."""
+    saved, CONFIG.scan = CONFIG.scan, True
+    yield
+    CONFIG.scan = saved
+
+
+def test_by_default_a_local_trace_is_left_to_the_model_run(tiny_llama_path) -> None:
+    CONFIG.scan = None  # the default (the fixture restores it)
+    model = LanguageModel(str(tiny_llama_path))
+    with pytest.raises(ExecutionError) as info, model.trace(P1):
+        model.lm_head.output[:, 100].save()  # bad index, found by the model run
+    assert "IndexError" in str(info.value) and "before running the model" not in str(info.value)
+    _at(info.value, "# bad index, found by the model run")
+    assert model._module is not None  # the model ran
+
+
 @pytest.fixture(params=["local", "remote"])
 def where(request) -> tuple[LanguageModel, bool]:
     """(a fresh model, remote): the tiny Llama in this process, or the same model served."""
