@@ -36,6 +36,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no hub on these machines: fail f
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray on 127.0.0.1 (ENV.md)
 
 USER = "bench"
+# Keys written by benchmarks that run on their own (each with its command in BENCHMARKS.md):
+# bench/scan_cost.py, generate_overhead.py, gradient_memory.py, generate_remote.py, instructions.py.
+STANDALONE = ("scan_cpu_ms_", "generate_overhead_ratio_vs_nnsight", "gradient_peak_memory_ratio",
+              "generate_remote_vs_local_ratio_smollm2", "engine_instructions")
 SMOL, TINY, TINY_B = "smollm2-135m", "tiny-llama", "tiny-llama-b"
 
 # key, what, model, unit, bar ("<=" or ">=", value), goal
@@ -109,9 +113,9 @@ def main(argv: list[str] | None = None) -> dict:
     results["wall_s"] = round(time.perf_counter() - started, 1)
     machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    if args.json.exists():  # figures of bench/scan_cost.py, which runs on its own: kept
+    if args.json.exists():  # figures of the benchmarks that run on their own: kept
         kept = json.loads(args.json.read_text())
-        results.update({k: v for k, v in kept.items() if k.startswith("scan_cpu_ms_")})
+        results.update({k: v for k, v in kept.items() if k.startswith(STANDALONE) and k not in results})
     args.json.write_text(json.dumps(results, indent=2) + "\n")
 
     from bench.report import render_into
@@ -316,6 +320,14 @@ def _freeze_gc() -> None:
 # -- results ------------------------------------------------------------------------------------
 
 
+ENGINE_FIGURES = [  # key, what, bar (<=)
+    ("engine_read_overhead_ratio_vs_nnsight", "local engine's cost per read (`module.output.save()`) / nnsight 0.8.1's", 1.0),
+    ("engine_edit_overhead_ratio_vs_nnsight", "local engine's cost per edit (`module.output[:] += 0.5`) / nnsight 0.8.1's", 1.0),
+    ("engine_programs_per_forward", "16 single-read programs in one forward: overhead per program / one program's alone", 2.0),
+    ("engine_programs_per_forward_total", "16 single-read programs in one forward: overhead in all / one program's alone", 2.0),
+]
+
+
 def assemble(machine, settings, engine, server, remote, memory, events, events_error) -> dict:
     from bench import breakdown
 
@@ -340,6 +352,13 @@ def assemble(machine, settings, engine, server, remote, memory, events, events_e
         meets = None if med is None else (med <= bar if op == "<=" else med >= bar)
         results[key] = {**_stat(v), "unit": unit, "model": model, "what": what,
                         "bar": f"{op} {bar:g}", "goal": goal, "meets_bar": meets}
+
+    # The engine's per-operation and many-programs figures (bench/engine_overhead.py, issue 8).
+    for key, what, bar in ENGINE_FIGURES:
+        if engine.get(key):
+            med = engine[key]["median"]
+            results[key] = {**_stat(engine[key]), "unit": "x", "model": "tiny Llama", "what": what,
+                            "bar": f"<= {bar:g}", "meets_bar": med <= bar}
 
     # The other figures the issue asks for, and the variants beside the headline ones.
     cpu = remote.get("cpu_tiny")
