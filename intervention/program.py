@@ -27,6 +27,7 @@ from transformers.utils import ModelOutput
 from intervention import ops
 from intervention.args import ArgError, decode, decode_list, ref_id
 from intervention.errors import Cancelled, ExecutionError, InterventionError
+from intervention.hints import tuple_habit
 from intervention.ir import TraceIR
 from intervention.values import (
     Rows,
@@ -231,7 +232,19 @@ class Program:
         except Cancelled as exc:
             self._end(CANCELLED, exc)
         except InterventionError as exc:
-            self._end(FAILED, exc)
+            self._end(FAILED, self._hinted(exc))
+
+    def _hinted(self, error: InterventionError) -> InterventionError:
+        """An IndexError from the tuple-output habit gets a hint saying what to write instead."""
+        if not error.message.startswith("IndexError") or error.location is None:
+            return error
+        values = self.values
+        hint = tuple_habit(self.trace, error.location, lambda read: isinstance(values.get(read.id), torch.Tensor))
+        if hint is None:
+            return error
+        hinted = ExecutionError(f"{error.message}\n{hint}", error.location)
+        hinted.__cause__ = error.__cause__  # the original exception: the shape check reads it
+        return hinted
 
     def _run_thread(self, thread: Thread, event: Event | None, il: Interleaver) -> None:
         steps, values, max_bytes = thread.steps, self.values, self.max_bytes

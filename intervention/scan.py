@@ -27,7 +27,7 @@ from intervention.drivers import ForwardDriver
 from intervention.engine import run_programs
 from intervention.errors import ExecutionError, InterventionError
 from intervention.interleaver import Ended, Interleaver
-from intervention.ir import Node, SessionIR, TraceIR
+from intervention.ir import SessionIR, TraceIR
 from intervention.plan import plan_session
 from intervention.program import FAILED, STOPPED, Program
 from intervention.values import Shape
@@ -278,7 +278,7 @@ def scan_session(
                 return
             if program.state is FAILED:
                 if isinstance(program.error, ExecutionError) and _certain(program.error):
-                    raise _with_hint(program.error, trace, events)
+                    raise _from_scan(program.error)
                 return
             if program.state is STOPPED and program.stopped == "session":
                 return
@@ -289,51 +289,12 @@ def _quiet(message: str) -> None:
     """Logs of a scan print nothing: the real run prints them."""
 
 
-def _with_hint(error: ExecutionError, trace: TraceIR, events: ModelEvents) -> ExecutionError:
-    """The error, said to come from the shape check, with a hint when the cause is indexing a
-    module's tensor value as if it were a tuple (`.output[0]`, a transformers-4 habit)."""
-    message = f"{error.message} (found by the shape check, before running the model)"
-    hint = _tuple_habit(trace, error.location, events)
-    if hint:
-        message += "\n" + hint
-    err = ExecutionError(message, error.location, code="shape_error")
-    return err
-
-
-def _tuple_habit(trace: TraceIR, loc: Any, events: ModelEvents) -> str | None:
-    """If a node at the failing line, or one it depends on, is `module.output[0]` on a module
-    whose output is a tensor, say so and what to write instead."""
-    by_id: dict[int, Node] = {n.id: n for n in trace.nodes}
-    reads = {n.id: n for n in trace.nodes if n.op in ("module.output", "module.input")}
-    failing = [n for n in trace.nodes if n.loc == loc]
-    seen: set[int] = set()
-    stack = [n.id for n in failing]
-    while stack:
-        node = by_id.get(stack.pop())
-        if node is None or node.id in seen:
-            continue
-        seen.add(node.id)
-        args = node.args
-        if node.op == "getitem" and len(args) == 2 and args[1] == 0 and isinstance(args[0], dict):
-            source = reads.get(args[0].get("$ref"))
-            if source is not None:
-                path, kind = source.args[0], source.op.split(".")[1]
-                if events.tensor_kinds.get((path, kind)):
-                    attr = f".{kind}"
-                    return (
-                        f"hint: '{path}'{attr} is a tensor, not a tuple (in transformers 5 a decoder "
-                        f"layer returns its hidden states tensor), so {attr}[0] is its first batch "
-                        f"row. Drop the [0]: write {attr}[:, -1, :] rather than {attr}[0][:, -1, :]."
-                    )
-        for value in (*args, *node.kwargs.values()):
-            stack.extend(_refs(value))
-    return None
-
-
-def _refs(value: Any) -> list[int]:
-    from intervention.args import walk
-
-    return [body for tag, body in walk(value) if tag == "$ref"]
+def _from_scan(error: ExecutionError) -> ExecutionError:
+    """The program's error (with its hint, if the engine gave one: intervention/hints.py), said to
+    come from the shape check."""
+    first, sep, hint = error.message.partition("\nhint: ")
+    message = f"{first} (found by the shape check, before running the model){sep}{hint}"
+    return ExecutionError(message, error.location, code="shape_error")
 
 
 def expand_layers(short: ModelEvents, blocks: str, n_layers: int) -> ModelEvents:

@@ -84,6 +84,18 @@ def test_by_default_a_local_trace_is_left_to_the_model_run(tiny_llama_path) -> N
     assert model._module is not None  # the model ran
 
 
+def test_the_model_run_gives_the_tuple_habit_hint_too(tiny_llama_path) -> None:
+    CONFIG.scan = None  # the default: a local trace is not checked; the engine says it at run time
+    model = LanguageModel(str(tiny_llama_path))
+    with pytest.raises(ExecutionError) as info, model.trace(P1):
+        h = model.model.layers[-1].output[0][:, -1, :].save()  # tuple habit, found by the run
+    text = str(info.value)
+    assert "IndexError" in text and "before running the model" not in text
+    assert "write .output[:, -1, :] rather than .output[0][:, -1, :]" in text
+    _at(info.value, "# tuple habit, found by the run")
+    assert model._module is not None and h is not None  # the model ran
+
+
 @pytest.fixture(params=["local", "remote"])
 def where(request) -> tuple[LanguageModel, bool]:
     """(a fresh model, remote): the tiny Llama in this process, or the same model served."""
