@@ -24,7 +24,7 @@ from intervention.args import ArgError
 from intervention.errors import Cancelled, location_dict
 from intervention.events import LOG, QUEUED, RUNNING
 from intervention.ir import TraceIR
-from intervention.limits import MAX_LOG_CHARS, MAX_TRACE_BYTES, cap_log
+from intervention.limits import MAX_LOG_CHARS, MAX_SAVED_BYTES, MAX_TRACE_BYTES, cap_log
 from intervention.module_tree import module_tree
 from intervention.order import record_order
 from intervention.plan import Segment
@@ -39,6 +39,7 @@ class ModelDeployment:
         self.path = spec["path"]
         self.dtype = spec.get("dtype", "float32")
         self.max_trace_bytes = spec.get("max_trace_bytes", MAX_TRACE_BYTES)
+        self.max_saved_bytes = spec.get("max_saved_bytes", MAX_SAVED_BYTES)
         self.max_log_chars = spec.get("max_log_chars", MAX_LOG_CHARS)
         self.model, self.tokenizer = load_model(self.path, self.dtype)
         self.tree = module_tree(self.model)
@@ -70,8 +71,11 @@ class ModelDeployment:
         n_traces: int,
         tensors: dict,
         imports: dict[int, ray.ObjectRef],
+        saved_before: int = 0,
     ) -> dict[str, Any]:
         """Run consecutive traces of a session (all on this model) in order, in one go.
+        `saved_before`: bytes the request's earlier segments saved (limits.max_saved_bytes is
+        the request's, across segments).
 
         Values passed between these traces stay in this process; values that later segments need
         (`segment.exports`) go to the object store. Returns the saves (result bytes), those exports
@@ -85,13 +89,13 @@ class ModelDeployment:
                 self.waiting.remove(events)
                 if self.waiting:
                     self._report_queue()
-                return await self._run(events, segment, n_traces, tensors, imports)
+                return await self._run(events, segment, n_traces, tensors, imports, saved_before)
         finally:
             if events in self.waiting:  # cancelled while queued
                 self.waiting.remove(events)
                 self._report_queue()
 
-    async def _run(self, events, segment: Segment, n_traces: int, tensors, imports) -> dict[str, Any]:
+    async def _run(self, events, segment: Segment, n_traces: int, tensors, imports, saved_before: int) -> dict[str, Any]:
         values = await asyncio.gather(*imports.values())
         imported = dict(zip(imports, values, strict=True))
         emit = events.send  # called from the forward thread too
@@ -105,6 +109,7 @@ class ModelDeployment:
                 self.model, self.tokenizer, segment, imported, tensors,
                 on_log=lambda m: emit(LOG, {"message": cap_log(m, self.max_log_chars)}), on_trace=on_trace,
                 cancel=cancel, max_trace_bytes=self.max_trace_bytes,
+                max_saved_bytes=self.max_saved_bytes - saved_before,
             )
         )
         try:

@@ -120,8 +120,9 @@ class SessionRunner:
                 break
             segment, imports = item
             blobs = tensors if segment.blobs is None else {k: tensors[k] for k in segment.blobs}
+            saved_before = sum(len(part) for part in parts)  # the cap on saves is the request's
             response = self.models[segment.model].run_segment.remote(
-                request_id, segment, plan.n_traces, blobs, imports
+                request_id, segment, plan.n_traces, blobs, imports, saved_before
             )
             try:
                 out = await response

@@ -35,6 +35,7 @@ from intervention.values import (
     first_input,
     materialize,
     narrow,
+    nbytes,
     same_device,
     to_device_of,
     write_rows,
@@ -152,6 +153,7 @@ class Program:
         on_log: Callable[[str], None] = print,
         cancel: threading.Event | None = None,
         max_bytes: int | None = None,
+        max_saved_bytes: int | None = None,
     ):
         self.trace = trace
         self.tensors = tensors or {}
@@ -162,6 +164,10 @@ class Program:
         # limits.max_trace_bytes, default intervention.limits.MAX_TRACE_BYTES).
         self.max_bytes = max_bytes
         self.held = 0  # bytes of the tensors its steps allocated (see _hold)
+        # What its saved values may hold in all (on servers: what is left of the request's
+        # limits.max_saved_bytes); None: no cap, as in local runs. `saved_bytes`: counted so far.
+        self.max_saved_bytes = max_saved_bytes
+        self.saved_bytes = 0
         self.storages: set[int] = set()
         self.values: dict[int, Any] = dict(externals) if externals else {}
         self.saved: list[int] = []
@@ -269,6 +275,8 @@ class Program:
                             return  # a value another invoke has not computed yet
                     if step.run is _save:  # the next commonest: inline
                         self.saved.append(step.refs[0])
+                        if self.max_saved_bytes is not None:
+                            self._count_save(step)
                     elif step.fn is not None and not step.nested and self.plain:
                         # _compute for a plain operator, inline: most computed values are these
                         if self.cancel is not None and self.cancel.is_set():
@@ -394,6 +402,18 @@ class Program:
                 f"this trace holds {self.held:,} bytes of tensors it computed, over its limit of "
                 f"{self.max_bytes:,} bytes: compute smaller values (or save fewer of them)",
                 step.loc, code="memory_limit",
+            )
+
+    def _count_save(self, step: Step) -> None:
+        """Count a saved value against the request's cap: its result must fit, and it is known
+        here, at the save's line, before the value is kept."""
+        self.saved_bytes += nbytes(self.values.get(step.refs[0]))
+        if self.saved_bytes > self.max_saved_bytes:
+            raise ExecutionError(
+                f"the values this request saves would hold {self.saved_bytes:,} bytes here, over the "
+                f"limit of {self.max_saved_bytes:,} bytes left for it (limits.max_saved_bytes): save "
+                "smaller values (e.g. one position or a slice) or fewer of them",
+                step.loc, code="too_large",
             )
 
     def _module_step(self, step: Step, rows: Rows, il: Interleaver) -> None:
@@ -590,6 +610,8 @@ def _grad(p: Program, s: Step, a: list, k: dict) -> Any:
 
 def _save(p: Program, s: Step, a: list, k: dict) -> None:
     p.saved.append(s.refs[0])
+    if p.max_saved_bytes is not None:
+        p._count_save(s)
 
 
 def _augassign(target: Any, index: Any, op: str, value: Any) -> None:

@@ -141,20 +141,25 @@ def run_segment(
     on_trace: Callable[[int], None] | None = None,
     cancel: Any = None,
     max_trace_bytes: int | None = None,
+    max_saved_bytes: int | None = None,
 ) -> Outcome:
     """Run a segment's traces in this process, one forward each; each trace's computed tensors
-    may hold at most `max_trace_bytes` (see Program; None: unbounded, as in local runs)."""
+    may hold at most `max_trace_bytes`, and all the values its traces save `max_saved_bytes`
+    (see Program; None: unbounded, as in local runs)."""
     loop = SegmentLoop(segment, imports)
+    saved = 0
     while (work := loop.next_trace()) is not None:
         if on_trace is not None:
             on_trace(work.index)
         try:
             program = Program(work.trace, tensors=tensors, externals=work.values, keep=work.keep,
-                              on_log=on_log, cancel=cancel, max_bytes=max_trace_bytes)
+                              on_log=on_log, cancel=cancel, max_bytes=max_trace_bytes,
+                              max_saved_bytes=None if max_saved_bytes is None else max_saved_bytes - saved)
         except InterventionError as err:
             loop.record_trace(ProgramResult(error=err))
             continue
         run_forward(model, tokenizer, [program])
+        saved += program.saved_bytes
         loop.record_trace(program.result())
     return loop.outcome
 

@@ -85,6 +85,17 @@ def materialize(value: Any) -> Any:
     return value
 
 
+def nbytes(value: Any) -> int:
+    """Bytes of the tensors in a value (a tensor, a model output, or containers of them)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, (tuple, list)):
+        return sum(nbytes(v) for v in value)
+    if isinstance(value, dict):  # ModelOutput too
+        return sum(nbytes(v) for v in value.values())
+    return 0
+
+
 def first_device(module: torch.nn.Module) -> torch.device:
     for p in module.parameters():
         return p.device

@@ -38,5 +38,6 @@ def _model_app(m: ModelConfig, config: AppConfig, store: StoreSpec) -> Applicati
     else:
         options["num_replicas"] = m.num_replicas or 1
     spec = {"name": m.name, "path": m.resolved_path(), "dtype": m.dtype,
-            "max_trace_bytes": config.limits.max_trace_bytes, "max_log_chars": config.limits.max_log_chars}
+            "max_trace_bytes": config.limits.max_trace_bytes, "max_log_chars": config.limits.max_log_chars,
+            "max_saved_bytes": config.limits.max_saved_bytes}
     return ModelDeployment.options(**options).bind(spec, store)

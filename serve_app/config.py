@@ -33,7 +33,12 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from actors.state_db import DEFAULT_STATE_DIR
-from intervention.limits import DEFAULT_MAX_NEW_TOKENS, MAX_LOG_CHARS, MAX_TRACE_BYTES
+from intervention.limits import (
+    DEFAULT_MAX_NEW_TOKENS,
+    MAX_LOG_CHARS,
+    MAX_SAVED_BYTES,
+    MAX_TRACE_BYTES,
+)
 
 
 class ModelConfig(BaseModel):
@@ -94,6 +99,9 @@ class LimitsConfig(BaseModel):
     max_nodes: int = 20_000
     # What one trace's computed tensors may hold in all, on its replica (a user error beyond).
     max_trace_bytes: int = Field(default=MAX_TRACE_BYTES, gt=0)
+    # What the values one request saves may hold in all (its result); beyond, the request ends in
+    # ERROR `too_large` at the save that crossed it.
+    max_saved_bytes: int = Field(default=MAX_SAVED_BYTES, gt=0)
     # Longer `log` messages are cut, with a marker saying how much was dropped.
     max_log_chars: int = Field(default=MAX_LOG_CHARS, gt=0)
     # Event streams (GET .../events, and POST with Accept: text/event-stream) one user may hold

@@ -56,7 +56,7 @@ def cluster(tiny_llama_path: Path, tiny_gpt2_path: Path, tmp_path_factory: pytes
             ],
             "auth": {"api_keys": [{"user": u, "key_sha256": hash_key(k)} for u, k in keys.items()]},
             "limits": {"max_concurrent_per_user": 3, "request_timeout_s": 120, "max_request_bytes": 8 * 2**20,
-                       "max_trace_bytes": 256 * 2**20},
+                       "max_trace_bytes": 256 * 2**20, "max_saved_bytes": 48 * 2**20},
             "state_dir": str(tmp_path_factory.mktemp("state")),  # not ~/.raysight: runs must not share state
         }
     )

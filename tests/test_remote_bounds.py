@@ -123,6 +123,36 @@ def test_a_trace_over_its_memory_budget_is_a_user_error_at_its_line(alice, llama
     assert alice.end(alice.submit(small_body))[0] == "COMPLETED"  # the replica is fine
 
 
+@pytest.mark.parametrize("second", ["llama", "gpt2"])  # the same segment, or the next one
+def test_saves_over_the_request_cap_are_a_user_error_at_the_save(alice, llama, small_body, second) -> None:
+    """The test cluster allows 48 MiB of saved values per request: two traces saving 32 MiB each
+    cross it at the second save, whether the traces share a replica call or not."""
+    other = llama if second == "llama" else LanguageModel("gpt2")
+    line = None
+
+    def body():
+        nonlocal line
+        with llama.trace(P1):  # record() makes the traces one session
+            llama.model.layers[0].output.new_ones(8, 2**20).save()  # 32 MiB
+        with other.trace(P1):
+            line = inspect.currentframe().f_lineno + 1
+            other.lm_head.output.new_ones(8, 2**20).save()  # 32 MiB more: over the cap
+
+    rid = alice.submit(record(body))
+    kind, data = alice.end(rid)
+    assert kind == "ERROR" and data["code"] == "too_large", (kind, data)
+    assert "limits.max_saved_bytes" in data["message"]
+    assert data["location"]["file"] == HERE and data["location"]["line"] == line
+    assert alice.end(alice.submit(small_body))[0] == "COMPLETED"  # the replica is fine
+
+
+def test_local_runs_have_no_cap_on_saves(tiny_llama_path) -> None:
+    model = LanguageModel(str(tiny_llama_path))
+    with model.trace(P1):
+        big = model.model.layers[0].output.new_ones(16, 2**20).save()  # 64 MiB: over the test cluster's cap
+    assert big.shape == (16, 2**20)
+
+
 def test_long_log_messages_are_cut_with_a_marker(alice, llama) -> None:
     def body():
         with llama.trace(P1):
