@@ -2,7 +2,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp
 
-.PHONY: venv test lint demo bench
+.PHONY: venv test lint demo bench fuzz
 
 venv: $(STAMP)
 
@@ -20,6 +20,10 @@ lint: venv
 
 demo: venv
 	$(VENV)/bin/raysight demo
+
+# The property-based fuzz of request bodies and IR with many more examples than `make test` runs.
+fuzz: venv
+	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest tests/test_fuzz_ir.py --hypothesis-show-statistics
 
 bench: venv
 	$(PY) bench/run_all.py
