@@ -248,7 +248,7 @@ class Program:
         hint = tuple_habit(self.trace, error.location, lambda read: isinstance(values.get(read.id), torch.Tensor))
         if hint is None:
             return error
-        hinted = ExecutionError(f"{error.message}\n{hint}", error.location)
+        hinted = ExecutionError(f"{error.message}\n{hint}", error.location, code=error.code)
         hinted.__cause__ = error.__cause__  # the original exception: the shape check reads it
         return hinted
 
