@@ -85,3 +85,42 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# -- what the remote test files share: the served tiny Llama, two users, a quick request ---------
+
+
+@pytest.fixture(scope="module")
+def llama(cluster):
+    """The test cluster's tiny Llama, as a served model (files testing local runs define their own)."""
+    from client_sdk import LanguageModel
+
+    return LanguageModel("llama")
+
+
+@pytest.fixture
+def alice(cluster):
+    from remote_helpers import api
+
+    with api(cluster.url, cluster.keys["alice"]) as a:
+        yield a
+
+
+@pytest.fixture
+def bob(cluster):
+    from remote_helpers import api
+
+    with api(cluster.url, cluster.keys["bob"]) as a:
+        yield a
+
+
+@pytest.fixture
+def small_body(llama) -> bytes:
+    """The body of a one-trace request that finishes at once."""
+    from remote_helpers import P1, record
+
+    def body():
+        with llama.trace(P1):
+            llama.lm_head.output[0, -1].argmax().save()
+
+    return record(body)

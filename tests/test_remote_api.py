@@ -12,7 +12,6 @@ import torch
 from remote_helpers import (
     P1,
     P2,
-    api,
     no_leftover_requests,  # noqa: F401 - a fixture used below
     one_thread,
     record,
@@ -28,33 +27,6 @@ from intervention.wire import decode_result
 pytestmark = pytest.mark.usefixtures("remote_client", "no_leftover_requests")
 HERE = str(Path(__file__).resolve())
 
-
-@pytest.fixture(scope="module")
-def llama(cluster) -> LanguageModel:
-    return LanguageModel("llama")
-
-
-@pytest.fixture
-def alice(cluster):
-    with api(cluster.url, cluster.keys["alice"]) as a:
-        yield a
-
-
-@pytest.fixture
-def bob(cluster):
-    with api(cluster.url, cluster.keys["bob"]) as a:
-        yield a
-
-
-@pytest.fixture
-def small_body(llama) -> bytes:
-    lm = llama
-
-    def body():
-        with lm.trace(P1):
-            lm.lm_head.output[0, -1].argmax().save()
-
-    return record(body)
 
 
 def assert_error(r: httpx.Response, status: int, code: str | None = None) -> dict:

@@ -14,7 +14,6 @@ import safetensors.torch
 import torch
 from remote_helpers import (
     P1,
-    api,
     no_leftover_requests,  # noqa: F401 - a fixture used below
     record,
     rewrite,
@@ -29,31 +28,6 @@ from intervention.wire import read_metadata
 pytestmark = pytest.mark.usefixtures("remote_client", "no_leftover_requests")
 HERE = str(Path(__file__).resolve())
 
-
-@pytest.fixture(scope="module")
-def llama(cluster) -> LanguageModel:
-    return LanguageModel("llama")
-
-
-@pytest.fixture
-def alice(cluster):
-    with api(cluster.url, cluster.keys["alice"]) as a:
-        yield a
-
-
-@pytest.fixture
-def bob(cluster):
-    with api(cluster.url, cluster.keys["bob"]) as a:
-        yield a
-
-
-@pytest.fixture
-def small_body(llama) -> bytes:
-    def body():
-        with llama.trace(P1):
-            llama.lm_head.output[0, -1].argmax().save()
-
-    return record(body)
 
 
 HEAVY_OPS = 4000  # 1024x1024 matmuls: minutes of replica time, unless the cancel stops them

@@ -18,7 +18,6 @@ import torch
 from remote_helpers import (
     P1,
     P2,
-    api,
     no_leftover_requests,  # noqa: F401 - a fixture
     record,
     slow_session,
@@ -34,25 +33,6 @@ pytestmark = pytest.mark.usefixtures("remote_client", "no_leftover_requests")
 HERE = str(Path(__file__).resolve())
 APP = "raysight"
 
-
-@pytest.fixture(scope="module")
-def llama(cluster) -> LanguageModel:
-    return LanguageModel("llama")
-
-
-@pytest.fixture
-def alice(cluster):
-    with api(cluster.url, cluster.keys["alice"]) as a:
-        yield a
-
-
-@pytest.fixture
-def small_body(llama) -> bytes:
-    def body():
-        with llama.trace(P1):
-            llama.lm_head.output[0, -1].argmax().save()
-
-    return record(body)
 
 
 def replicas(deployment: str) -> list[str]:

@@ -17,10 +17,8 @@ import httpx
 import pytest
 import ray
 from remote_helpers import (
-    P1,
     api,
     no_leftover_requests,  # noqa: F401 - a fixture
-    record,
     slow_session,
     wait_model_ready,
 )
@@ -34,30 +32,10 @@ from test_zz_remote_faults import (
 )
 
 from actors.request_store import NAMESPACE, STORE_NAME, Quota, RequestStore
-from client_sdk import LanguageModel
 
 pytestmark = pytest.mark.usefixtures("remote_client", "no_leftover_requests")
 BOUND_S = 90.0  # bound on a recovery on a loaded 2-core box (it normally takes a few seconds)
 
-
-@pytest.fixture(scope="module")
-def llama(cluster) -> LanguageModel:
-    return LanguageModel("llama")
-
-
-@pytest.fixture
-def alice(cluster):
-    with api(cluster.url, cluster.keys["alice"]) as a:
-        yield a
-
-
-@pytest.fixture
-def small_body(llama) -> bytes:
-    def body():
-        with llama.trace(P1):
-            llama.lm_head.output[0, -1].argmax().save()
-
-    return record(body)
 
 
 def store():
