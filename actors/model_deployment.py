@@ -1,9 +1,9 @@
 """The model deployment: one Serve deployment per configured model.
 
 Each replica loads its model once (pinned across the GPUs Ray gave it, or on the CPU) and runs
-traces with the shared engine. Until cross-request batching lands, a replica runs one forward at a
-time; the others wait in FIFO order and their queue position is reported as it changes. Values a
-later trace needs are put in Ray's object store here and only their ObjectRefs travel on.
+traces with the shared engine, batching the traces of every request and user that wait for it into
+one forward (actors/batcher.py; fair order per user), one batch at a time. Values a later trace
+needs are put in Ray's object store here and only their ObjectRefs travel on.
 """
 
 from __future__ import annotations
@@ -18,21 +18,24 @@ from typing import Any
 import ray
 from ray import serve
 
+from actors.batcher import Batcher
 from actors.model_loader import load_model, placement, tokenizer_files
 from actors.request_store import StoreClient, StoreSpec
 from intervention.args import ArgError
-from intervention.errors import Cancelled, location_dict
+from intervention.batching import BATCH_WAIT_MS, MAX_BATCH_SIZE, MAX_BATCH_TOKENS, BatchLimits
+from intervention.errors import Cancelled, InterventionError, location_dict
 from intervention.events import LOG, QUEUED, RUNNING
 from intervention.ir import TraceIR
 from intervention.limits import MAX_LOG_CHARS, MAX_SAVED_BYTES, MAX_TRACE_BYTES, cap_log
 from intervention.module_tree import module_tree
 from intervention.order import record_order
 from intervention.plan import Segment
-from intervention.session import run_segment
+from intervention.program import ProgramResult
+from intervention.session import SegmentLoop
 from intervention.wire import encode_result
 
 
-@serve.deployment(max_ongoing_requests=64, ray_actor_options={"num_cpus": 0})
+@serve.deployment(max_ongoing_requests=256, ray_actor_options={"num_cpus": 0})
 class ModelDeployment:
     def __init__(self, spec: dict[str, Any], store: StoreSpec | None = None):
         self.name = spec["name"]
@@ -45,9 +48,11 @@ class ModelDeployment:
         self.tree = module_tree(self.model)
         self.order = record_order(self.model, self.tokenizer)
         self.store = StoreClient(store or StoreSpec())
-        self.lock = asyncio.Lock()  # one forward at a time; FIFO
-        self.waiting: list[_EventSender] = []
+        # One forward thread: batches run one at a time, each holding many requests' traces.
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{self.name}")
+        limits = BatchLimits(spec.get("max_batch_size", MAX_BATCH_SIZE), spec.get("max_batch_tokens", MAX_BATCH_TOKENS),
+                             spec.get("batch_wait_ms", BATCH_WAIT_MS))
+        self.batcher = Batcher(self.model, self.tokenizer, limits, self.pool)
 
     def info(self) -> dict[str, Any]:
         """Everything a client needs instead of the Hub: module tree, config, tokenizer."""
@@ -61,8 +66,10 @@ class ModelDeployment:
             "module_order": [list(e) for e in self.order],
         }
 
-    def stats(self) -> dict[str, int]:
-        return {"waiting": len(self.waiting), "running": int(self.lock.locked())}
+    def stats(self) -> dict[str, Any]:
+        """Traces waiting and running here (GET /v1/models shows them), batches so far and how
+        many programs each had."""
+        return self.batcher.stats()
 
     async def run_segment(
         self,
@@ -72,54 +79,54 @@ class ModelDeployment:
         tensors: dict,
         imports: dict[int, ray.ObjectRef],
         saved_before: int = 0,
+        user: str = "",
     ) -> dict[str, Any]:
-        """Run consecutive traces of a session (all on this model) in order, in one go.
-        `saved_before`: bytes the request's earlier segments saved (limits.max_saved_bytes is
-        the request's, across segments).
+        """Run consecutive traces of a session (all on this model) in order, each in a batch with
+        other requests' traces (batcher.py). `saved_before`: bytes the request's earlier segments
+        saved (limits.max_saved_bytes is the request's, across segments). `user`: whose request,
+        for the fair order.
 
         Values passed between these traces stay in this process; values that later segments need
         (`segment.exports`) go to the object store. Returns the saves (result bytes), those exports
-        as ObjectRefs, and whether a stop ended the session; or an error."""
+        as ObjectRefs, whether a stop ended the session, and the numbers of the batches its traces
+        ran in; or an error."""
         events = _EventSender(self.store, request_id)
-        self.waiting.append(events)
-        if self.lock.locked() or len(self.waiting) > 1:  # only a request that waits is queued
-            self._report_queue()
-        try:
-            async with self.lock:
-                self.waiting.remove(events)
-                if self.waiting:
-                    self._report_queue()
-                return await self._run(events, segment, n_traces, tensors, imports, saved_before)
-        finally:
-            if events in self.waiting:  # cancelled while queued
-                self.waiting.remove(events)
-                self._report_queue()
-
-    async def _run(self, events, segment: Segment, n_traces: int, tensors, imports, saved_before: int) -> dict[str, Any]:
-        values = await asyncio.gather(*imports.values())
-        imported = dict(zip(imports, values, strict=True))
-        emit = events.send  # called from the forward thread too
-
-        def on_trace(index: int) -> None:
-            emit(RUNNING, {"trace": index + 1, "of": n_traces, "model": self.name})
-
+        emit = events.send  # called from the forward thread too (LOG)
         cancel = threading.Event()
-        job = asyncio.get_running_loop().run_in_executor(
-            self.pool, lambda: run_segment(
-                self.model, self.tokenizer, segment, imported, tensors,
-                on_log=lambda m: emit(LOG, {"message": cap_log(m, self.max_log_chars)}), on_trace=on_trace,
-                cancel=cancel, max_trace_bytes=self.max_trace_bytes,
-                max_saved_bytes=self.max_saved_bytes - saved_before,
-            )
-        )
+        batches: list[int] = []
+
+        def on_log(message: str) -> None:
+            emit(LOG, {"message": cap_log(message, self.max_log_chars)})
+
+        def on_queued(position: int) -> None:
+            emit(QUEUED, {"position": position, "model": self.name})
+
         try:
-            outcome = await asyncio.shield(job)
+            values = await asyncio.gather(*imports.values())
+            loop = SegmentLoop(segment, dict(zip(imports, values, strict=True)))
+            budget, saved = self.max_saved_bytes - saved_before, 0
+            while (work := loop.next_trace()) is not None:
+                try:
+                    program = work.program(tensors, on_log=on_log, cancel=cancel,
+                                           max_trace_bytes=self.max_trace_bytes, max_saved_bytes=budget - saved)
+                except InterventionError as err:
+                    loop.record_trace(ProgramResult(error=err))
+                    continue
+
+                def on_start(batch: int, size: int, index: int = work.index) -> None:
+                    batches.append(batch)
+                    emit(RUNNING, {"trace": index + 1, "of": n_traces, "model": self.name,
+                                   "batch": batch, "batch_size": size})
+
+                result = await self.batcher.run(user, program, on_start, on_queued)
+                saved += program.saved_bytes
+                loop.record_trace(result)
         except asyncio.CancelledError:
-            cancel.set()  # the forward stops at the next layer
-            await asyncio.wait([job])
+            cancel.set()  # its program stops at its next operation; the batch goes on for the others
             raise
         finally:
             await events.flush()  # LOG events land before the caller reports the end
+        outcome = loop.outcome
         if outcome.error is not None:
             if isinstance(outcome.error, Cancelled):
                 return {"error": {"code": "cancelled", "message": "cancelled", "location": None}}
@@ -133,17 +140,8 @@ class ModelDeployment:
             "exports": {i: ray.put(v) for i, v in outcome.exports.items()},
             "stopped": outcome.stopped,
             "traces_run": outcome.traces_run,
+            "batches": batches,
         }
-
-    def _report_queue(self) -> None:
-        """Tell waiting requests their position. Every move changes every position, so beyond the
-        first few only round numbers are reported: O(n) events per move would make a long queue
-        slower still (each event is work for the store and every open stream)."""
-        ahead = 1 if self.lock.locked() else 0
-        for pos, waiter in enumerate(self.waiting):
-            position = pos + ahead
-            if position < 4 or position % 8 == 0 or waiter is self.waiting[-1]:
-                waiter.send(QUEUED, {"position": position, "model": self.name})
 
 
 class _EventSender:

@@ -36,18 +36,21 @@ class SessionRunner:
         self.id = uuid.uuid4().hex  # this replica's lease on the requests it runs
         self.active = 0
         self.heartbeat: asyncio.Task | None = None
+        self.users: dict[str, str] = {}  # request id -> its user, while it runs here
 
-    async def run(self, request_id: str, session: SessionIR, tensors: dict, timeout_s: float) -> None:
+    async def run(self, request_id: str, session: SessionIR, tensors: dict, timeout_s: float, user: str = "") -> None:
         """Run the session (decoded and validated by the ingress); its outcome is recorded in
-        the request store."""
+        the request store. `user`: whose request (model replicas serve users in turn)."""
         started = time.perf_counter()
         self.active += 1
+        self.users[request_id] = user
         if self.heartbeat is None:
             self.heartbeat = asyncio.ensure_future(self._renew_lease())
         try:
             await self._supervise(request_id, session, tensors, timeout_s, started)
         finally:
             self.active -= 1
+            self.users.pop(request_id, None)
 
     async def _supervise(self, request_id: str, session: SessionIR, tensors: dict, timeout_s: float,
                          started: float) -> None:
@@ -122,7 +125,7 @@ class SessionRunner:
             blobs = tensors if segment.blobs is None else {k: tensors[k] for k in segment.blobs}
             saved_before = sum(len(part) for part in parts)  # the cap on saves is the request's
             response = self.models[segment.model].run_segment.remote(
-                request_id, segment, plan.n_traces, blobs, imports, saved_before
+                request_id, segment, plan.n_traces, blobs, imports, saved_before, self.users.get(request_id, "")
             )
             try:
                 out = await response

@@ -35,6 +35,7 @@ from intervention.values import (
     first_input,
     materialize,
     narrow,
+    narrow_result,
     nbytes,
     same_device,
     to_device_of,
@@ -436,8 +437,10 @@ class Program:
             raise _failed(step, exc) from exc
 
     def _read(self, op: str, rows: Rows, il: Interleaver) -> Any:
-        if op == "module.output" or op == "result":
+        if op == "module.output":
             return narrow(il.current, rows, il.shape)
+        if op == "result":
+            return narrow_result(il.current, rows, il.shape)
         args, kwargs = il.current
         if op == "module.inputs":
             return narrow((tuple(args), kwargs), rows, il.shape)

@@ -51,6 +51,20 @@ class TraceWork:
     values: dict[int, Any]  # values of earlier traces this one may use
     keep: set[int]  # its values later traces use
 
+    def program(
+        self,
+        tensors: dict[str, torch.Tensor],
+        *,
+        on_log: Callable[[str], None] = print,
+        cancel: Any = None,
+        max_trace_bytes: int | None = None,
+        max_saved_bytes: int | None = None,
+    ) -> Program:
+        """This trace compiled as an engine program (raises its InterventionError). Alone here
+        (run_segment) or beside other requests' programs (the model deployment's batches)."""
+        return Program(self.trace, tensors=tensors, externals=self.values, keep=self.keep, on_log=on_log,
+                       cancel=cancel, max_bytes=max_trace_bytes, max_saved_bytes=max_saved_bytes)
+
 
 class SegmentLoop:
     def __init__(self, segment: Segment, imports: dict[int, Any]):
@@ -152,9 +166,8 @@ def run_segment(
         if on_trace is not None:
             on_trace(work.index)
         try:
-            program = Program(work.trace, tensors=tensors, externals=work.values, keep=work.keep,
-                              on_log=on_log, cancel=cancel, max_bytes=max_trace_bytes,
-                              max_saved_bytes=None if max_saved_bytes is None else max_saved_bytes - saved)
+            program = work.program(tensors, on_log=on_log, cancel=cancel, max_trace_bytes=max_trace_bytes,
+                                   max_saved_bytes=None if max_saved_bytes is None else max_saved_bytes - saved)
         except InterventionError as err:
             loop.record_trace(ProgramResult(error=err))
             continue

@@ -49,6 +49,17 @@ def narrow(value: Any, rows: Rows, shape: Shape) -> Any:
     return value
 
 
+def narrow_result(value: Any, rows: Rows, shape: Shape) -> Any:
+    """The rows of what the model call returned (`tracer.result`). `generate` returns the token
+    ids of the prompt and the new tokens, wider than the batch: a program that shares the batch
+    with longer prompts drops the leading columns of their padding there too, so its result is
+    what it gets alone."""
+    if (rows is not None and rows[2] and isinstance(value, torch.Tensor) and value.dim() == 2
+            and value.shape[0] == shape.batch and value.shape[1] > shape.width > 0):
+        return value[rows[0]:rows[1], rows[2]:]
+    return narrow(value, rows, shape)
+
+
 def write_rows(target: Any, value: Any, rows: tuple[int, int, int], shape: Shape) -> None:
     """Assign `value` to the rows (and positions) of `target` a thread owns, in place."""
     if isinstance(target, torch.Tensor):

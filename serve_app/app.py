@@ -39,5 +39,6 @@ def _model_app(m: ModelConfig, config: AppConfig, store: StoreSpec) -> Applicati
         options["num_replicas"] = m.num_replicas or 1
     spec = {"name": m.name, "path": m.resolved_path(), "dtype": m.dtype,
             "max_trace_bytes": config.limits.max_trace_bytes, "max_log_chars": config.limits.max_log_chars,
-            "max_saved_bytes": config.limits.max_saved_bytes}
+            "max_saved_bytes": config.limits.max_saved_bytes, "max_batch_size": m.max_batch_size,
+            "max_batch_tokens": m.max_batch_tokens, "batch_wait_ms": m.batch_wait_ms}
     return ModelDeployment.options(**options).bind(spec, store)

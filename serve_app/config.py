@@ -33,6 +33,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from actors.state_db import DEFAULT_STATE_DIR
+from intervention.batching import BATCH_WAIT_MS, MAX_BATCH_SIZE, MAX_BATCH_TOKENS
 from intervention.limits import (
     DEFAULT_MAX_NEW_TOKENS,
     MAX_LOG_CHARS,
@@ -51,7 +52,15 @@ class ModelConfig(BaseModel):
     cpus_per_replica: float = 0
     num_replicas: int | None = None
     autoscaling_config: dict[str, Any] | None = None
-    max_ongoing_requests: int = 16
+    # Calls one replica accepts at once; more wait in Serve's router (FIFO, outside the fair
+    # queue): keep it above the requests all users may have running (a full batch at least).
+    max_ongoing_requests: int = Field(default=256, ge=1)
+    # Cross-request batching (docs/operator.md): a forward holds at most max_batch_size rows and
+    # max_batch_tokens (rows x the longest prompt); an idle replica waits up to batch_wait_ms for
+    # more traces before it starts a batch.
+    max_batch_size: int = Field(default=MAX_BATCH_SIZE, ge=1)
+    max_batch_tokens: int = Field(default=MAX_BATCH_TOKENS, ge=1)
+    batch_wait_ms: float = Field(default=BATCH_WAIT_MS, ge=0, le=1000)
     # The longest generation one trace may ask for (model.generate's max_new_tokens).
     max_new_tokens: int = Field(default=DEFAULT_MAX_NEW_TOKENS, ge=1)
 
@@ -68,6 +77,9 @@ class ModelConfig(BaseModel):
             raise ValueError("give num_replicas or autoscaling_config, not both")
         if self.autoscaling_config is not None:
             _check_autoscaling(self.autoscaling_config)
+        if self.max_ongoing_requests < self.max_batch_size:
+            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be at least max_batch_size "
+                             f"({self.max_batch_size}): a replica batches only the calls it has accepted")
         return self
 
     def resolved_path(self) -> str:

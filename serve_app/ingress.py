@@ -229,7 +229,7 @@ class Ingress:
             # for good. In a fresh context the call is no child of this request; DELETE and the
             # time limit end it.
             watcher = asyncio.get_running_loop().create_task(
-                self._watch(request_id, (request_id, session, tensors, timeout)), context=contextvars.Context()
+                self._watch(request_id, (request_id, session, tensors, timeout, user)), context=contextvars.Context()
             )
             self.watchers.add(watcher)
             watcher.add_done_callback(self.watchers.discard)
