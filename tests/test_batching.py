@@ -18,7 +18,14 @@ import torch
 
 import client_sdk
 from client_sdk import LanguageModel, tracing
-from intervention.batching import BatchLimits, FairQueue, Waiting, batch_key, select_batch, trace_size
+from intervention.batching import (
+    BatchLimits,
+    FairQueue,
+    Waiting,
+    batch_key,
+    select_batch,
+    trace_size,
+)
 from intervention.engine import run_forward
 from intervention.errors import Cancelled, ExecutionError
 from intervention.ir import TraceIR
@@ -46,7 +53,7 @@ def record(body: Callable[[], None]) -> Recorded:
 
 
 def batched(lm: LanguageModel, recs: list[Recorded], cancels: dict[int, threading.Event] | None = None,
-            limits: BatchLimits = BatchLimits()) -> list[ProgramResult]:
+            limits: BatchLimits | None = None) -> list[ProgramResult]:
     """What the replica does with these traces of different requests (one user each): the fair
     queue, the next batch (which must hold them all), one engine run of its programs."""
     queue = FairQueue()
@@ -58,7 +65,7 @@ def batched(lm: LanguageModel, recs: list[Recorded], cancels: dict[int, threadin
         rows, width = trace_size(lm.tokenizer, trace, tensors)
         items.append(Waiting(f"user{i}", batch_key(trace), rows, width, program))
         queue.push(items[-1])
-    batch = select_batch(queue.order(), limits)
+    batch = select_batch(queue.order(), limits or BatchLimits())
     assert batch == items, "these traces must share one forward"
     programs = [w.payload for w in batch]
     run_forward(lm.local_module, lm.tokenizer, programs)
