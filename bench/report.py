@@ -103,6 +103,7 @@ def render(res: dict, engine: str | None, scan: str | None = None) -> str:
     w("")
 
     _other_figures(res, w)
+    _batching(res, w)
     w(engine.rstrip() + "\n" if engine else
       f"{ENGINE_HEADING}\n\n(not written yet: see `bench/engine_overhead.py`; the ratio above comes from it.)\n")
     if scan:
@@ -149,6 +150,35 @@ def _other_figures(res: dict, w) -> None:
     for name, mb in res["replica_peak_rss_mb"].items():
         w(f"| peak RSS (VmHWM) of replica `model-{name}` | {_n(mb)} MB (now {_n(res['replica_rss_mb'].get(name))} MB) |")
     w(f"| RSS of the whole cluster at the end (server + all Ray processes; shared pages counted in each) | {_n(res['cluster_rss_mb'])} MB |")
+    w("")
+
+
+def _batching(res: dict, w) -> None:
+    """Written by bench/batching.py (standalone keys, kept by run_all.py)."""
+    ratio, fair = res.get("batching_throughput_ratio_16"), res.get("batching_fairness_ratio")
+    if not ratio or not fair:
+        return
+    lat, sizes = res["batching_latency_ms"], res["batching_batch_sizes"]
+    w("## Cross-request batching and the fair queue\n")
+    w(f"`{res.get('commands', {}).get('batching', 'python bench/batching.py --write')}`: SmolLM2-135M (float32), one "
+      f"replica, default limits (max_batch_size 16, batch_wait_ms 2), N closed-loop clients sending the "
+      f"single-trace request. Machine: {ratio['machine']}.\n")
+    w("| figure | value | bar |")
+    w("|---|---|---|")
+    w(f"| `batching_throughput_ratio_16`: requests/s at 16 clients / at 1 | **{_n(ratio['value'])}** x | "
+      f"{ratio['bar']} ({_verdict(ratio)}) |")
+    r64 = res.get("batching_throughput_ratio_64", {})
+    w(f"| `batching_throughput_ratio_64`: requests/s at 64 clients / at 1 | **{_n(r64.get('value'))}** x | |")
+    w(f"| `batching_fairness_ratio`: user B's request behind user A's burst of 40 / on an idle server "
+      f"(idle: {_n(fair['idle_ms'])} ms; behind: {', '.join(_n(x) for x in fair['behind_burst_ms'])} ms; A's whole "
+      f"burst: {', '.join(_n(x) for x in fair['a_burst_total_ms'])} ms) | {_mmm(fair)} x | |")
+    w("")
+    w("| clients | p50 ms | p99 ms | requests/s | batches by programs per batch (size: count) |")
+    w("|---|---|---|---|---|")
+    for n in ("1", "4", "16", "64"):
+        if n in lat:
+            hist = ", ".join(f"{k}: {v}" for k, v in sorted(sizes.get(n, {}).items(), key=lambda kv: int(kv[0])))
+            w(f"| {n} | {_n(lat[n]['p50'])} | {_n(lat[n]['p99'])} | {_mmm(lat[n]['requests_per_s'])} | {hist} |")
     w("")
 
 
