@@ -3,7 +3,7 @@
     .venv/bin/python bench/batching.py [--quick] [--write]
 
 One local Ray + Serve (serve_app/launcher.py, in this process; 127.0.0.1) serves SmolLM2-135M
-(float32, one replica, default batching limits) to two users, each with a per-user cap of 64.
+(float32, one replica, default batching limits) to two users, each with a per-user cap of 64 requests (and 128 open event streams).
 
 - Throughput and latency: N closed-loop clients (threads, each with its own HTTP connection;
   bench/experiments.py `concurrency`), N = 1, 4, 16, 64, each sending the single-trace request of
@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> dict:
         config = AppConfig.model_validate({
             "models": [{"name": SMOL, "path": str(smol), "dtype": "float32"}],
             "auth": {"api_keys": [{"user": u, "key_sha256": hash_key(k)} for u, k in KEYS.items()]},
-            "limits": {"max_concurrent_per_user": 64, "request_timeout_s": 300},
+            "limits": {"max_concurrent_per_user": 64, "max_streams_per_user": 128, "request_timeout_s": 300},
             "state_dir": tmp,
         })
         _say("starting Ray + Serve with SmolLM2-135M")
@@ -126,16 +126,17 @@ def fairness(url: str, handle, body: bytes, rounds: int) -> dict:
         ex._one_request(b, body)
         idle = [ex._one_request(b, body)[0] for _ in range(5)]
     idle_s = statistics.median(idle)
-    behind, burst_s, waiting_at_submit = [], [], []
+    behind, burst_s, waiting_at_submit, a_batches_before_b, a_batches_total = [], [], [], [], []
     for _ in range(rounds):
         a_clients = [client("a") for _ in range(40)]
         for c in a_clients:  # open the connections outside the measured window
             c.get("/healthz")
         done: list[float] = []
+        a_ids: list[str] = []
         start = time.perf_counter()
 
-        def one(c: httpx.Client, done: list[float] = done, start: float = start) -> None:
-            ex._one_request(c, body)
+        def one(c: httpx.Client, done: list[float] = done, start: float = start, a_ids: list[str] = a_ids) -> None:
+            a_ids.append(ex._one_request(c, body)[1])
             done.append(time.perf_counter() - start)
 
         threads = [threading.Thread(target=one, args=(c,), daemon=True) for c in a_clients]
@@ -149,15 +150,32 @@ def fairness(url: str, handle, body: bytes, rounds: int) -> dict:
             time.sleep(0.01)
         waiting_at_submit.append(stats["waiting"])
         with client("b") as b:
-            behind.append(ex._one_request(b, body)[0])
+            seconds, b_id = ex._one_request(b, body)
+            behind.append(seconds)
+            b_batch = _batch_of(b, b_id)
         for t in threads:
             t.join()
         burst_s.append(max(done))
+        # Where B ran among the burst's batches (in arrival order it would follow all of them).
+        a_batches = sorted({_batch_of(a_clients[0], rid) for rid in a_ids})
+        a_batches_before_b.append(sum(1 for n in a_batches if n < b_batch))
+        a_batches_total.append(len(a_batches))
         for c in a_clients:
             c.close()
     return {"idle_ms": round(idle_s * 1000, 1), "behind_burst_ms": [round(x * 1000, 1) for x in behind],
             "a_burst_total_ms": [round(x * 1000, 1) for x in burst_s], "a_waiting_at_b_submit": waiting_at_submit,
-            "ratio": [round(x / idle_s, 3) for x in behind]}
+            "ratio": [round(x / idle_s, 3) for x in behind], "a_batches_before_b": a_batches_before_b,
+            "a_batches": a_batches_total}
+
+
+def _batch_of(client, request_id: str) -> int:
+    """The replica's batch number in a finished request's RUNNING event (its events replayed)."""
+    from bench import experiments as ex
+
+    for kind, data in ex._sse(client, request_id):
+        if kind == "RUNNING":
+            return data["batch"]
+    raise RuntimeError(f"request {request_id} has no RUNNING event")
 
 
 def to_results(out: dict, command: str) -> dict:

@@ -172,6 +172,9 @@ def _batching(res: dict, w) -> None:
     w(f"| `batching_fairness_ratio`: user B's request behind user A's burst of 40 / on an idle server "
       f"(idle: {_n(fair['idle_ms'])} ms; behind: {', '.join(_n(x) for x in fair['behind_burst_ms'])} ms; A's whole "
       f"burst: {', '.join(_n(x) for x in fair['a_burst_total_ms'])} ms) | {_mmm(fair)} x | |")
+    if "a_batches_before_b" in fair:
+        w(f"| ... batches of A's burst that ran before B's (of all the burst's batches; in arrival order B "
+          f"would run after all of them) | {', '.join(f'{k} of {n}' for k, n in zip(fair['a_batches_before_b'], fair['a_batches'], strict=True))} | |")
     w("")
     w("| clients | p50 ms | p99 ms | requests/s | batches by programs per batch (size: count) |")
     w("|---|---|---|---|---|")

@@ -16,6 +16,7 @@ import httpx
 import pytest
 import torch
 
+import client_sdk
 from client_sdk import tracing
 from intervention.events import TERMINAL
 from intervention.wire import SESSION_KEY, encode_session, read_metadata
@@ -96,6 +97,26 @@ def slow_traces(model: Any, n: int, size: int = 1024) -> None:
 def slow_session(model: Any, n: int = 60, size: int = 1024) -> bytes:
     """The body of a session that runs for many seconds unless stopped."""
     return record(lambda: slow_traces(model, n, size))
+
+
+def heavy_body(model: Any, note: str | None = None, ops: int = 4000) -> bytes:
+    """One trace that holds the replica for minutes unless stopped: one module event, then `ops`
+    1024x1024 matmuls. Requests submitted meanwhile stay QUEUED until it ends (a session of many
+    short traces would let them join the batch after its first trace). `note`: logged before the
+    work; "heavy work finished" is logged after it."""
+
+    def body():
+        with model.trace(P1):
+            x = model.model.layers[0].output.new_ones(1024, 1024)
+            if note is not None:
+                client_sdk.log(note)
+            acc = x[0, 0]
+            for _ in range(ops):
+                acc = acc + (x @ x)[0, 0]
+            client_sdk.log("heavy work finished")
+            acc.save()
+
+    return record(body)
 
 
 class Api:

@@ -13,32 +13,12 @@ import uuid
 
 import pytest
 import torch
-from remote_helpers import P1, P2, P3, no_leftover_requests, record  # noqa: F401 - a fixture
+from remote_helpers import P1, P2, P3, heavy_body, no_leftover_requests, record  # noqa: F401 - a fixture
 
-import client_sdk
 from intervention.plan import plan_session
 from intervention.wire import decode_result, decode_session
 
 pytestmark = pytest.mark.usefixtures("remote_client", "no_leftover_requests")
-
-HEAVY_OPS = 4000  # 1024x1024 matmuls in one trace: minutes of replica time, unless cancelled
-
-
-def heavy_body(model, note: str | None = None) -> bytes:
-    """One trace that holds the replica (and every trace batched with it) until cancelled."""
-
-    def body():
-        with model.trace(P1):
-            x = model.model.layers[0].output.new_ones(1024, 1024)
-            if note is not None:
-                client_sdk.log(note)
-            acc = x[0, 0]
-            for _ in range(HEAVY_OPS):
-                acc = acc + (x @ x)[0, 0]
-            acc.save()
-
-    return record(body)
-
 
 def probe_body(model, prompt: str, steer: float) -> bytes:
     def body():

@@ -12,6 +12,7 @@ import torch
 from remote_helpers import (
     P1,
     P2,
+    heavy_body,
     no_leftover_requests,  # noqa: F401 - a fixture used below
     one_thread,
     record,
@@ -211,7 +212,7 @@ def test_a_client_tensor_over_the_limit_is_413_from_the_sdk(llama) -> None:
 
 
 def test_per_user_cap_is_429(alice, bob, llama, small_body) -> None:
-    slow = slow_session(llama, 60)
+    slow = heavy_body(llama)  # one long trace: the others stay queued behind it (not batched in)
     held = []
     try:
         for _ in range(3):
