@@ -12,6 +12,7 @@ stay with each program: its cancel flag, byte budgets and events.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -30,6 +31,8 @@ from intervention.batching import (
 )
 from intervention.engine import run_forward
 from intervention.program import Program, ProgramResult
+
+logger = logging.getLogger(__name__)
 
 # Beyond the first few places only these positions are reported to a waiting trace: every batch
 # moves everyone, and O(n) events per move would make a long queue slower still.
@@ -102,7 +105,7 @@ class Batcher:
             self.running = len(batch)
             jobs: list[Job] = [w.payload for w in batch]
             for job in jobs:
-                job.on_start(self.batches, len(batch))
+                _quietly(job.on_start, self.batches, len(batch))
             self._report()
             try:
                 results = await loop.run_in_executor(self.pool, _forward, self.model, self.tokenizer,
@@ -148,7 +151,16 @@ class Batcher:
                 continue
             if position < _REPORTED_UNTIL or position % _REPORT_EVERY == 0 or index == len(order) - 1 or job.reported < 0:
                 job.reported = position
-                job.on_queued(position)
+                _quietly(job.on_queued, position)
+
+
+def _quietly(fn: Callable, *args: Any) -> None:
+    """An event callback: whatever it raises must not stop the worker every request waits on
+    (events are best effort; the request's outcome is recorded by its runner)."""
+    try:
+        fn(*args)
+    except Exception:
+        logger.warning("an event callback failed", exc_info=True)
 
 
 def _forward(model: torch.nn.Module, tokenizer: Any, programs: list[Program]) -> list[ProgramResult]:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 from collections import deque
 from collections.abc import Hashable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -106,7 +106,6 @@ class Waiting:
     rows: int = 1
     width: int = 1
     payload: Any = None
-    seq: int = field(default=0)  # arrival number, set by the queue
 
 
 class FairQueue:
@@ -114,14 +113,11 @@ class FairQueue:
 
     def __init__(self) -> None:
         self._users: dict[str, deque[Waiting]] = {}  # insertion order is the turn order
-        self._arrivals = 0
 
     def __len__(self) -> int:
         return sum(len(q) for q in self._users.values())
 
     def push(self, item: Waiting) -> None:
-        self._arrivals += 1
-        item.seq = self._arrivals
         self._users.setdefault(item.user, deque()).append(item)
 
     def remove(self, item: Waiting) -> bool:

@@ -419,3 +419,16 @@ def test_trace_size_counts_rows_and_the_longest_prompt(lm: LanguageModel) -> Non
     trace, tensors = record(body)
     rows, width = trace_size(lm.tokenizer, trace, tensors)
     assert rows == 3 and width == len(lm.tokenizer(P1)["input_ids"])
+
+
+def test_the_config_names_the_batching_limits() -> None:
+    from pydantic import ValidationError as ConfigError
+
+    from serve_app.config import ModelConfig
+
+    m = ModelConfig(name="m", path="/x", max_batch_size=8, max_batch_tokens=1024, batch_wait_ms=5)
+    assert (m.max_batch_size, m.max_batch_tokens, m.batch_wait_ms) == (8, 1024, 5)
+    with pytest.raises(ConfigError, match="max_ongoing_requests .* must be at least max_batch_size"):
+        ModelConfig(name="m", path="/x", max_ongoing_requests=4, max_batch_size=8)
+    with pytest.raises(ConfigError, match="max_batch_size"):
+        ModelConfig(name="m", path="/x", max_batch_size=0)
