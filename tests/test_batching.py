@@ -432,3 +432,68 @@ def test_the_config_names_the_batching_limits() -> None:
         ModelConfig(name="m", path="/x", max_ongoing_requests=4, max_batch_size=8)
     with pytest.raises(ConfigError, match="max_batch_size"):
         ModelConfig(name="m", path="/x", max_batch_size=0)
+
+
+def test_the_replica_scheduler_serves_users_in_turn_and_reports_places(lm: LanguageModel) -> None:
+    """actors/batcher.py in-process (asyncio, no Ray): while a batch holds the forward thread, A's
+    five traces and then B's one wait; B is second in line (QUEUED position 2: behind A's first,
+    the running batch counting as 1) and runs in the very next batch."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from actors.batcher import Batcher
+
+    gate = threading.Event()
+
+    def held():
+        with lm.trace(P1):
+            client_sdk.log("hold")  # its log handler waits for the gate: the forward thread is busy
+            lm.lm_head.output.save()
+
+    def small(prompt: str):
+        def body():
+            with lm.trace(prompt):
+                lm.lm_head.output[:, -1].save()
+
+        return record(body)
+
+    events: list[tuple] = []
+
+    async def main() -> dict[str, ProgramResult]:
+        pool = ThreadPoolExecutor(max_workers=1)
+        batcher = Batcher(lm.local_module, lm.tokenizer, BatchLimits(max_batch_size=2, batch_wait_ms=0), pool)
+
+        def submit(name: str, user: str, rec: Recorded, on_log=lambda m: None):
+            program = Program(rec[0], tensors=rec[1], on_log=on_log)
+            return asyncio.ensure_future(batcher.run(
+                user, program, lambda n, size: events.append(("RUNNING", name, n, size)),
+                lambda pos: events.append(("QUEUED", name, pos))))
+
+        runs = {"hold": submit("hold", "X", record(held), on_log=lambda m: gate.wait())}
+        while batcher.running == 0:
+            await asyncio.sleep(0.01)
+        for i in range(5):
+            runs[f"a{i}"] = submit(f"a{i}", "A", small(P1))
+            await asyncio.sleep(0)
+        runs["b"] = submit("b", "B", small(P3))
+        await asyncio.sleep(0)
+        assert batcher.stats()["waiting"] == 6 and batcher.stats()["running"] == 1
+        gate.set()
+        out = {name: await task for name, task in runs.items()}
+        pool.shutdown()
+        return out
+
+    with torch.no_grad():
+        results = asyncio.run(main())
+    assert all(r.error is None for r in results.values())
+    started = {e[1]: e[2] for e in events if e[0] == "RUNNING"}
+    assert started["hold"] == 1 and started["a0"] == 2 and started["b"] == 2  # B: the next batch
+    assert [started[f"a{i}"] for i in range(5)] == [2, 3, 3, 4, 4]
+    first_place = {}
+    for e in events:
+        if e[0] == "QUEUED":
+            first_place.setdefault(e[1], e[2])
+    assert first_place["b"] == 2 and first_place["a0"] == 1 and first_place["a1"] == 2  # a1 then moved back
+    assert ("QUEUED", "a1", 3) in events  # B, who arrived later, went ahead of A's second
+    want = alone(lm, small(P3))
+    torch.testing.assert_close(results["b"].saves[max(want.saves)], want.saves[max(want.saves)], rtol=1e-5, atol=1e-6)
