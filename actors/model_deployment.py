@@ -64,6 +64,11 @@ class ModelDeployment:
     def stats(self) -> dict[str, int]:
         return {"waiting": len(self.waiting), "running": int(self.lock.locked())}
 
+    def record_routing_stats(self) -> dict[str, int]:
+        """Serve's per-replica hook: `GET /v1/models` sums every replica's stats through it
+        (serve_app/replicas.py); a handle call would reach only one replica."""
+        return self.stats()
+
     async def run_segment(
         self,
         request_id: str,
