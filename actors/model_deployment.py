@@ -64,10 +64,10 @@ class ModelDeployment:
     def stats(self) -> dict[str, int]:
         return {"waiting": len(self.waiting), "running": int(self.lock.locked())}
 
-    def record_routing_stats(self) -> dict[str, int]:
-        """Serve's per-replica hook: `GET /v1/models` sums every replica's stats through it
-        (serve_app/replicas.py); a handle call would reach only one replica."""
-        return self.stats()
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Serve's per-replica hook: `GET /v1/models` sums every replica's stats through it and
+        lists the nodes they run on (serve_app/replicas.py); a handle call reaches one replica."""
+        return {**self.stats(), "node_id": ray.get_runtime_context().get_node_id()}
 
     async def run_segment(
         self,

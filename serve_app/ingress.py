@@ -149,7 +149,7 @@ class Ingress:
         self.keys.user_for(request)
         loads = await model_loads(list(self.models))
         return [ModelSummary(name=name, replicas=load.replicas, state=load.state, queue_length=load.waiting,
-                             running=load.running) for name, load in loads.items()]
+                             running=load.running, nodes=load.nodes) for name, load in loads.items()]
 
     @app.get("/v1/models/{name}", response_model=ModelInfo, tags=["models"])
     async def model_info(self, name: str, request: Request) -> dict:

@@ -25,6 +25,7 @@ class ModelLoad:
     state: str  # Serve's deployment status: HEALTHY, UPSCALING, DOWNSCALING, UPDATING, ...
     waiting: int  # requests waiting in the model's replicas for their turn
     running: int  # requests running on them now
+    nodes: list[str]  # the Ray node id of each replica that answered (sorted)
 
 
 async def model_loads(names: list[str]) -> dict[str, ModelLoad]:
@@ -33,15 +34,15 @@ async def model_loads(names: list[str]) -> dict[str, ModelLoad]:
     app = _app_name()
     out = {}
     stats = await asyncio.gather(*(_queue(actors, app, name) for name in names))
-    for name, (waiting, running) in zip(names, stats, strict=True):
+    for name, (waiting, running, nodes) in zip(names, stats, strict=True):
         dep = deployments.get(f"model-{name}")
         replicas = int((dep.replica_states or {}).get("RUNNING", 0)) if dep is not None else 0
         state = str(getattr(dep.status, "value", dep.status)) if dep is not None else "NOT_DEPLOYED"
-        out[name] = ModelLoad(replicas=replicas, state=state, waiting=waiting, running=running)
+        out[name] = ModelLoad(replicas=replicas, state=state, waiting=waiting, running=running, nodes=nodes)
     return out
 
 
-async def _queue(actors: list[str], app: str | None, name: str) -> tuple[int, int]:
+async def _queue(actors: list[str], app: str | None, name: str) -> tuple[int, int, list[str]]:
     import ray
 
     prefixes = tuple(f"SERVE_REPLICA::{a}#model-{name}#" for a in ([app] if app else _apps(actors)))
@@ -53,7 +54,8 @@ async def _queue(actors: list[str], app: str | None, name: str) -> tuple[int, in
 
     answers = await asyncio.gather(*(one(a) for a in mine), return_exceptions=True)
     good = [a for a in answers if isinstance(a, dict)]
-    return sum(int(a.get("waiting", 0)) for a in good), sum(int(a.get("running", 0)) for a in good)
+    nodes = sorted(str(a["node_id"]) for a in good if a.get("node_id"))
+    return sum(int(a.get("waiting", 0)) for a in good), sum(int(a.get("running", 0)) for a in good), nodes
 
 
 def _replica_actors() -> list[str]:

@@ -17,6 +17,7 @@ class ModelSummary(BaseModel):
     state: str  # Serve's deployment status (HEALTHY, UPSCALING, DOWNSCALING, ...)
     queue_length: int  # requests waiting in the model's replicas, summed over all of them
     running: int  # requests running on them now
+    nodes: list[str]  # the Ray node id each replica runs on (one entry per replica that answered)
 
 
 class ModelInfo(BaseModel):
