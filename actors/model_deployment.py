@@ -71,6 +71,11 @@ class ModelDeployment:
         many programs each had."""
         return self.batcher.stats()
 
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Serve's per-replica hook: `GET /v1/models` sums every replica's stats through it and
+        lists the nodes they run on (serve_app/replicas.py); a handle call reaches one replica."""
+        return {**self.stats(), "node_id": ray.get_runtime_context().get_node_id()}
+
     async def run_segment(
         self,
         request_id: str,

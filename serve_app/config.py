@@ -61,6 +61,14 @@ class ModelConfig(BaseModel):
     max_batch_size: int = Field(default=MAX_BATCH_SIZE, ge=1)
     max_batch_tokens: int = Field(default=MAX_BATCH_TOKENS, ge=1)
     batch_wait_ms: float = Field(default=BATCH_WAIT_MS, ge=0, le=1000)
+    # Ray custom resources each replica asks for (on top of its GPUs and CPUs), e.g. {"a100": 1}
+    # where the worker nodes are started with `--resources='{"a100": 8}'`: pins the model to the
+    # nodes that have them. Ray's own resource names go in gpus_per_replica / cpus_per_replica.
+    resources: dict[str, float] = Field(default_factory=dict)
+    # How long a replica Serve stops (scale-down, redeploy) may take to finish the requests it
+    # holds before it is killed: None means the request time limit (limits.request_timeout_s), so
+    # that a replica stopping never cuts a request short that would otherwise have finished.
+    graceful_shutdown_timeout_s: float | None = Field(default=None, gt=0)
     # The longest generation one trace may ask for (model.generate's max_new_tokens).
     max_new_tokens: int = Field(default=DEFAULT_MAX_NEW_TOKENS, ge=1)
 
@@ -69,6 +77,20 @@ class ModelConfig(BaseModel):
     def _dtype(cls, v: str) -> str:
         if v not in ("float32", "float16", "bfloat16", "auto"):
             raise ValueError("dtype must be float32, float16, bfloat16 or auto")
+        return v
+
+    @field_validator("resources")
+    @classmethod
+    def _resources(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, amount in v.items():
+            if name in RAY_OWN_RESOURCES:
+                raise ValueError(f"resources: {name!r} is Ray's own resource; use {RAY_OWN_RESOURCES[name]} instead")
+            if not _RESOURCE_NAME.match(name):
+                raise ValueError(f"resources: {name!r} is not a resource name (letters, digits, and _ - . : /)")
+            if not 0 < amount < float("inf"):  # nan fails too
+                raise ValueError(f"resources: {name!r} must ask for a positive, finite amount, got {amount!r}")
+            if amount > 1 and amount != int(amount):
+                raise ValueError(f"resources: {name!r} above 1 must be a whole number (Ray's rule), got {amount!r}")
         return v
 
     @model_validator(mode="after")
@@ -157,6 +179,12 @@ def _check_autoscaling(cfg: dict[str, Any]) -> None:
     if unknown:
         raise ValueError(f"unknown autoscaling_config keys: {sorted(unknown)}")
     AutoscalingConfig(**cfg)
+
+
+# Resources a model must not name in `resources`: Ray's own, each with its config field.
+RAY_OWN_RESOURCES = {"CPU": "cpus_per_replica", "GPU": "gpus_per_replica", "memory": "a Ray memory option",
+                     "object_store_memory": "a Ray memory option"}
+_RESOURCE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.:/-]{0,127}$")
 
 
 # Hugging Face repo ids: `org/name`, letters, digits and `._-`, no `--` or `..` (the Hub's rule).

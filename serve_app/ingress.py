@@ -31,6 +31,7 @@ from serve_app import errors, readiness
 from serve_app.auth import KeyRing
 from serve_app.config import AppConfig
 from serve_app.errors import ApiError
+from serve_app.replicas import model_loads
 from serve_app.schemas import Accepted, ModelInfo, ModelSummary, RequestStatus
 
 app = FastAPI(
@@ -103,20 +104,6 @@ def _no_result_message(state: str) -> str:
     return f"the request is {state}: its result is not ready yet"
 
 
-def _deployment_status() -> dict[str, dict]:
-    """Replica counts and states from Serve's controller."""
-    try:
-        status = serve.status()
-    except Exception:  # noqa: BLE001 - status is informative only
-        return {}
-    out = {}
-    for app_status in status.applications.values():
-        for name, dep in app_status.deployments.items():
-            running = dep.replica_states.get("RUNNING", 0) if dep.replica_states else 0
-            out[name] = {"replicas": running, "state": str(dep.status.value if hasattr(dep.status, "value") else dep.status)}
-    return out
-
-
 @serve.deployment(max_ongoing_requests=1000, ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class Ingress:
@@ -157,15 +144,12 @@ class Ingress:
 
     @app.get("/v1/models", response_model=list[ModelSummary], tags=["models"])
     async def list_models(self, request: Request) -> list[ModelSummary]:
+        """Each model's live replica count (autoscaling changes it) and its queue: requests waiting
+        in its replicas and running on them, summed over every replica."""
         self.keys.user_for(request)
-        status = _deployment_status()
-        out = []
-        for name, handle in self.models.items():
-            stats = await handle.stats.remote()
-            st = status.get(f"model-{name}", {})
-            out.append(ModelSummary(name=name, replicas=st.get("replicas", 0), state=st.get("state", "UNKNOWN"),
-                                    queue_length=stats["waiting"] + stats["running"]))
-        return out
+        loads = await model_loads(list(self.models))
+        return [ModelSummary(name=name, replicas=load.replicas, state=load.state, queue_length=load.waiting,
+                             running=load.running, nodes=load.nodes) for name, load in loads.items()]
 
     @app.get("/v1/models/{name}", response_model=ModelInfo, tags=["models"])
     async def model_info(self, name: str, request: Request) -> dict:

@@ -69,7 +69,7 @@ async def run_checks(checks: Sequence[tuple[str, ReadinessCheck]]) -> Readiness:
 
 
 async def models_check(models: Sequence[ModelConfig]) -> Check:
-    deployments = await asyncio.to_thread(_app_deployments)
+    deployments = await asyncio.to_thread(app_deployments)
     states = [model_readiness(m, deployments.get(f"model-{m.name}")) for m in models]
     waiting = [s for s in states if not s.ready]
     if not waiting:
@@ -108,7 +108,7 @@ def short_message(message: str | None) -> str:
     return lines[-1][:MAX_MESSAGE_CHARS] if lines else ""
 
 
-def _app_deployments() -> dict[str, Any]:
+def app_deployments() -> dict[str, Any]:
     """This app's deployments (by name) from Serve's controller; a blocking call."""
     from ray import serve
 

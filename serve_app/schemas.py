@@ -13,9 +13,11 @@ class Accepted(BaseModel):
 
 class ModelSummary(BaseModel):
     name: str
-    replicas: int
-    state: str
-    queue_length: int
+    replicas: int  # RUNNING replicas, from Serve (autoscaling changes it)
+    state: str  # Serve's deployment status (HEALTHY, UPSCALING, DOWNSCALING, ...)
+    queue_length: int  # requests waiting in the model's replicas, summed over all of them
+    running: int  # requests running on them now
+    nodes: list[str]  # the Ray node id each replica runs on (one entry per replica that answered)
 
 
 class ModelInfo(BaseModel):
