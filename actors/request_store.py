@@ -132,6 +132,13 @@ class RequestStore:
             nxt += 1
             item = self.db.take_held(request_id, source, nxt)
 
+    async def add_events(self, request_id: str, events: list[tuple[str, dict[str, Any], tuple[str, int]]]) -> None:
+        """Record several numbered events (kind, data, (source, n)) of one sender in one call: a
+        replica batches its progress (actors/event_sender.py). Each is recorded as `add_event`
+        records it, so order and de-duplication of retries are the same."""
+        for kind, data, order in events:
+            await self.add_event(request_id, kind, data, tuple(order))
+
     async def finish(self, request_id: str, kind: str, data: dict[str, Any], result: bytes | None = None) -> None:
         """Record the terminal event; the first one wins (a late COMPLETED after CANCELLED is dropped).
         A result beyond its owner's quota of stored result bytes ends the request in ERROR instead."""
