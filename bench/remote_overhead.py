@@ -112,6 +112,8 @@ def main(argv: list[str] | None = None) -> dict:
             out["cpu_tiny"] = cpu
             ot = ex.fixed_overhead(tiny_local, tiny_r, tiny_b, probe, args.rounds)
             out["overhead_tiny"] = {k: v for k, v in ot.items() if not k.endswith("records")}
+            last = ot["records"][-1]  # what the client's stream carried, with arrival times (ms)
+            out["overhead_tiny"]["last_events"] = [(k, round((t - last["t0"]) * 1000, 1)) for k, t in last["events"]]
             chain_model = tiny_r
             if smol_path is not None:
                 chain_model = LanguageModel(SMOL)
@@ -132,6 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
         "remote_fixed_overhead_ms": out["overhead_tiny"]["overhead_ms"],
         "bytes_to_client_ratio": out["chain"]["bytes_to_client_ratio"],
         "session_rx_composition": out["chain"]["session_rx_composition"],
+        "seed_session_events": out["overhead_tiny"]["last_events"],
     }
     out["summary"] = summary
     text = json.dumps(out, indent=2)
