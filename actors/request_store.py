@@ -236,19 +236,22 @@ class RequestStore:
         }
 
     async def events(
-        self, request_id: str, owner: str, after: int, timeout_s: float, inline_limit: int = 0
+        self, request_id: str, owner: str, after: int, timeout_s: float, inline_limit: int = 0,
+        until_end: bool = False,
     ) -> list[dict] | None:
-        """Events from index `after` on, waiting up to `timeout_s` for at least one.
+        """Events from index `after` on, waiting up to `timeout_s` for at least one (with
+        `until_end`, for the request's end: a blocking client's first chunk, see the ingress).
 
         With `inline_limit`, a COMPLETED event carries a result of at most that many bytes
         itself (it then counts as fetched): one round trip less for small results."""
         row = self._owned(request_id, owner)
         if row is None:
             return None
-        if row.n_events <= after and row.state not in TERMINAL and timeout_s > 0:
+        waits = row.state not in TERMINAL and (until_end or row.n_events <= after)
+        if waits and timeout_s > 0:
             def news() -> bool:
                 now = self.db.get(request_id)
-                return now is None or now.n_events > after or now.state in TERMINAL
+                return now is None or now.state in TERMINAL or (not until_end and now.n_events > after)
 
             await self._wait(request_id, news, timeout_s)
             row = self.db.get(request_id)

@@ -392,8 +392,9 @@ class Ingress:
                 held = []
                 continue
             try:
+                # While holding, one call waits for the end (or the hold's end): not one per batch.
                 batch = await self.store.call("events", request_id, user, after,
-                                              left if held else SSE_HEARTBEAT_S, inline_limit)
+                                              left if held else SSE_HEARTBEAT_S, inline_limit, bool(held))
             except StoreUnavailable:
                 batch = None  # the client resumes with Last-Event-ID
             if batch is None:
