@@ -40,6 +40,7 @@ class EventSender:
         self.last_sent: float | None = None  # None: nothing sent yet (the first batch waits)
         self.timer: asyncio.TimerHandle | None = None
         self.calls: set[asyncio.Task] = set()
+        self.batches = 0  # store calls made (the tests check the batching)
 
     def send(self, kind: str, data: dict[str, Any]) -> None:
         event = (kind, data, (self.source, next(self.numbers)))  # numbered in the caller's order
@@ -75,6 +76,7 @@ class EventSender:
             return
         batch, self.pending = self.pending, []
         self.last_sent = time.monotonic()
+        self.batches += 1
         task = self.loop.create_task(self._call(batch))
         self.calls.add(task)
         task.add_done_callback(self.calls.discard)
