@@ -9,9 +9,7 @@ needs are put in Ray's object store here and only their ObjectRefs travel on.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import threading
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -19,6 +17,7 @@ import ray
 from ray import serve
 
 from actors.batcher import Batcher
+from actors.event_sender import EventSender
 from actors.model_loader import load_model, placement, tokenizer_files
 from actors.request_store import StoreClient, StoreSpec
 from intervention.args import ArgError
@@ -95,7 +94,7 @@ class ModelDeployment:
         (`segment.exports`) go to the object store. Returns the saves (result bytes), those exports
         as ObjectRefs, whether a stop ended the session, and the numbers of the batches its traces
         ran in; or an error."""
-        events = _EventSender(self.store, request_id)
+        events = EventSender(self.store, request_id)
         emit = events.send  # called from the forward thread too (LOG)
         cancel = threading.Event()
         batches: list[int] = []
@@ -147,30 +146,6 @@ class ModelDeployment:
             "traces_run": outcome.traces_run,
             "batches": batches,
         }
-
-
-class _EventSender:
-    """One segment call's events to the request store, numbered: the store is an async actor, so
-    calls may start out of order; it puts numbered events back in order (LOGs stay in order).
-    Sending does not wait (the forward thread sends too); `flush` waits, and sends again through
-    the StoreClient any event whose call found the store dead (the store drops a number it has)."""
-
-    def __init__(self, store: StoreClient, request_id: str):
-        self.store, self.request_id = store, request_id
-        self.source = uuid.uuid4().hex
-        self.numbers = itertools.count()  # next() is atomic: the forward thread sends too
-        self.sent: list[tuple[ray.ObjectRef, tuple]] = []
-
-    def send(self, kind: str, data: dict) -> None:
-        args = (self.request_id, kind, data, (self.source, next(self.numbers)))
-        self.sent.append((self.store.handle.add_event.remote(*args), args))
-
-    async def flush(self) -> None:
-        sent, self.sent = self.sent, []
-        answers = await asyncio.gather(*(ref for ref, _ in sent), return_exceptions=True)
-        for answer, (_, args) in zip(answers, sent, strict=True):
-            if isinstance(answer, Exception):
-                await self.store.call("add_event", *args)
 
 
 def _unsendable(traces: list[TraceIR], saves: dict[int, Any]) -> dict[str, Any]:

@@ -132,6 +132,13 @@ class RequestStore:
             nxt += 1
             item = self.db.take_held(request_id, source, nxt)
 
+    async def add_events(self, request_id: str, events: list[tuple[str, dict[str, Any], tuple[str, int]]]) -> None:
+        """Record several numbered events (kind, data, (source, n)) of one sender in one call: a
+        replica batches its progress (actors/event_sender.py). Each is recorded as `add_event`
+        records it, so order and de-duplication of retries are the same."""
+        for kind, data, order in events:
+            await self.add_event(request_id, kind, data, tuple(order))
+
     async def finish(self, request_id: str, kind: str, data: dict[str, Any], result: bytes | None = None) -> None:
         """Record the terminal event; the first one wins (a late COMPLETED after CANCELLED is dropped).
         A result beyond its owner's quota of stored result bytes ends the request in ERROR instead."""
@@ -229,19 +236,22 @@ class RequestStore:
         }
 
     async def events(
-        self, request_id: str, owner: str, after: int, timeout_s: float, inline_limit: int = 0
+        self, request_id: str, owner: str, after: int, timeout_s: float, inline_limit: int = 0,
+        until_end: bool = False,
     ) -> list[dict] | None:
-        """Events from index `after` on, waiting up to `timeout_s` for at least one.
+        """Events from index `after` on, waiting up to `timeout_s` for at least one (with
+        `until_end`, for the request's end: a blocking client's first chunk, see the ingress).
 
         With `inline_limit`, a COMPLETED event carries a result of at most that many bytes
         itself (it then counts as fetched): one round trip less for small results."""
         row = self._owned(request_id, owner)
         if row is None:
             return None
-        if row.n_events <= after and row.state not in TERMINAL and timeout_s > 0:
+        waits = row.state not in TERMINAL and (until_end or row.n_events <= after)
+        if waits and timeout_s > 0:
             def news() -> bool:
                 now = self.db.get(request_id)
-                return now is None or now.n_events > after or now.state in TERMINAL
+                return now is None or now.state in TERMINAL or (not until_end and now.n_events > after)
 
             await self._wait(request_id, news, timeout_s)
             row = self.db.get(request_id)

@@ -22,3 +22,11 @@ RETRYING = "RETRYING"
 TERMINAL: frozenset[str] = frozenset({COMPLETED, ERROR, CANCELLED})
 # Status events describe a state, not news: a newer one makes an older one stale.
 STATUS: frozenset[str] = frozenset({QUEUED, RUNNING})
+
+# How long progress may wait to travel with later news (seconds). The replica sends a request's
+# first events this late, and then at most one batch per this interval; a blocking client's
+# event stream holds its first chunk this long. A request that ends within it reaches its client
+# as one chunk (RECEIVED ... COMPLETED) after one batch of events to the store: every separate
+# event costs a store call, a wake-up of the stream and a chunk through Serve's proxy. A status
+# line a tenth of a second late is still live; terminal events never wait.
+STATUS_HOLD_S = 0.1

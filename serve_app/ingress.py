@@ -11,6 +11,7 @@ import base64
 import contextvars
 import json
 import math
+import time
 import uuid
 import weakref
 from functools import partial
@@ -23,7 +24,7 @@ from ray import serve
 
 from actors.request_store import Quota, StoreClient, StoreSpec, StoreUnavailable
 from intervention.errors import InterventionError
-from intervention.events import RETRYING, TERMINAL
+from intervention.events import RECEIVED, RETRYING, STATUS, STATUS_HOLD_S, TERMINAL
 from intervention.module_tree import module_paths
 from intervention.validate import InputBounds, Limits, validate_session
 from intervention.wire import decode_session
@@ -53,10 +54,23 @@ OFF_LOOP_BYTES = 64 << 10
 # Helpers come before the class: serve.ingress snapshots the module's globals when it wraps it.
 
 
-def _superseded(batch: list[dict], i: int) -> bool:
-    """QUEUED/RUNNING are states, not news: one directly followed by another is stale."""
-    status = ("QUEUED", "RUNNING")
-    return i + 1 < len(batch) and batch[i]["event"] in status and batch[i + 1]["event"] in status
+def _chunk(events: list[tuple[int, dict]], end_supersedes: bool) -> str:
+    """Numbered events as one SSE chunk. QUEUED/RUNNING are states, not news: one directly
+    followed by another is stale and left out; with `end_supersedes` (a blocking client, whose
+    status line the end replaces) so is one directly followed by the end. Its id is skipped,
+    as the ids of a resumed stream are the store's event indices."""
+    out = []
+    for i, (n, event) in enumerate(events):
+        kind = event["event"]
+        if kind in STATUS and i + 1 < len(events):
+            after = events[i + 1][1]["event"]
+            if after in STATUS or (end_supersedes and after in TERMINAL):
+                continue
+        data = event["data"]
+        if "result" in event:
+            data = {**data, "result": base64.b64encode(event["result"]).decode()}
+        out.append(f"id: {n}\nevent: {kind}\ndata: {json.dumps(data, separators=(',', ':'))}\n\n")
+    return "".join(out)
 
 
 def _event_stream(events, status_code: int = 200) -> StreamingResponse:
@@ -222,7 +236,7 @@ class Ingress:
                 self._release_slot(user)
             raise
         if streaming:  # from here the stream holds the slot (see _stream)
-            return _event_stream(self._stream(user, self._sse(request_id, user, 0, INLINE_RESULT_BYTES)), status_code=202)
+            return _event_stream(self._stream(user, self._sse(request_id, user, 0, INLINE_RESULT_BYTES, STATUS_HOLD_S)), status_code=202)
         return JSONResponse({"id": request_id}, status_code=202)
 
     async def _watch(self, request_id: str, args: tuple) -> None:
@@ -343,15 +357,37 @@ class Ingress:
         weakref.finalize(stream, release)
         return stream
 
-    async def _sse(self, request_id: str, user: str, after: int, inline_limit: int = 0):
+    async def _sse(self, request_id: str, user: str, after: int, inline_limit: int = 0, hold_s: float = 0.0):
+        """The request's events from index `after` on, one chunk per batch the store gives.
+
+        With `hold_s` (a blocking client's POST stream, which starts at RECEIVED) the first chunk
+        waits up to `hold_s` for the events after RECEIVED, which the ingress writes itself (the
+        store's event 0 is RECEIVED {id}): a request that ends within it costs one chunk, and no
+        status event that the end makes stale (see `_chunk`)."""
+        held: list[tuple[int, dict]] = []
+        if hold_s:
+            held.append((0, {"event": RECEIVED, "data": {"id": request_id}}))
+            after = 1
+        deadline = time.monotonic() + hold_s
         while True:
+            left = deadline - time.monotonic()
+            if held and left <= 0:
+                yield _chunk(held, bool(hold_s))
+                held = []
+                continue
             try:
-                batch = await self.store.call("events", request_id, user, after, SSE_HEARTBEAT_S, inline_limit)
+                # While holding, one call waits for the end (or the hold's end): not one per batch.
+                batch = await self.store.call("events", request_id, user, after,
+                                              left if held else SSE_HEARTBEAT_S, inline_limit, bool(held))
             except StoreUnavailable:
-                return  # the client resumes with Last-Event-ID
+                batch = None  # the client resumes with Last-Event-ID
             if batch is None:
+                if held:
+                    yield _chunk(held, bool(hold_s))
                 return
             if not batch:
+                if held:
+                    continue  # the hold is over: what is held goes now
                 # Nothing new: a request that has ended has nothing more to send (a client
                 # resuming after its last event gets an empty stream, not heartbeats forever).
                 try:
@@ -362,17 +398,14 @@ class Ingress:
                     return
                 yield ": heartbeat\n\n"
                 continue
-            for i, event in enumerate(batch):
-                if _superseded(batch, i):  # a newer status in the same batch: skip the stale one
-                    after += 1
-                    continue
-                data = event["data"]
-                if "result" in event:
-                    data = {**data, "result": base64.b64encode(event["result"]).decode()}
-                yield f"id: {after}\nevent: {event['event']}\ndata: {json.dumps(data)}\n\n"
-                after += 1
-                if event["event"] in TERMINAL:
-                    return
+            held += [(after + i, event) for i, event in enumerate(batch)]
+            after += len(batch)
+            ended = batch[-1]["event"] in TERMINAL  # the store records nothing after the end
+            if ended or time.monotonic() >= deadline:
+                yield _chunk(held, bool(hold_s))
+                held = []
+            if ended:
+                return
 
     @app.get("/v1/requests/{request_id}/result", tags=["requests"],
              responses={200: {"content": {"application/octet-stream": {}}}})

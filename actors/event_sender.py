@@ -1,0 +1,88 @@
+"""A replica's events for one request (QUEUED, RUNNING, LOG) to the request store, in batches.
+
+Every event sent on its own costs a store call, a wake-up of each stream following the request
+and a chunk through Serve's proxy, which for a short request is most of its cost. So events wait
+a little (`STATUS_HOLD_S`) to travel together in one `add_events` call:
+
+- the sender's first events wait STATUS_HOLD_S: a request that finishes within it sends all its
+  events in the one batch `flush` sends (then the stream carries them with the end);
+- later, an event after a quiet spell (nothing sent for STATUS_HOLD_S) goes at once, so a queued
+  request's RUNNING is not late; otherwise it joins the batch that goes STATUS_HOLD_S after the
+  last one, so a long session sends at most one batch per interval.
+
+Events are numbered per sender: the store records them in number order however calls arrive and
+drops a number it has (a retry). `send` never waits and may be called from the forward thread;
+`flush` sends what waits and returns once the store has every event (retrying through the
+StoreClient, which finds a restarted store, when a call found it dead).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+import time
+import uuid
+from typing import Any
+
+from actors.request_store import StoreClient
+from intervention.events import STATUS_HOLD_S
+
+
+class EventSender:
+    def __init__(self, store: StoreClient, request_id: str, hold_s: float = STATUS_HOLD_S):
+        self.store, self.request_id, self.hold_s = store, request_id, hold_s
+        self.source = uuid.uuid4().hex
+        self.numbers = itertools.count()  # next() is atomic: the forward thread sends too
+        self.loop = asyncio.get_running_loop()  # made on the replica's event loop
+        self.thread = threading.get_ident()
+        self.pending: list[tuple[str, dict, tuple[str, int]]] = []
+        self.last_sent: float | None = None  # None: nothing sent yet (the first batch waits)
+        self.timer: asyncio.TimerHandle | None = None
+        self.calls: set[asyncio.Task] = set()
+        self.batches = 0  # store calls made (the tests check the batching)
+
+    def send(self, kind: str, data: dict[str, Any]) -> None:
+        event = (kind, data, (self.source, next(self.numbers)))  # numbered in the caller's order
+        if threading.get_ident() == self.thread:
+            self._add(event)
+        else:
+            self.loop.call_soon_threadsafe(self._add, event)
+
+    async def flush(self) -> None:
+        self._ship()
+        while self.calls:
+            await asyncio.gather(*self.calls)
+
+    def _add(self, event: tuple) -> None:
+        self.pending.append(event)
+        if self.timer is not None:
+            return  # a batch is due: this event goes with it
+        now = time.monotonic()
+        if self.last_sent is None:
+            delay = self.hold_s
+        else:
+            delay = self.last_sent + self.hold_s - now
+        if delay <= 0:
+            self._ship()
+        else:
+            self.timer = self.loop.call_later(delay, self._ship)
+
+    def _ship(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if not self.pending:
+            return
+        batch, self.pending = self.pending, []
+        self.last_sent = time.monotonic()
+        self.batches += 1
+        task = self.loop.create_task(self._call(batch))
+        self.calls.add(task)
+        task.add_done_callback(self.calls.discard)
+
+    async def _call(self, batch: list[tuple]) -> None:
+        try:
+            await self.store.handle.add_events.remote(self.request_id, batch)
+        except Exception:  # noqa: BLE001 - a dead store: again through the client, which waits for it
+            await self.store.call("add_events", self.request_id, batch)

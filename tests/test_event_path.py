@@ -1,0 +1,134 @@
+"""The lean event path (issue 9, item 5): a replica's events reach the store in batches, and a
+blocking client's stream carries what it needs (RECEIVED, live status, LOG, the end) in few chunks,
+while the store's event log, which GET /events replays, keeps every event."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import threading
+import uuid
+
+import httpx
+import pytest
+from remote_helpers import slow_session
+
+from actors.event_sender import EventSender
+from actors.request_store import Quota, StoreClient, StoreSpec
+from intervention.events import LOG, RUNNING, TERMINAL
+from intervention.wire import decode_result
+
+
+def _blocking_stream(url: str, key: str, body: bytes) -> list[tuple[str, dict]]:
+    """What `client_sdk`'s blocking run reads: POST with Accept: text/event-stream."""
+    headers = {"Authorization": f"Bearer {key}", "Accept": "text/event-stream",
+               "Content-Type": "application/octet-stream"}
+    events, kind, data = [], None, []
+    with httpx.Client(base_url=url, timeout=httpx.Timeout(30.0, read=120.0)) as http, \
+            http.stream("POST", "/v1/requests", content=body, headers=headers) as r:
+        assert r.status_code == 202, r.read()
+        for line in r.iter_lines():
+            if line.startswith(":"):
+                continue
+            if not line:
+                if kind is not None:
+                    events.append((kind, json.loads("\n".join(data))))
+                    if kind in TERMINAL:
+                        break
+                kind, data = None, []
+                continue
+            field, _, value = line.partition(": ")
+            if field == "event":
+                kind = value
+            elif field == "data":
+                data.append(value)
+    return events
+
+
+def test_a_quick_request_streams_its_id_and_its_end_and_the_store_keeps_every_event(cluster, alice, small_body) -> None:
+    events = _blocking_stream(cluster.url, cluster.keys["alice"], small_body)
+    kinds = [k for k, _ in events]
+    assert kinds == ["RECEIVED", "COMPLETED"], events  # the status the end made stale is left out
+    rid = events[0][1]["id"]
+    values, _ = decode_result(base64.b64decode(events[1][1]["result"]))
+    assert len(values) == 1
+    replay = [k for k, _ in alice.events(rid)]  # GET /events: the store's whole log
+    assert replay == ["RECEIVED", "RUNNING", "COMPLETED"], replay
+
+
+def test_a_long_session_streams_live_status_and_the_log_keeps_every_trace(cluster, alice, llama) -> None:
+    n = 8
+    events = _blocking_stream(cluster.url, cluster.keys["alice"], slow_session(llama, n))
+    kinds = [k for k, _ in events]
+    assert kinds[0] == "RECEIVED" and kinds[-1] == "COMPLETED", kinds
+    live = [d["trace"] for k, d in events if k == RUNNING]
+    assert live and live == sorted(live), events  # progress arrives while it runs, in order
+    replay = [d["trace"] for k, d in alice.events(events[0][1]["id"]) if k == RUNNING]
+    assert replay == list(range(1, n + 1)), replay
+
+
+def _store_events(store: StoreClient, rid: str) -> list[tuple[str, dict]]:
+    async def read():
+        return await store.call("events", rid, "alice", 0, 0.0)
+
+    return [(e["event"], e["data"]) for e in asyncio.run(read())]
+
+
+@pytest.fixture
+def admitted(cluster):
+    """A request admitted in the cluster's store as alice, ended afterwards (frees her slot)."""
+    store = StoreClient(StoreSpec())  # the cluster's store, by name
+    rid = uuid.uuid4().hex
+    quota = Quota(max_active=3, max_result_bytes=2**30, max_log_bytes=2**30)
+    assert asyncio.run(store.call("admit", rid, "alice", 1, quota)) is None
+    try:
+        yield store, rid
+    finally:
+        asyncio.run(store.call("finish", rid, "CANCELLED", {}))
+
+
+def test_events_sent_close_together_go_to_the_store_in_one_call_in_order(admitted) -> None:
+    store, rid = admitted
+
+    async def run() -> int:
+        sender = EventSender(store, rid, hold_s=5.0)
+        sender.send(RUNNING, {"trace": 1, "of": 3})
+        sender.send(LOG, {"message": "from the loop"})
+        worker = threading.Thread(target=sender.send, args=(RUNNING, {"trace": 2, "of": 3}))  # the forward thread
+        worker.start()
+        worker.join()
+        await asyncio.sleep(0)  # the thread's event reaches the loop
+        assert sender.batches == 0  # held: nothing sent within the hold
+        sender.send(RUNNING, {"trace": 3, "of": 3})
+        await sender.flush()
+        return sender.batches
+
+    assert asyncio.run(run()) == 1
+    assert _store_events(store, rid) == [
+        ("RECEIVED", {"id": rid}), (RUNNING, {"trace": 1, "of": 3}), (LOG, {"message": "from the loop"}),
+        (RUNNING, {"trace": 2, "of": 3}), (RUNNING, {"trace": 3, "of": 3}),
+    ]
+
+
+def test_an_event_after_a_quiet_spell_goes_at_once(admitted) -> None:
+    """A queued request's RUNNING must not wait: after nothing was sent for the hold, the next
+    event is sent without a flush; one close behind it waits for the next batch."""
+    store, rid = admitted
+
+    async def run() -> None:
+        sender = EventSender(store, rid, hold_s=0.05)
+        sender.send("QUEUED", {"position": 1})
+        await sender.flush()
+        await asyncio.sleep(0.1)  # quiet for longer than the hold
+        sender.send(RUNNING, {"trace": 1, "of": 1})
+        assert sender.batches == 2  # sent at once
+        sender.hold_s = 30.0  # from here on a held event would wait far longer than this test
+        await asyncio.gather(*sender.calls)
+        sender.send(LOG, {"message": "close behind"})
+        assert sender.batches == 2 and sender.pending  # waits for the next batch (or the flush)
+        await sender.flush()
+        assert sender.batches == 3
+
+    asyncio.run(run())
+    assert [k for k, _ in _store_events(store, rid)] == ["RECEIVED", "QUEUED", RUNNING, LOG]
