@@ -28,7 +28,7 @@ from intervention.events import RECEIVED, RETRYING, STATUS, STATUS_HOLD_S, TERMI
 from intervention.module_tree import module_paths
 from intervention.validate import InputBounds, Limits, validate_session
 from intervention.wire import decode_session
-from serve_app import errors, readiness
+from serve_app import errors, openapi, readiness
 from serve_app.auth import KeyRing
 from serve_app.config import AppConfig
 from serve_app.errors import ApiError
@@ -43,6 +43,7 @@ app = FastAPI(
     "session IR as JSON; results are safetensors files too.",
 )
 errors.install(app)
+openapi.install(app)
 
 SSE_HEARTBEAT_S = 15.0
 INLINE_RESULT_BYTES = 1 << 20  # results up to this size ride in the COMPLETED event of a stream

@@ -40,3 +40,21 @@ class RequestStatus(BaseModel):
     running: dict[str, Any] | None
     result_available: bool
     error: dict[str, Any] | None
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
+    location: dict[str, Any] | None
+
+
+class ErrorBody(BaseModel):
+    """Every 4xx/5xx answer: {"error": {"code", "message", "location"}}."""
+
+    error: ErrorDetail
+
+
+class CancelAnswer(BaseModel):
+    id: str
+    state: str
+    cancel_requested: bool
