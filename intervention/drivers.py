@@ -18,7 +18,7 @@ import torch
 
 from intervention.args import ArgError, decode, no_refs
 from intervention.errors import InterventionError, ValidationError
-from intervention.inputs import Batch, pad_id, stack, trace_rows
+from intervention.inputs import Batch, pad_id, stack, tokenize, trace_inputs, trace_rows
 from intervention.interleaver import Interleaver
 from intervention.program import Program
 from intervention.values import Shape, first_device
@@ -39,10 +39,19 @@ class ForwardDriver:
     def for_programs(cls, tokenizer: Any, programs: list[Program]) -> ForwardDriver | None:
         """Stack the programs' inputs into one batch and give each program its rows. A program
         whose input is invalid fails alone; None if no program is left to run."""
-        parts, placed = [], []
+        decoded, ready = [], []
         for program in programs:
             try:
-                parts.append(trace_rows(tokenizer, program.trace, program.tensors))
+                decoded.append(trace_inputs(program.trace, program.tensors))
+            except InterventionError as err:
+                program.fail(err)
+                continue
+            ready.append(program)
+        tokens = tokenize(tokenizer, decoded)  # every program's prompts in one tokenizer call
+        parts, placed = [], []
+        for program, inputs in zip(ready, decoded, strict=True):
+            try:
+                parts.append(trace_rows(tokenizer, program.trace, program.tensors, inputs, tokens))
             except InterventionError as err:
                 program.fail(err)
                 continue
