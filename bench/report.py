@@ -169,7 +169,9 @@ def _batching(res: dict, w) -> None:
     w("## Cross-request batching and the fair queue\n")
     w(f"`{res.get('commands', {}).get('batching', 'python bench/batching.py --write')}`: SmolLM2-135M (float32), one "
       f"replica, default limits (max_batch_size 16, batch_wait_ms 2), N closed-loop clients sending the "
-      f"single-trace request. Machine: {ratio['machine']}.\n")
+      f"single-trace request (the measurement of the headline `concurrent_throughput_ratio`, which comes "
+      f"from the last `make bench` run). Wall-clock figures: read them with the machine's load. "
+      f"Machine: {ratio['machine']}.\n")
     w("| figure | value | bar |")
     w("|---|---|---|")
     w(f"| `batching_throughput_ratio_16`: requests/s at 16 clients / at 1 | **{_n(ratio['value'])}** x | "
