@@ -11,9 +11,11 @@
    clients stop; down = the last request's end -> 1 replica left (no other replica actor alive).
    Rounds run one after another on one cluster; median [min, max].
 2. Cross-node (`cross_node_extra_ms`): tests/multinode_scenario.py (head + 2 worker nodes, fake GPUs)
-   times the seed session with its two traces on replicas on different nodes (the last layer's
-   state crosses the object store between nodes) and on one replica, alternating, `--cross-repeats`
-   times each: median(cross) - median(one node).
+   times the seed session with its two traces on models whose replicas are on different nodes (the
+   last layer's state crosses between the nodes' object stores), on two models' replicas on one
+   node (the same two segments and object-store hop, no node crossed), and on one replica (one
+   segment), interleaved, `--cross-repeats` times each: median(cross) - median(one node); the
+   difference to one replica is kept too (`vs_one_replica_ms`).
 
 `--write` merges the figures into bench/results.json (docs/BENCHMARKS.md's "Scaling" section is
 written by hand from them).
@@ -86,16 +88,17 @@ def autoscale(rounds: int) -> dict:
             def actors() -> int:
                 return sum(a["name"].startswith(prefix) for a in ray.util.list_named_actors(all_namespaces=True))
 
-            ups, downs = [], []
+            ups, downs, decisions = [], [], []
             with api(url, KEY) as a:
                 for _ in range(rounds):
-                    up, down = _round(a, url, body, actors)
+                    up, down, decided = _round(a, url, body, actors)
                     ups.append(up)
                     downs.append(down)
-                    print(f"autoscale round: up {up:.2f} s, down {down:.2f} s", flush=True)
+                    decisions.append(decided)
+                    print(f"autoscale round: up {up:.2f} s (UPSCALING at {decided:.2f} s), down {down:.2f} s", flush=True)
         finally:
             launcher.stop()
-    return {"up": ups, "down": downs}
+    return {"up": ups, "down": downs, "decided": decisions}
 
 
 def _round(a, url: str, body: bytes, actors) -> tuple[float, float]:
@@ -113,8 +116,12 @@ def _round(a, url: str, body: bytes, actors) -> tuple[float, float]:
                 if kind != "COMPLETED":
                     failures.append(f"{kind} {data}")
 
+    decided: list[float] = []  # when Serve first said UPSCALING: its decision, before the replica starts
+
     def replicas() -> int:
         (m,) = a.http.get("/v1/models").json()
+        if m["state"] == "UPSCALING" and not decided:
+            decided.append(time.monotonic() - t0)
         return m["replicas"]
 
     threads = [threading.Thread(target=client, daemon=True) for _ in range(CLIENTS)]
@@ -134,7 +141,7 @@ def _round(a, url: str, body: bytes, actors) -> tuple[float, float]:
         time.sleep(0.1)
     down = time.monotonic() - idle
     _check(not failures, f"requests failed: {failures[:3]}")
-    return up, down
+    return up, down, (decided or [up])[0]
 
 
 def _check(ok: bool, what: str) -> None:
@@ -164,34 +171,39 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cross-repeats", type=int, default=20)
     parser.add_argument("--write", action="store_true", help="merge into bench/results.json")
+    parser.add_argument("--only", choices=("autoscale", "cross"), help="one of the two (--write keeps the other's keys)")
     args = parser.parse_args(argv)
     load = os.getloadavg()
-    scaled = autoscale(args.rounds)
-    nodes = cross_node(args.cross_repeats)
+    scaled = autoscale(args.rounds) if args.only != "cross" else None
+    nodes = cross_node(args.cross_repeats) if args.only != "autoscale" else None
     when = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     setting = (f"tiny Llama, {CLIENTS} clients of ~0.5 s requests, autoscaling_config {json.dumps(AUTOSCALING)}, "
                "one node (bench/scale.py)")
-    figures = {
-        "autoscale_up_s": {**_mmm(scaled["up"]), "unit": "s", "model": "tiny Llama", "generated": when,
-                           "what": "load start -> GET /v1/models shows 2 RUNNING replicas; " + setting},
-        "autoscale_down_s": {**_mmm(scaled["down"]), "unit": "s", "model": "tiny Llama", "generated": when,
-                             "what": "last request ended -> 1 replica left (downscale_delay_s 4 included); " + setting},
-        "cross_node_extra_ms": {
-            "median": round(1000 * nodes["cross_minus_same_node_s"], 1), "unit": "ms", "model": "tiny Llama",
+    figures: dict = {"load_average": {"start": [round(x, 2) for x in load], "end": [round(x, 2) for x in os.getloadavg()]}}
+    if scaled is not None:
+        figures["autoscale_up_s"] = {**_mmm(scaled["up"]), "unit": "s", "model": "tiny Llama", "generated": when,
+                                     "upscaling_seen_s": _mmm(scaled["decided"]),
+                                     "what": "load start -> GET /v1/models shows 2 RUNNING replicas; " + setting}
+        figures["autoscale_down_s"] = {**_mmm(scaled["down"]), "unit": "s", "model": "tiny Llama", "generated": when,
+                                       "what": "last request ended -> 1 replica left (downscale_delay_s 4 included); "
+                                               + setting}
+    if nodes is not None:
+        figures["cross_node_extra_ms"] = {
+            "median": round(1000 * nodes["cross_minus_one_node_s"], 1), "unit": "ms", "model": "tiny Llama",
             "generated": when, "n": nodes["repeats"],
+            "vs_one_replica_ms": round(1000 * nodes["cross_minus_one_replica_s"], 1),
             "session_ms": {k: round(1000 * v, 1) for k, v in nodes["seed_session_s"].items()},
             "what": "the seed session (2 traces, the last layer's state patched into another prompt) with its traces on "
-                    "replicas on two worker nodes minus on one replica; medians (tests/multinode_scenario.py via "
-                    "bench/scale.py)",
-        },
-        "load_average": {"start": [round(x, 2) for x in load], "end": [round(x, 2) for x in os.getloadavg()]},
-    }
+                    "models on two worker nodes minus on two models on one node; medians, interleaved runs "
+                    "(tests/multinode_scenario.py via bench/scale.py)",
+        }
     print(json.dumps(figures, indent=2))
     if args.write:
         path = ROOT / "bench" / "results.json"
         results = json.loads(path.read_text())
         for key in ("autoscale_up_s", "autoscale_down_s", "cross_node_extra_ms"):
-            results[key] = {**figures[key], "load_average": figures["load_average"]}
+            if key in figures:
+                results[key] = {**figures[key], "load_average": figures["load_average"]}
         results.setdefault("commands", {})["scale"] = "python bench/scale.py --write"
         path.write_text(json.dumps(results, indent=2) + "\n")
     return figures

@@ -177,28 +177,36 @@ def _placement(report: dict[str, Any], a, cluster, nodes: dict[str, Any]) -> Non
 
 
 def _cross_node(report: dict[str, Any], a, url: str, path: Path, repeats: int) -> None:
+    """The seed session three ways: traces on two nodes (llama-a, llama-b); on two replicas of one
+    node (llama-ha and the pinned model beside it: the same two segments and object-store hop, no
+    node crossed); on one replica (one segment, the value never leaves the process)."""
     CONFIG.set_host(url)
     CONFIG.set_default_api_key(KEY)
-    la, lb = LanguageModel("llama-a"), LanguageModel("llama-b")
-    cross = record(lambda: seed_session(la, lb))
-    same = record(lambda: seed_session(la, la))
-    cross_values, _, _ = run(a, cross)
-    same_values, _, _ = run(a, same)
-    check(len(cross_values) == 3, f"expected 3 saves, got {len(cross_values)}")
-    check(all(torch.equal(x, y) for x, y in zip(cross_values, same_values, strict=True)),
-          "the cross-node session's saves differ from the one-node session's")
+    beside = {"a": "llama-a", "b": "llama-b"}[report["placement"]["llama-ha"]]
+    pairs = {"cross": ("llama-a", "llama-b"), "one_node": (beside, "llama-ha"), "one_replica": ("llama-a", "llama-a")}
+    bodies = {}
+    for variant, (first, second) in pairs.items():
+        fm, sm = LanguageModel(first), LanguageModel(second)
+        bodies[variant] = record(lambda fm=fm, sm=sm: seed_session(fm, sm))
+    values = {variant: run(a, body)[0] for variant, body in bodies.items()}
+    check(len(values["cross"]) == 3, f"expected 3 saves, got {len(values['cross'])}")
+    for other in ("one_node", "one_replica"):
+        check(all(torch.equal(x, y) for x, y in zip(values["cross"], values[other], strict=True)),
+              f"the cross-node session's saves differ from the {other} session's")
     expected = _local_saves(LanguageModel(str(path)))  # the same engine in this process
     check(all(torch.allclose(x.float(), y.float(), rtol=1e-5, atol=1e-6)
-              for x, y in zip(cross_values, expected, strict=True)),
+              for x, y in zip(values["cross"], expected, strict=True)),
           "the cross-node session's saves differ from a local run's")
     report["cross_node_equal"] = True
-    report["predictions"] = [int(cross_values[0][0, -1]), int(cross_values[2][0, -1])]
-    times: dict[str, list[float]] = {"cross": [], "same": []}
-    for _ in range(repeats):  # alternate, so drift in the machine's load hits both alike
-        for name, body in (("cross", cross), ("same", same)):
-            times[name].append(run(a, body)[2])
-    report["seed_session_s"] = {k: round(statistics.median(v), 4) for k, v in times.items()}
-    report["cross_minus_same_node_s"] = round(statistics.median(times["cross"]) - statistics.median(times["same"]), 4)
+    report["predictions"] = [int(values["cross"][0][0, -1]), int(values["cross"][2][0, -1])]
+    times: dict[str, list[float]] = {variant: [] for variant in bodies}
+    for _ in range(repeats):  # interleaved, so drift in the machine's load hits all alike
+        for variant, body in bodies.items():
+            times[variant].append(run(a, body)[2])
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    report["seed_session_s"] = {k: round(v, 4) for k, v in medians.items()}
+    report["cross_minus_one_node_s"] = round(medians["cross"] - medians["one_node"], 4)
+    report["cross_minus_one_replica_s"] = round(medians["cross"] - medians["one_replica"], 4)
     report["repeats"] = repeats
 
 
