@@ -18,6 +18,11 @@ from serve_app.config import AppConfig
 
 APP_NAME = "raysight"
 POLL_S = 0.5  # between two looks at /readyz and Serve's status (each costs the controller a little)
+# Serve's controller restarts a dead HTTP proxy only after three failed health checks, one per
+# period (10 s by default: ~40 s without HTTP after a proxy dies). Checked each second, a new
+# proxy answers within seconds; a check is one cheap actor call. Read by the controller, so it is
+# set before Ray starts (cluster.yaml sets it for `ray start`).
+PROXY_HEALTH_CHECK_PERIOD_S = "1"
 
 
 class StartError(RuntimeError):
@@ -44,6 +49,7 @@ def start(
     prepare_state_dir(config.resolved_state_dir())
     # Without this Ray registers the node on eth0, not 127.0.0.1 (see ENV.md).
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S", PROXY_HEALTH_CHECK_PERIOD_S)
     import ray
     from ray import serve
     from ray.serve.api import RunTarget
