@@ -11,6 +11,7 @@ import base64
 import hashlib
 import json
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,6 +39,10 @@ class RemoteError(InterventionError):
 
 
 _clients: dict[tuple, httpx.Client] = {}
+# How long a client following a request keeps reconnecting to a server that went away: a
+# restarted Serve proxy or ingress answers again within seconds; the request itself goes on.
+RECONNECT_S = 120.0
+RECONNECT_PAUSE_S = (0.1, 2.0)  # first and longest pause between two attempts
 
 
 def _client() -> httpx.Client:
@@ -123,8 +128,9 @@ class RemoteRequest:
         _raise_for(_client().delete(f"/v1/requests/{self.id}"))
 
     def events(self, last_id: str | None = None) -> Iterator[tuple[str | None, str, dict]]:
-        """(id, event, data) until the request ends; resumes after a dropped connection."""
-        retries = 3
+        """(id, event, data) until the request ends; resumes after a dropped connection, with
+        pauses (not a busy loop while the server restarts), for up to RECONNECT_S."""
+        lost_at, pause = None, RECONNECT_PAUSE_S[0]
         while True:
             headers = {"Last-Event-ID": last_id} if last_id is not None else {}
             try:
@@ -135,16 +141,24 @@ class RemoteRequest:
                         response.read()
                         _raise_for(response)
                     for event_id, kind, data in _parse_sse(response.iter_lines()):
+                        lost_at, pause = None, RECONNECT_PAUSE_S[0]
                         last_id = event_id
                         yield event_id, kind, data
                         if kind in TERMINAL:
                             return
-            except httpx.TransportError:
-                retries -= 1
-                if retries < 0:
-                    raise
-                continue
-            return
+            except httpx.TransportError as exc:
+                why = type(exc).__name__
+            else:  # closed before a terminal event (e.g. the store restarting): resume likewise
+                why = "the stream ended early"
+            lost_at = lost_at if lost_at is not None else time.monotonic()
+            if time.monotonic() - lost_at > RECONNECT_S:
+                raise RemoteError(
+                    f"lost the connection to the raysight server at {CONFIG.host} for over "
+                    f"{RECONNECT_S:g} s ({why}) while following request {self.id}; it goes on "
+                    f"on the server: RemoteRequest('{self.id}').result() waits for it again"
+                )
+            time.sleep(pause)
+            pause = min(2 * pause, RECONNECT_PAUSE_S[1])
 
     def wait(self, display: StatusLine, source: Iterator | None = None) -> bytes | None:
         """Follow the events until the request ends; raise RemoteError unless it completed.
@@ -162,9 +176,12 @@ class RemoteRequest:
                         return self._end(kind, data)
                     else:
                         _show(display, kind, data)
-            except httpx.TransportError:
-                if self.id is None:
-                    raise
+            except httpx.TransportError as exc:
+                if self.id is None:  # dropped before the server said it accepted the request
+                    raise RemoteError(
+                        f"the connection to the raysight server at {CONFIG.host} broke before it "
+                        f"accepted the request ({type(exc).__name__}); submit it again"
+                    ) from None
             source = self.events(last_id)  # the stream dropped (or ended early): resume by id
 
     def _end(self, kind: str, data: dict) -> bytes | None:

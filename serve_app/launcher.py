@@ -18,6 +18,11 @@ from serve_app.config import AppConfig
 
 APP_NAME = "raysight"
 POLL_S = 0.5  # between two looks at /readyz and Serve's status (each costs the controller a little)
+# Serve's controller restarts a dead HTTP proxy only after three failed health checks, one per
+# period (10 s by default: ~40 s without HTTP after a proxy dies). Checked each second, a new
+# proxy answers within seconds; a check is one cheap actor call. Read by the controller, so it is
+# set before Ray starts (cluster.yaml sets it for `ray start`).
+PROXY_HEALTH_CHECK_PERIOD_S = "1"
 
 
 def ha_proxy_available() -> bool:
@@ -63,6 +68,7 @@ def start(
         # chunk of its event stream skip an actor hop (about 10 ms of CPU per seed session of
         # the 42 measured, docs/BENCHMARKS.md). RAY_SERVE_ENABLE_HA_PROXY=0 keeps the proxy actor.
         os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S", PROXY_HEALTH_CHECK_PERIOD_S)
     import ray
     from ray import serve
     from ray.serve.api import RunTarget

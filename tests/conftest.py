@@ -14,6 +14,9 @@ import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # no hub on these machines: fail fast instead of retrying
 os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"  # keep Ray on 127.0.0.1 (see ENV.md)
+# A cluster of our own even when another one runs on this machine (`ray start`, a `raysight
+# serve`): without this ray.init() joins the latest cluster it finds in /tmp/ray.
+os.environ.setdefault("RAY_ADDRESS", "local")
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,109 @@
+"""kill -9 of Serve's HTTP proxy (a real process of the real cluster) while requests run: the
+service answers again within seconds (Serve's controller starts a new proxy on the same port),
+every accepted request still ends COMPLETED, ERROR or CANCELLED, a blocking client gets its
+result or a clear error, and the result stays retrievable.
+
+Nothing of a request lives in the proxy: it only carries bytes between clients and the ingress,
+whose calls to the store and the runner go on without it. Destructive: a "zz" file, and the test
+waits for the proxy to be back before it returns.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import httpx
+import pytest
+import ray
+import torch
+from remote_helpers import (
+    P1,
+    no_leftover_requests,  # noqa: F401 - a fixture
+    slow_session,
+    slow_traces,
+    unfinished_requests,
+)
+from test_zz_remote_faults import quick_request_completes
+
+from client_sdk.remote import RemoteError
+
+pytestmark = pytest.mark.usefixtures("remote_client", "no_leftover_requests")
+BOUND_S = 90.0  # bound on a recovery on a loaded 2-core box (it normally takes a few seconds)
+
+
+def proxy_pid() -> int:
+    """The pid of this node's Serve HTTP proxy actor (namespace "serve")."""
+    from ray.serve._private.constants import SERVE_PROXY_NAME
+
+    (name,) = [
+        a["name"]
+        for a in ray.util.list_named_actors(all_namespaces=True)
+        if a["name"].startswith(SERVE_PROXY_NAME)
+    ]
+    actor = ray.get_actor(name, namespace="serve")
+    return ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30)
+
+
+def wait_answering(url: str) -> float:
+    """Bounded poll of /healthz until an HTTP answer comes (nothing announces a new proxy);
+    returns the seconds it took."""
+    start = time.monotonic()
+    while True:
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2.0).status_code == 200:
+                return time.monotonic() - start
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() - start < BOUND_S, f"no answer {BOUND_S:g} s after the proxy died"
+        time.sleep(0.1)
+
+
+def test_proxy_killed_mid_request_loses_nothing(cluster, alice, llama, small_body) -> None:
+    followed = alice.submit(slow_session(llama, 10))  # followed over raw HTTP, by id
+    blocking: dict = {}
+
+    def blocking_client() -> None:  # a researcher's script blocking on a session
+        try:
+            with llama.session(remote=True):
+                slow_traces(llama, 10)
+                with llama.trace(P1):
+                    blocking["logits"] = llama.lm_head.output.save()
+        except Exception as exc:  # noqa: BLE001 - checked below
+            blocking["error"] = exc
+
+    thread = threading.Thread(target=blocking_client, daemon=True)
+    thread.start()
+    alice.wait_for(followed, lambda k, d: k == "RUNNING")
+    deadline = time.monotonic() + BOUND_S
+    while len(unfinished_requests()) < 2:  # the blocking client's request is accepted too
+        assert time.monotonic() < deadline and thread.is_alive(), blocking
+        time.sleep(0.05)
+    ids = {rid for rid, _, _ in unfinished_requests()}
+    (other,) = ids - {followed}
+
+    old = proxy_pid()
+    os.kill(old, signal.SIGKILL)
+    took = wait_answering(cluster.url)
+    assert took < BOUND_S
+    assert proxy_pid() != old  # a new proxy process answers
+
+    # every accepted request ends; the followed one completes and its result is there
+    for rid in (followed, other):
+        kind, _ = alice.end(rid)
+        assert kind in ("COMPLETED", "ERROR", "CANCELLED"), (rid, kind)
+    assert alice.end(followed)[0] == "COMPLETED"
+    r = alice.result(followed)
+    assert r.status_code == 200 and r.content
+    thread.join(timeout=BOUND_S)
+    assert not thread.is_alive(), "the blocking client still waits after its request ended"
+    if "error" in blocking:  # a clear error naming the request, not a traceback of httpx
+        err = blocking["error"]
+        assert isinstance(err, RemoteError), repr(err)
+        assert other in str(err), str(err)
+    else:
+        assert isinstance(blocking["logits"], torch.Tensor) and blocking["logits"].shape[:2] == (1, 8)
+    assert alice.status(other)["state"] == "COMPLETED"
+    quick_request_completes(alice, small_body)
