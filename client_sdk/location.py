@@ -31,6 +31,12 @@ def user_location(depth: int = 1) -> tuple[str, int, str]:
     `depth`: how many frames up (1: the caller) the user's code is at the nearest; callers on hot
     paths that know it skip materializing the frames in between."""
     frame = sys._getframe(depth)
+    # The commonest case first: the frame `depth` up is a user call site seen before (only user
+    # code's sites are ever cached, so a hit means no frame of ours is in between).
+    code = frame.f_code
+    site = _SITES.get((id(code), frame.f_lasti))
+    if site is not None and site[0] is code:
+        return site[1]
     while frame is not None:
         code = frame.f_code
         ours = _IS_OURS.get(code.co_filename)

@@ -49,6 +49,7 @@ class Interleaver:
         self.paused = False  # a module the user calls explicitly is not a model event
         self.skips: list | None = None  # (value, rows) given by module.skip for the call firing now
         self._restore: list[tuple[torch.nn.Module, Any]] = []
+        self._port: _Port | None = None
 
     # -- lifetime ------------------------------------------------------------------------------
 
@@ -62,13 +63,36 @@ class Interleaver:
             else:
                 for path, kinds in program.events.items():
                     wanted[path] = wanted.get(path, set()) | kinds
+        port = _PORTS.get(self.model)
+        if port is None:
+            port = _PORTS[self.model] = _Port()
+        if port.il is None:  # this model's cached wrappers are free: this run uses them
+            port.il, self._port, cache = self, port, port.wrappers
+        else:  # another run on this model right now (threads): wrappers of its own, uncached
+            port, cache = _Port(), None
+            port.il = self
         try:
+            calls, restore = self.calls, self._restore
             for path, kinds in wanted.items():
+                calls[path] = 0
+                key = (path, "input" in kinds, "output" in kinds)
+                entry = cache.get(key) if cache is not None else None
+                if entry is not None:  # `_rewrap`, inline: this runs for every module read
+                    module, saved, forward, parent, name = entry
+                    d = module.__dict__
+                    if d.get("forward", _MISSING) is saved and parent._modules.get(name) is module:
+                        restore.append((module, saved))
+                        d["forward"] = forward
+                        continue
                 module = self._module_for(path)
                 if module is not None:
-                    self._wrap(module, self._event_forward(path, module.forward, kinds), module.forward)
+                    wrapped = self._event_forward(path, module.forward, kinds, port)
+                    self._wrap(module, wrapped, module.forward, cache, key, path)
             for module in repeated_blocks(self.model):
-                self._wrap(module, self._checkpoint_forward(module.forward), module.forward)
+                key = id(module)
+                if cache is not None and self._rewrap(cache.get(key)):
+                    continue
+                self._wrap(module, self._checkpoint_forward(module.forward, port), module.forward, cache, key)
         except BaseException:
             self.__exit__(None, None, None)
             raise
@@ -81,15 +105,45 @@ class Interleaver:
             else:
                 module.__dict__["forward"] = saved
         self._restore.clear()
+        if self._port is not None:
+            self._port.il = None
+            self._port = None
         self.current = None
         for program in self.programs:
             program.interleaver = None
 
-    def _wrap(self, module: torch.nn.Module, forward: Callable, original: Callable) -> None:
+    def _wrap(
+        self, module: torch.nn.Module, forward: Callable, original: Callable, cache: dict | None, key: Any,
+        path: str | None = None,
+    ) -> None:
         # `generate` inspects the signature of `forward` to choose the arguments it passes
         forward.__wrapped__ = original
-        self._restore.append((module, module.__dict__.get("forward", _MISSING)))
+        saved = module.__dict__.get("forward", _MISSING)
+        self._restore.append((module, saved))
         module.__dict__["forward"] = forward
+        if cache is not None:
+            if len(cache) > 4096:  # bounded, whatever the traces touch
+                cache.clear()
+            # Where the module is registered, so a later run sees if it was replaced there.
+            parent, name = self.model, ""
+            if path:
+                parent_path, _, name = path.rpartition(".")
+                parent = submodule(self.model, parent_path)
+            cache[key] = (module, saved, forward, parent, name)
+
+    def _rewrap(self, entry: tuple | None) -> bool:
+        """Install a wrapper made by an earlier run, if it still wraps what the module has now
+        (the same instance `forward`, or none) and the module is still registered where it was.
+        Making the wrappers and finding the modules cost more than a small trace's reads."""
+        if entry is None:
+            return False
+        module, saved, forward, parent, name = entry
+        d = module.__dict__
+        if d.get("forward", _MISSING) is not saved or (name and parent._modules.get(name) is not module):
+            return False
+        self._restore.append((module, saved))
+        d["forward"] = forward
+        return True
 
     def _module_for(self, path: str) -> torch.nn.Module | None:
         module = submodule(self.model, path)
@@ -103,28 +157,30 @@ class Interleaver:
 
     # -- events --------------------------------------------------------------------------------
 
-    def _event_forward(self, path: str, forward: Callable, kinds: set[str]) -> Callable:
-        calls = self.calls
-        calls[path] = 0
+    def _event_forward(self, path: str, forward: Callable, kinds: set[str], port: _Port) -> Callable:
+        """The wrapper of one module's forward. It dispatches to the interleaver of the run in
+        progress (`port.il`), so later runs on the same model reuse it."""
         inputs, outputs = "input" in kinds, "output" in kinds
 
         def wrapped(*args: Any, **kwargs: Any) -> Any:
-            if self.paused:
+            il = port.il
+            if il is None or il.paused:
                 return forward(*args, **kwargs)
+            calls = il.calls
             call = calls[path]
             calls[path] = call + 1
             if inputs:
-                args, kwargs = self._fire_input((path, "input", call), args, kwargs)
-                if self.skips is not None:  # module.skip at this input event
-                    output = self._skipped(forward, args, kwargs)
+                args, kwargs = il._fire_input((path, "input", call), args, kwargs)
+                if il.skips is not None:  # module.skip at this input event
+                    output = il._skipped(forward, args, kwargs)
                 else:
                     output = forward(*args, **kwargs)
             else:
                 output = forward(*args, **kwargs)
             if outputs:
-                self.current = output
-                self.fire((path, "output", call))
-                output, self.current = self.current, None
+                il.current = output
+                il.fire((path, "output", call))
+                output, il.current = il.current, None
             return output
 
         return wrapped
@@ -162,10 +218,12 @@ class Interleaver:
             if program.state is RUNNING:
                 program.advance(event, self)
 
-    def _checkpoint_forward(self, forward: Callable) -> Callable:
+    @staticmethod
+    def _checkpoint_forward(forward: Callable, port: _Port) -> Callable:
         def wrapped(*args: Any, **kwargs: Any) -> Any:
-            if not self.paused:
-                self.checkpoint()
+            il = port.il
+            if il is not None and not il.paused:
+                il.checkpoint()
             return forward(*args, **kwargs)
 
         return wrapped
@@ -206,6 +264,21 @@ def submodule(model: torch.nn.Module, path: str) -> torch.nn.Module | None:
         if module is None:
             return None
     return module
+
+
+class _Port:
+    """Per model: the run its cached wrappers dispatch to (None between runs), and the wrappers
+    themselves — (path, input?, output?) or a block's id -> (module, the instance `forward` it
+    had, the wrapper). One run at a time uses them; a concurrent one makes its own."""
+
+    __slots__ = ("il", "wrappers")
+
+    def __init__(self) -> None:
+        self.il: Interleaver | None = None
+        self.wrappers: dict[Any, tuple] = {}
+
+
+_PORTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 _BLOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
