@@ -193,6 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
             "generated": when, "n": nodes["repeats"],
             "vs_one_replica_ms": round(1000 * nodes["cross_minus_one_replica_s"], 1),
             "session_ms": {k: round(1000 * v, 1) for k, v in nodes["seed_session_s"].items()},
+            "session_min_ms": {k: round(1000 * v, 1) for k, v in nodes["seed_session_min_s"].items()},
             "what": "the seed session (2 traces, the last layer's state patched into another prompt) with its traces on "
                     "models on two worker nodes minus on two models on one node; medians, interleaved runs "
                     "(tests/multinode_scenario.py via bench/scale.py)",

@@ -149,7 +149,9 @@ def test_load_scales_the_model_up_and_idle_brings_it_back_to_min_losing_nothing(
         seen: list[dict] = []
         try:
             load.add(6)  # 6 requests in flight against a target of 1 per replica: Serve wants 3
-            _watch(a, lambda m: m["replicas"] >= 2, 120, seen)
+            # Two replicas RUNNING, and busy at once: a replica runs one request at a time, so a
+            # `running` of 2 or more is the sum over replicas (one replica's stats would say 1).
+            _watch(a, lambda m: m["replicas"] >= 2 and m["running"] >= 2, 120, seen)
             # The load falls to one client, which keeps requests running while Serve scales down.
             load.stop(keep=1)
             _watch(a, lambda m: m["replicas"] == 1 and len(_replica_actors()) == 1, 120, seen)
@@ -159,10 +161,7 @@ def test_load_scales_the_model_up_and_idle_brings_it_back_to_min_losing_nothing(
         assert idle["replicas"] == 1 and idle["state"] == "HEALTHY", idle
 
     assert max(m["replicas"] for m in seen) >= 2
-    # The queue is summed over the replicas: with several replicas busy, more than one request runs
-    # at once (one replica alone runs one forward at a time).
-    assert max(m["queue_length"] for m in seen) >= 1, seen
-    assert max(m["running"] for m in seen) >= 2, seen
+    assert max(m["queue_length"] for m in seen) >= 1, seen  # requests waited in a replica meanwhile
     assert len(load.outcomes) >= 6
     bad = [o for o in load.outcomes if o[0] != "COMPLETED" or not o[2] or "RETRYING" in o[1]]
     assert not bad, f"{len(bad)} of {len(load.outcomes)} requests: {bad[:3]}"
