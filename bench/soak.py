@@ -396,6 +396,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     accepted = len(tally.accepted)
     growth = {k: _r2(slope([(n, r[k]) for n, r in samples])) for k in rss0}
+    # the same over the later half of the samples: a leak keeps its slope, a warm-up flattens
+    later = {k: _r2(slope([(n, r[k]) for n, r in samples[len(samples) // 2:]])) for k in rss0}
     outcomes = Counter(f"{tally.accepted[r]}:{s}{':' + c if c else ''}" for r, (s, c) in tally.ended.items())
     result = {
         "soak_requests_lost": len(tally.lost),
@@ -417,7 +419,8 @@ def main(argv: list[str] | None = None) -> dict:
             "kept_results_checked": len(tally.kept),
             "steady_phase": {"requests": steady_requests, "rss_mb_start": _round(rss0), "rss_mb_end": _round(rss1),
                              "rss_samples": len(samples),
-                             "rss_growth_mb_per_1000": growth, "how": "least-squares slope of RSS over "
+                             "rss_growth_mb_per_1000": growth, "rss_growth_mb_per_1000_later_half": later,
+                             "how": "least-squares slope of RSS over "
                              f"finished requests, RSS read every {SAMPLE_S:g} s after a {args.warmup_s:g} s warm-up"},
             "faults": faults,
             "client_threads_stuck": stuck_threads,
