@@ -103,6 +103,8 @@ def render(res: dict, engine: str | None, scan: str | None = None) -> str:
     w("")
 
     _other_figures(res, w)
+    if res.get("soak"):
+        w(soak_section(res))
     w(engine.rstrip() + "\n" if engine else
       f"{ENGINE_HEADING}\n\n(not written yet: see `bench/engine_overhead.py`; the ratio above comes from it.)\n")
     if scan:
@@ -150,6 +152,36 @@ def _other_figures(res: dict, w) -> None:
         w(f"| peak RSS (VmHWM) of replica `model-{name}` | {_n(mb)} MB (now {_n(res['replica_rss_mb'].get(name))} MB) |")
     w(f"| RSS of the whole cluster at the end (server + all Ray processes; shared pages counted in each) | {_n(res['cluster_rss_mb'])} MB |")
     w("")
+
+
+SOAK_HEADING = "## Soak (`make soak`)"
+
+
+def soak_section(res: dict) -> str:
+    """The soak's figures (bench/soak.py), from its keys in results.json."""
+    k = res["soak"]
+    st = k["steady_phase"]
+    out = [f"{SOAK_HEADING}\n",
+           (f"`{k['command'].strip()}` on {k['generated']} ({k['wall_s']:.0f} s; {k['settings']['clients']} client "
+           f"threads, 3 users, one cluster of its own on 127.0.0.1). Bars: lost 0; store and ingress RSS growth "
+           f"{k['bars']['store_and_ingress_rss_growth_mb_per_1000']} MB per 1,000 requests; "
+           f"meets them: {'yes' if k['meets_bars'] else '**no**'}.\n"),
+           "| figure | value |", "|---|---|",
+           (f"| `soak_requests_lost` (accepted, never ended or result gone before the TTL) | **{res['soak_requests_lost']}** "
+           f"of {res['soak_requests_accepted']} accepted |"),
+           f"| requests ended, by kind and state | {', '.join(f'{n} {c}' for c, n in k['outcomes'].items())} |",
+           f"| submissions refused (no 202) | {k['refused_submissions'] or 'none'} |",
+           f"| unfetched results fetched at the end | {k['kept_results_checked']} (all there unless counted lost) |",
+           f"| faults (SIGKILL, every {k['settings']['fault_every']:g} s; seconds until /readyz 200 with a new process) | "
+           + (", ".join(f"{f['killed']} {f['ready_again_s']:g}" for f in k["faults"]) or "none") + " |",
+           "",
+           f"RSS growth per 1,000 finished requests, steady phase ({st['requests']} requests, no faults; {st['how']}):\n",
+           "| process | RSS MB at start → end | growth MB / 1,000 requests | later half only |", "|---|---|---|---|"]
+    later = st.get("rss_growth_mb_per_1000_later_half", {})
+    for name, g in st["rss_growth_mb_per_1000"].items():
+        out.append(f"| {name} | {_n(st['rss_mb_start'][name])} → {_n(st['rss_mb_end'][name])} | **{_n(g)}** | "
+                   f"{_n(later.get(name))} |")
+    return "\n".join(out) + "\n"
 
 
 def _phase_table(w, cols: list[tuple[str, dict | None]]) -> None:

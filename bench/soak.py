@@ -320,6 +320,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results.json")
+    parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
     args = parser.parse_args(argv)
     random.seed(args.seed)
 
@@ -408,7 +409,7 @@ def main(argv: list[str] | None = None) -> dict:
             "generated": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
             "command": ".venv/bin/python bench/soak.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "wall_s": round(time.monotonic() - t_start, 1),
-            "settings": vars(args) | {"json": str(args.json)},
+            "settings": {k: v for k, v in vars(args).items() if k not in ("json", "doc")},
             "bars": {"requests_lost": 0, "store_and_ingress_rss_growth_mb_per_1000": f"<= {STRONG_BAR_MB:g}"},
             "meets_bars": len(tally.lost) == 0 and all(
                 growth.get(k) is not None and growth[k] <= STRONG_BAR_MB for k in ("store", "Ingress")),
@@ -426,13 +427,32 @@ def main(argv: list[str] | None = None) -> dict:
             "client_threads_stuck": stuck_threads,
         },
     }
-    result["soak"]["settings"].pop("json")
     print(json.dumps(result, indent=1))
     if args.json.exists():
         results = json.loads(args.json.read_text())
         results.update(result)
         args.json.write_text(json.dumps(results, indent=2) + "\n")
+        if args.doc.exists():
+            splice_section(args.doc, results)
     return result
+
+
+def splice_section(doc: Path, results: dict) -> None:
+    """Replace (or add, before the method section) the soak's section of docs/BENCHMARKS.md;
+    the rest of the document is `make bench`'s."""
+    import re
+
+    from bench.report import SOAK_HEADING, soak_section
+
+    text = doc.read_text()
+    section = soak_section(results) + "\n"
+    pattern = re.compile(rf"^{re.escape(SOAK_HEADING)}[^\n]*\n.*?(?=^## |\Z)", flags=re.DOTALL | re.MULTILINE)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section, text)
+    else:
+        anchor = text.find("## Engine overhead (local)")
+        text = text[:anchor] + section + text[anchor:] if anchor >= 0 else text.rstrip() + "\n\n" + section
+    doc.write_text(text)
 
 
 def _r2(x: float | None) -> float | None:
