@@ -176,11 +176,16 @@ def soak_section(res: dict) -> str:
            + (", ".join(f"{f['killed']} {f['ready_again_s']:g}" for f in k["faults"]) or "none") + " |",
            "",
            f"RSS growth per 1,000 finished requests, steady phase ({st['requests']} requests, no faults; {st['how']}):\n",
-           "| process | RSS MB at start → end | growth MB / 1,000 requests | later half only |", "|---|---|---|---|"]
-    later = st.get("rss_growth_mb_per_1000_later_half", {})
-    for name, g in st["rss_growth_mb_per_1000"].items():
-        out.append(f"| {name} | {_n(st['rss_mb_start'][name])} → {_n(st['rss_mb_end'][name])} | **{_n(g)}** | "
-                   f"{_n(later.get(name))} |")
+           ("| process | RSS MB at start → end | RSS growth MB / 1,000 requests | later half only | "
+           "RssAnon (own heap) growth | later half only |"), "|---|---|---|---|---|---|"]
+    g, later = st["rss_growth_mb_per_1000"], st.get("rss_growth_mb_per_1000_later_half", {})
+    for name in (n for n in g if not n.endswith(":anon")):
+        anon = f"{name}:anon"
+        out.append(f"| {name} | {_n(st['rss_mb_start'][name])} → {_n(st['rss_mb_end'][name])} | **{_n(g[name])}** | "
+                   f"{_n(later.get(name))} | {_n(g.get(anon))} | {_n(later.get(anon))} |")
+    out.append("\nRSS also counts the pages of Ray's shared-memory object store that a process has "
+               "touched (results and large values pass through it); they grow until the arena has been "
+               "used once, then stay. RssAnon is the process's own memory: a leak shows there.")
     return "\n".join(out) + "\n"
 
 

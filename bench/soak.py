@@ -261,9 +261,15 @@ def pids() -> dict[str, int]:
 
 
 def rss_mb(pid_of: dict[str, int]) -> dict[str, float]:
-    import psutil
-
-    return {k: psutil.Process(p).memory_info().rss / 2**20 for k, p in pid_of.items()}
+    """VmRSS per process, and as `<name>:anon` its RssAnon: RSS also counts the pages of Ray's
+    shared-memory object store a process has touched (results pass through it), which grow until
+    the store's arena has been used once; RssAnon is the process's own heap."""
+    out = {}
+    for k, p in pid_of.items():
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{p}/status").read_text().splitlines() if ":" in line)
+        out[k] = int(fields["VmRSS"].split()[0]) / 1024
+        out[f"{k}:anon"] = int(fields["RssAnon"].split()[0]) / 1024
+    return out
 
 
 def wait_ready(url: str) -> float:
@@ -405,6 +411,8 @@ def main(argv: list[str] | None = None) -> dict:
         "soak_requests_accepted": accepted,
         "soak_store_rss_growth_mb_per_1000": growth.get("store"),
         "soak_ingress_rss_growth_mb_per_1000": growth.get("Ingress"),
+        "soak_store_anon_growth_mb_per_1000": growth.get("store:anon"),
+        "soak_ingress_anon_growth_mb_per_1000": growth.get("Ingress:anon"),
         "soak": {
             "generated": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
             "command": ".venv/bin/python bench/soak.py " + " ".join(argv if argv is not None else sys.argv[1:]),
