@@ -2,7 +2,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.stamp
 
-.PHONY: venv test lint demo bench fuzz
+.PHONY: venv test lint demo bench fuzz soak
 
 venv: $(STAMP)
 
@@ -21,9 +21,18 @@ lint: venv
 demo: venv
 	$(VENV)/bin/raysight demo
 
-# The property-based fuzz of request bodies and IR with many more examples than `make test` runs.
+# The property-based fuzz of request bodies and IR, and the schemathesis run of the OpenAPI app,
+# with many more examples than `make test` runs.
+SCHEMATHESIS_EXAMPLES ?= 300
 fuzz: venv
 	HYPOTHESIS_PROFILE=fuzz $(PY) -m pytest tests/test_fuzz_ir.py --hypothesis-show-statistics
+	SCHEMATHESIS_EXAMPLES=$(SCHEMATHESIS_EXAMPLES) $(PY) -m pytest tests/test_openapi_fuzz.py
+
+# A bounded soak of its own local cluster (mixed load, cancels, time limits, kill -9 of each
+# service process); writes soak_* into bench/results.json. E.g. SOAK_ARGS="--steady-s 600 --fault-s 600".
+SOAK_ARGS ?=
+soak: venv
+	$(PY) bench/soak.py $(SOAK_ARGS)
 
 bench: venv
 	$(PY) bench/run_all.py

@@ -109,6 +109,8 @@ def render(res: dict, hand: dict[str, str | None]) -> str:
 
     _other_figures(res, w)
     _batching(res, w)
+    if res.get("soak"):
+        w(soak_section(res))
     engine = hand.get(ENGINE_HEADING)
     w(engine.rstrip() + "\n" if engine else
       f"{ENGINE_HEADING}\n\n(not written yet: see `bench/engine_overhead.py`; the ratio above comes from it.)\n")
@@ -192,6 +194,41 @@ def _batching(res: dict, w) -> None:
             hist = ", ".join(f"{k}: {v}" for k, v in sorted(sizes.get(n, {}).items(), key=lambda kv: int(kv[0])))
             w(f"| {n} | {_n(lat[n]['p50'])} | {_n(lat[n]['p99'])} | {_mmm(lat[n]['requests_per_s'])} | {hist} |")
     w("")
+
+
+SOAK_HEADING = "## Soak (`make soak`)"
+
+
+def soak_section(res: dict) -> str:
+    """The soak's figures (bench/soak.py), from its keys in results.json."""
+    k = res["soak"]
+    st = k["steady_phase"]
+    out = [f"{SOAK_HEADING}\n",
+           (f"`{k['command'].strip()}` on {k['generated']} ({k['wall_s']:.0f} s; {k['settings']['clients']} client "
+           f"threads, 3 users, one cluster of its own on 127.0.0.1). Bars: lost 0; store and ingress RSS growth "
+           f"{k['bars']['store_and_ingress_rss_growth_mb_per_1000']} MB per 1,000 requests; "
+           f"meets them: {'yes' if k['meets_bars'] else '**no**'}.\n"),
+           "| figure | value |", "|---|---|",
+           (f"| `soak_requests_lost` (accepted, never ended or result gone before the TTL) | **{res['soak_requests_lost']}** "
+           f"of {res['soak_requests_accepted']} accepted |"),
+           f"| requests ended, by kind and state | {', '.join(f'{n} {c}' for c, n in k['outcomes'].items())} |",
+           f"| submissions refused (no 202) | {k['refused_submissions'] or 'none'} |",
+           f"| unfetched results fetched at the end | {k['kept_results_checked']} (all there unless counted lost) |",
+           f"| faults (SIGKILL, every {k['settings']['fault_every']:g} s; seconds until /readyz 200 with a new process) | "
+           + (", ".join(f"{f['killed']} {f['ready_again_s']:g}" for f in k["faults"]) or "none") + " |",
+           "",
+           f"RSS growth per 1,000 finished requests, steady phase ({st['requests']} requests, no faults; {st['how']}):\n",
+           ("| process | RSS MB at start → end | RSS growth MB / 1,000 requests | later half only | "
+           "RssAnon (own heap) growth | later half only |"), "|---|---|---|---|---|---|"]
+    g, later = st["rss_growth_mb_per_1000"], st.get("rss_growth_mb_per_1000_later_half", {})
+    for name in (n for n in g if not n.endswith(":anon")):
+        anon = f"{name}:anon"
+        out.append(f"| {name} | {_n(st['rss_mb_start'][name])} → {_n(st['rss_mb_end'][name])} | **{_n(g[name])}** | "
+                   f"{_n(later.get(name))} | {_n(g.get(anon))} | {_n(later.get(anon))} |")
+    out.append("\nRSS also counts the pages of Ray's shared-memory object store that a process has "
+               "touched (results and large values pass through it); they grow until the arena has been "
+               "used once, then stay. RssAnon is the process's own memory: a leak shows there.")
+    return "\n".join(out) + "\n"
 
 
 def _phase_table(w, cols: list[tuple[str, dict | None]]) -> None:

@@ -17,7 +17,7 @@ vanished (404), or if its finished result could not be fetched before the TTL (a
 is left unfetched until the end and fetched then). The store's own list of unfinished requests
 must be empty too (it also holds requests whose 202 never reached a client).
 
-    .venv/bin/python bench/soak.py [--steady-s 90] [--fault-s 150] [--fault-every 25] [--clients 4]
+    .venv/bin/python bench/soak.py [--steady-s 150] [--warmup-s 30] [--fault-s 150] [--fault-every 25] [--clients 4]
 
 The figures go into bench/results.json (soak_*). Bars: lost 0; store and ingress RSS growth
 <= 20 MB per 1,000 requests.
@@ -58,6 +58,7 @@ FOLLOW_S = 300.0  # a request not ended this long after it was accepted is stuck
 RECOVERY_S = 180.0  # bound on the service answering /readyz 200 again after a kill
 FAULTS = ("model-llama", "SessionRunner", "Ingress", "store", "proxy")
 PROCESSES = ("store", "Ingress", "SessionRunner", "model-llama", "model-gpt2", "proxy")
+SAMPLE_S = 5.0  # between two RSS readings in the steady phase
 STRONG_BAR_MB = 20.0  # store and ingress RSS growth per 1,000 requests
 
 
@@ -260,9 +261,15 @@ def pids() -> dict[str, int]:
 
 
 def rss_mb(pid_of: dict[str, int]) -> dict[str, float]:
-    import psutil
-
-    return {k: psutil.Process(p).memory_info().rss / 2**20 for k, p in pid_of.items()}
+    """VmRSS per process, and as `<name>:anon` its RssAnon: RSS also counts the pages of Ray's
+    shared-memory object store a process has touched (results pass through it), which grow until
+    the store's arena has been used once; RssAnon is the process's own heap."""
+    out = {}
+    for k, p in pid_of.items():
+        fields = dict(line.split(":", 1) for line in Path(f"/proc/{p}/status").read_text().splitlines() if ":" in line)
+        out[k] = int(fields["VmRSS"].split()[0]) / 1024
+        out[f"{k}:anon"] = int(fields["RssAnon"].split()[0]) / 1024
+    return out
 
 
 def wait_ready(url: str) -> float:
@@ -283,18 +290,43 @@ def kill(what: str) -> int:
     return pid
 
 
+def wait_replaced(what: str, old: int) -> None:
+    """Bounded wait until a new process runs `what` (Ray or Serve restarts it)."""
+    start, last = time.monotonic(), None
+    while time.monotonic() - start < RECOVERY_S:
+        try:
+            if pids().get(what, old) != old:
+                return
+        except Exception as exc:  # noqa: BLE001 - the actor is dead or restarting: look again
+            last = exc
+        time.sleep(0.5)
+    raise RuntimeError(f"{what} was not restarted {RECOVERY_S:g} s after its kill ({last!r})")
+
+
+def slope(points: list[tuple[int, float]]) -> float | None:
+    """Least-squares slope of RSS (MB) over finished requests, per 1,000 requests."""
+    n = len(points)
+    if n < 2:
+        return None
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    return None if sxx == 0 else 1000 * sum((x - mx) * (y - my) for x, y in points) / sxx
+
+
 # -- the run --------------------------------------------------------------------------------------
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steady-s", type=float, default=90.0, help="phase 1: load without faults")
-    parser.add_argument("--warmup-s", type=float, default=15.0, help="of phase 1, before the first RSS reading")
+    parser.add_argument("--steady-s", type=float, default=150.0, help="phase 1: load without faults")
+    parser.add_argument("--warmup-s", type=float, default=30.0, help="of phase 1, before the first RSS reading")
     parser.add_argument("--fault-s", type=float, default=150.0, help="phase 2: load with faults")
     parser.add_argument("--fault-every", type=float, default=25.0)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=ROOT / "bench" / "results.json")
+    parser.add_argument("--doc", type=Path, default=ROOT / "docs" / "BENCHMARKS.md")
     args = parser.parse_args(argv)
     random.seed(args.seed)
 
@@ -307,6 +339,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     t_start = time.monotonic()
     tally = Tally()
+    samples: list = []
     with tempfile.TemporaryDirectory(prefix="raysight-soak-") as tmp:
         config = AppConfig.model_validate({
             "models": [{"name": "llama", "path": str(build_tiny_llama(Path(tmp) / "llama", seed=0))},
@@ -324,25 +357,31 @@ def main(argv: list[str] | None = None) -> dict:
                                         daemon=True) for i in range(args.clients)]
             for t in threads:
                 t.start()
-            # phase 1: steady
+            # phase 1: steady; RSS read every SAMPLE_S after the warm-up
             time.sleep(args.warmup_s)
-            pid0, n0 = pids(), tally.finished_count
-            rss0 = rss_mb(pid0)
-            time.sleep(max(0.0, args.steady_s - args.warmup_s))
-            pid1, n1 = pids(), tally.finished_count
-            rss1 = rss_mb(pid1)
-            assert pid0 == pid1, "a process restarted during the steady phase"
-            steady_requests = n1 - n0
+            pid0 = pids()
+            samples = []  # (finished requests, {process: RSS MB})
+            steady_end = time.monotonic() + max(0.0, args.steady_s - args.warmup_s)
+            while True:
+                samples.append((tally.finished_count, rss_mb(pid0)))
+                if time.monotonic() >= steady_end:
+                    break
+                time.sleep(min(SAMPLE_S, max(0.0, steady_end - time.monotonic())))
+            assert pids() == pid0, "a process restarted during the steady phase"
+            steady_requests = samples[-1][0] - samples[0][0]
+            rss0, rss1 = samples[0][1], samples[-1][1]
             # phase 2: faults
             faults = []
-            end = time.monotonic() + args.fault_s
-            i = 0
-            while time.monotonic() + args.fault_every <= end:
-                time.sleep(args.fault_every)
+            t0 = time.monotonic()
+            end = t0 + args.fault_s
+            for i in range(int(args.fault_s // args.fault_every)):  # kill i at t0 + (i+1) * fault_every
+                time.sleep(max(0.0, t0 + (i + 1) * args.fault_every - time.monotonic()))
                 what = FAULTS[i % len(FAULTS)]
-                i += 1
+                killed_at = time.monotonic()
                 pid = kill(what)
-                back = wait_ready(url)
+                wait_replaced(what, pid)
+                wait_ready(url)
+                back = time.monotonic() - killed_at
                 faults.append({"killed": what, "pid": pid, "ready_again_s": round(back, 1)})
                 print(f"soak: killed {what} (pid {pid}); ready again in {back:.1f} s", flush=True)
             time.sleep(max(0.0, end - time.monotonic()))
@@ -363,18 +402,22 @@ def main(argv: list[str] | None = None) -> dict:
             launcher.stop()
 
     accepted = len(tally.accepted)
-    growth = {k: round((rss1[k] - rss0[k]) / steady_requests * 1000, 2) for k in rss0} if steady_requests else {}
+    growth = {k: _r2(slope([(n, r[k]) for n, r in samples])) for k in rss0}
+    # the same over the later half of the samples: a leak keeps its slope, a warm-up flattens
+    later = {k: _r2(slope([(n, r[k]) for n, r in samples[len(samples) // 2:]])) for k in rss0}
     outcomes = Counter(f"{tally.accepted[r]}:{s}{':' + c if c else ''}" for r, (s, c) in tally.ended.items())
     result = {
         "soak_requests_lost": len(tally.lost),
         "soak_requests_accepted": accepted,
         "soak_store_rss_growth_mb_per_1000": growth.get("store"),
         "soak_ingress_rss_growth_mb_per_1000": growth.get("Ingress"),
+        "soak_store_anon_growth_mb_per_1000": growth.get("store:anon"),
+        "soak_ingress_anon_growth_mb_per_1000": growth.get("Ingress:anon"),
         "soak": {
             "generated": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
             "command": ".venv/bin/python bench/soak.py " + " ".join(argv if argv is not None else sys.argv[1:]),
             "wall_s": round(time.monotonic() - t_start, 1),
-            "settings": vars(args) | {"json": str(args.json)},
+            "settings": {k: v for k, v in vars(args).items() if k not in ("json", "doc")},
             "bars": {"requests_lost": 0, "store_and_ingress_rss_growth_mb_per_1000": f"<= {STRONG_BAR_MB:g}"},
             "meets_bars": len(tally.lost) == 0 and all(
                 growth.get(k) is not None and growth[k] <= STRONG_BAR_MB for k in ("store", "Ingress")),
@@ -384,18 +427,44 @@ def main(argv: list[str] | None = None) -> dict:
             "refused_submissions": dict(tally.refused),
             "kept_results_checked": len(tally.kept),
             "steady_phase": {"requests": steady_requests, "rss_mb_start": _round(rss0), "rss_mb_end": _round(rss1),
-                             "rss_growth_mb_per_1000": growth},
+                             "rss_samples": len(samples),
+                             "rss_growth_mb_per_1000": growth, "rss_growth_mb_per_1000_later_half": later,
+                             "how": "least-squares slope of RSS over "
+                             f"finished requests, RSS read every {SAMPLE_S:g} s after a {args.warmup_s:g} s warm-up"},
             "faults": faults,
             "client_threads_stuck": stuck_threads,
         },
     }
-    result["soak"]["settings"].pop("json")
     print(json.dumps(result, indent=1))
     if args.json.exists():
         results = json.loads(args.json.read_text())
         results.update(result)
         args.json.write_text(json.dumps(results, indent=2) + "\n")
+        if args.doc.exists():
+            splice_section(args.doc, results)
     return result
+
+
+def splice_section(doc: Path, results: dict) -> None:
+    """Replace (or add, before the method section) the soak's section of docs/BENCHMARKS.md;
+    the rest of the document is `make bench`'s."""
+    import re
+
+    from bench.report import SOAK_HEADING, soak_section
+
+    text = doc.read_text()
+    section = soak_section(results) + "\n"
+    pattern = re.compile(rf"^{re.escape(SOAK_HEADING)}[^\n]*\n.*?(?=^## |\Z)", flags=re.DOTALL | re.MULTILINE)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: section, text)
+    else:
+        anchor = text.find("## Engine overhead (local)")
+        text = text[:anchor] + section + text[anchor:] if anchor >= 0 else text.rstrip() + "\n\n" + section
+    doc.write_text(text)
+
+
+def _r2(x: float | None) -> float | None:
+    return None if x is None else round(x, 2)
 
 
 def _round(d: dict[str, float]) -> dict[str, float]:

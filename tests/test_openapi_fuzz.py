@@ -45,14 +45,7 @@ def test_every_route_conforms_and_never_5xx(operations, cluster, mode) -> None:
     headers = {"Authorization": f"Bearer {cluster.keys['alice']}"}
     fuzzed = []
     for name, op in operations.items():
-        skip = SKIP.get(name)
-
-        @given(case=op.as_strategy(generation_mode=mode))
-        @settings(max_examples=EXAMPLES, deadline=None, database=None,
-                  suppress_health_check=list(HealthCheck))
-        def run(case, skip=skip) -> None:
-            case.call_and_validate(headers=headers, timeout=30, excluded_checks=skip)
-
+        run = _fuzz(op, mode, headers, SKIP.get(name))
         try:
             run()
         except Unsatisfiable:
@@ -64,3 +57,14 @@ def test_every_route_conforms_and_never_5xx(operations, cluster, mode) -> None:
         fuzzed.append(name)
     # every route with a parameter, header or body had invalid cases too
     assert len(fuzzed) >= (9 if mode is GenerationMode.POSITIVE else 6), fuzzed
+
+
+def _fuzz(op: schemathesis.APIOperation, mode: GenerationMode, headers: dict, skip: list | None):
+    """A hypothesis test of `op`'s cases in `mode`, each called over HTTP and validated."""
+
+    @given(case=op.as_strategy(generation_mode=mode))
+    @settings(max_examples=EXAMPLES, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    def run(case) -> None:
+        case.call_and_validate(headers=headers, timeout=30, excluded_checks=skip)
+
+    return run
