@@ -8,6 +8,7 @@ each saved proxy its value (`resolve`).
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any, Protocol
 
@@ -204,10 +205,18 @@ class Graph:
         the engine's compiled arguments are kept too when `other` is a scalar or a proxy of
         this graph, so they are not decoded again."""
         target, index, op, other = args
-        try:
-            encoded = argcodec.encode_list(args, self._store_tensor, self._ref_of, Proxy)
-        except argcodec.ArgError:
-            encoded = self.encode(args, loc)
+        to = type(other)
+        if (  # `x[:] += 0.5`, `x[:, k] *= 2`: encoded inline, as `encode_list` would
+            target._lazy is None and type(index) is slice and type(index.start) in _PLAIN_INDEX
+            and type(index.stop) in _PLAIN_INDEX and type(index.step) in _PLAIN_INDEX
+            and (to is float or to is int) and math.isfinite(other)
+        ):
+            encoded = [{"$ref": target._id}, {"$slice": [index.start, index.stop, index.step]}, op, other]
+        else:
+            try:
+                encoded = argcodec.encode_list(args, self._store_tensor, self._ref_of, Proxy)
+            except argcodec.ArgError:
+                encoded = self.encode(args, loc)
         node_id = self.next_id
         tracer.ir.nodes.append(Node(node_id, "augassign", encoded, {}, tracer.invoke_index, loc))
         self.next_id += 1
