@@ -149,6 +149,8 @@ def decode_list(
                 and type(body[1]) in _JSON_SCALARS and type(body[2]) in _JSON_SCALARS
             ):
                 out.append(slice(*body))
+            elif type(body := v.get("$tuple")) is list:  # `x[:, -1]`: the index is a tuple
+                out.append(tuple(decode_list(body, resolve, tensors)))
             else:
                 out.append(decode(v, resolve, tensors))
         elif isinstance(v, (list, dict)):

@@ -233,8 +233,15 @@ class Program:
         # some `grad` node asks for; the driver runs with grad mode on when any backward is there.
         self.grad_sources: dict[int, tuple[torch.Tensor, Rows]] = {}
         self.invoke_threads, self.body, self.needs_grad = _compile(trace, self.tensors, self.events, templates)
-        caches = [t for t in self.invoke_threads if trace.invokes[t.invoke].cache] if trace.invokes else []
-        self.threads = [*(t for t in self.invoke_threads if t not in caches), *([self.body] if self.body else []), *caches]
+        invokes = trace.invokes
+        if self.body is None and not (len(invokes) > 1 or (invokes and invokes[0].cache)):
+            self.threads = self.invoke_threads  # one invoke (`trace(prompt)`): the common case
+        else:
+            caches = [t for t in self.invoke_threads if invokes[t.invoke].cache] if invokes else []
+            self.threads = [*(t for t in self.invoke_threads if t not in caches), *([self.body] if self.body else []), *caches]
+        # Whether anything can run before the model does (else `advance(None)` would find
+        # every thread waiting for a module): a thread whose first step waits for no event.
+        self.runs_first = not self.threads or any(t.steps[0].event is None for t in self.threads)
 
 
     # -- placement in the batch ----------------------------------------------------------------
