@@ -237,7 +237,8 @@ class Graph:
         if self._pending is not None:
             self._flush(self._pending)
         for proxy in self._lazies:
-            if proxy._lazy is not None and not proxy._lazy[5]:
+            lazy = proxy._lazy
+            if lazy is not None and not lazy[5]:
                 self._flush(proxy)
         self._lazies = []
 
