@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from client_sdk.graph import Graph, current_graph
+from client_sdk.graph import Graph, _local, current_graph
 from client_sdk.location import user_location
 from client_sdk.proxy import Proxy, TracingError
 from intervention.ir import format_location
@@ -75,8 +75,12 @@ class Envoy:
     @property
     def output(self) -> Proxy:
         """What this module's forward returned."""
-        graph = self._graph()  # the commonest read of all: _record's read path, inline
-        return graph.record_encoded("module.output", [self._path, graph.tracer.call_index])
+        # The commonest read of all: `_graph`'s checks inline, then _record's read path.
+        graph = getattr(_local, "graph", None)
+        tracer = graph.tracer if graph is not None else None
+        if tracer is None or tracer.model is not self._model:
+            graph = self._graph()  # raises why this read cannot be recorded
+        return graph.record_encoded("module.output", [self._path, tracer.call_index])
 
     @output.setter
     def output(self, value: Any) -> None:

@@ -8,6 +8,7 @@ each saved proxy its value (`resolve`).
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Any, Protocol
 
@@ -43,7 +44,9 @@ class OpenTrace(Protocol):
 class Graph:
     """Everything one session records: traces, nodes, client tensors, saved proxies."""
 
-    def __init__(self) -> None:
+    def __init__(self, templates: bool = False) -> None:
+        """`templates`: the session runs in this process, so keep the engine's compiled form of
+        simple argument lists as they are recorded (`templates`), sparing it their decoding."""
         self.traces: list[TraceIR] = []
         self.steps: list[SessionStep] = []  # logs and stops in the session body, between traces
         self.tensors: dict[str, torch.Tensor] = {}
@@ -61,6 +64,10 @@ class Graph:
         # that waits to see whether Python's setitem of an augmented assignment follows.
         self._lazies: list[Proxy] = []
         self._pending: Proxy | None = None
+        # node id -> the engine's compiled arguments of an augassign node, known here already:
+        # (arguments with None where a reference goes, (index, node id) of each reference, the
+        # referenced ids, whether the index surely gives a view). See `_record_augassign`.
+        self.templates: dict[int, tuple] | None = {} if templates else None
 
     @staticmethod
     def location_now() -> Location:
@@ -147,7 +154,12 @@ class Graph:
     def subscript(self, target: Proxy, index: Any) -> Proxy:
         """`target[index]`: lazy for a basic index, recorded now otherwise."""
         tracer = self.tracer
-        if tracer is None or self.done or not _basic(index):
+        if type(index) is slice:  # `_basic`, inline for the commonest index
+            basic = (type(index.start) in _PLAIN_INDEX and type(index.stop) in _PLAIN_INDEX
+                     and type(index.step) in _PLAIN_INDEX)
+        else:
+            basic = _basic(index)
+        if tracer is None or self.done or not basic:
             return self.record("getitem", [target, index])
         proxy = Proxy(self, None, user_location(3))  # user code -> Proxy.__getitem__ -> here
         proxy._lazy = ("item", target, index, tracer.invoke_index, tracer, False)
@@ -176,11 +188,48 @@ class Graph:
                 self._pending = None
                 # The in-place op's location: the same statement as this setitem in `x[i] += v`
                 # (for `t = x[i]; t += v; x[i] = t` the `+=` line), and no third frame walk.
-                self.record("augassign", [target, index, op, other], result=False, loc=pending._loc)
+                loc = pending._loc
+                args = [target, index, op, other]
+                if tracer is not self.tracer or self.done:
+                    self.record("augassign", args, result=False, loc=loc)  # says why it cannot
+                else:  # `record`, inline: nothing is pending now, and this is no stop or call
+                    self._record_augassign(tracer, args, loc)
                 # Both are views of target[index] now; used later, each records that subscript.
                 item._lazy = pending._lazy = ("item", target, index, invoke, tracer, True)
                 return
         self.record("setitem", [target, index, value], result=False, depth=4)
+
+    def _record_augassign(self, tracer: OpenTrace, args: list, loc: Location) -> None:
+        """The `augassign` node of `target[index] op= other`, the commonest edit. Its target is a
+        proxy of this graph, its index basic (see `subscript`), its op a name; for a local run
+        the engine's compiled arguments are kept too when `other` is a scalar or a proxy of
+        this graph, so they are not decoded again."""
+        target, index, op, other = args
+        to = type(other)
+        if (  # `x[:] += 0.5`, `x[:, k] *= 2`: encoded inline, as `encode_list` would
+            target._lazy is None and type(index) is slice and type(index.start) in _PLAIN_INDEX
+            and type(index.stop) in _PLAIN_INDEX and type(index.step) in _PLAIN_INDEX
+            and (to is float or to is int) and math.isfinite(other)
+        ):
+            encoded = [{"$ref": target._id}, {"$slice": [index.start, index.stop, index.step]}, op, other]
+        else:
+            try:
+                encoded = argcodec.encode_list(args, self._store_tensor, self._ref_of, Proxy)
+            except argcodec.ArgError:
+                encoded = self.encode(args, loc)
+        node_id = self.next_id
+        tracer.ir.nodes.append(Node(node_id, "augassign", encoded, {}, tracer.invoke_index, loc))
+        self.next_id += 1
+        templates = self.templates
+        if templates is None:
+            return
+        view = type(index) in _VIEW_INDEX  # (tuples too may be views: the engine checks those)
+        if type(other) in _SCALARS:
+            templates[node_id] = ([None, index, op, other], [(0, target._id)], [target._id], view)
+        elif type(other) is Proxy and other._graph is self:
+            templates[node_id] = (
+                [None, index, op, None], [(0, target._id), (3, other._id)], [target._id, other._id], view
+            )
 
     def flush_lazies(self) -> None:
         """At the end of a trace: record what was deferred and not absorbed into an augassign,
@@ -188,7 +237,8 @@ class Graph:
         if self._pending is not None:
             self._flush(self._pending)
         for proxy in self._lazies:
-            if proxy._lazy is not None and not proxy._lazy[5]:
+            lazy = proxy._lazy
+            if lazy is not None and not lazy[5]:
                 self._flush(proxy)
         self._lazies = []
 
@@ -308,6 +358,8 @@ class Graph:
         self.saved = {}
 
 
+_SCALARS = frozenset({int, float, str, bool, type(None)})
+_VIEW_INDEX = frozenset({int, slice, type(None), type(Ellipsis)})  # x[i] of these is a view of x
 _BASIC = (int, slice, type(None), type(Ellipsis), str)
 
 

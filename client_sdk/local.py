@@ -43,7 +43,10 @@ class LocalBackend:
             model = graph.models[name]
             return model.local_module, model.tokenizer
 
-        outcome = run_session(plan_session(session), graph.tensors, load, on_log=lambda m: print(m, flush=True))
+        outcome = run_session(
+            plan_session(session), graph.tensors, load, on_log=lambda m: print(m, flush=True),
+            templates=graph.templates,
+        )
         if outcome.error is not None:
             raise outcome.error
         return outcome.saves

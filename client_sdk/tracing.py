@@ -32,7 +32,7 @@ class Session:
 
     def __init__(self, remote: bool = False, blocking: bool = True, scan: bool | None = None):
         self.backend: Backend = backend_for(remote, blocking)
-        self.graph = Graph()
+        self.graph = Graph(templates=not self.backend.remote)
         self.handle: RemoteHandle | None = None
         # Check shapes on meta tensors before running (client_sdk/scan.py); None: CONFIG.scan's
         # default, which checks remote sessions only.

@@ -143,8 +143,16 @@ def decode_list(
                     slots.append((len(out), ref))
                     out.append(None)
                 continue
-            body = plain_slice(v)
-            out.append(slice(*body) if body is not None else decode(v, resolve, tensors))
+            body = v.get("$slice")  # `plain_slice`, inline: the next commonest argument
+            if (
+                type(body) is list and len(body) == 3 and type(body[0]) in _JSON_SCALARS
+                and type(body[1]) in _JSON_SCALARS and type(body[2]) in _JSON_SCALARS
+            ):
+                out.append(slice(*body))
+            elif type(body := v.get("$tuple")) is list:  # `x[:, -1]`: the index is a tuple
+                out.append(tuple(decode_list(body, resolve, tensors)))
+            else:
+                out.append(decode(v, resolve, tensors))
         elif isinstance(v, (list, dict)):
             out.append(decode(v, resolve, tensors))
         else:

@@ -36,8 +36,9 @@ def run_programs(model: torch.nn.Module, programs: list[Program], driver: Any) -
     grad = driver.grad or any(p.needs_grad for p in programs)  # a backward in some program
     with Interleaver(model, programs, driver.shape) as il, torch.set_grad_enabled(grad):
         for program in programs:
-            if program.running:
-                program.advance(None, il)  # what needs no module: constants, client tensors
+            # what needs no module: constants, client tensors (and a cancel made before the run)
+            if program.running and (program.runs_first or program.cancel is not None):
+                program.advance(None, il)
         if any(p.running for p in programs):
             try:
                 output = driver.run(model, il)

@@ -60,13 +60,16 @@ def _rank_of(order: list[EventKey]) -> dict[EventKey, int]:
 
 def check_order(trace: TraceIR, order: list[EventKey]) -> None:
     """Raise if a thread (invoke) of `trace` reads modules against the recorded order."""
-    rank = _rank_of(order)
+    rank, kinds = _rank_of(order), _KIND
     last: dict[int | None, int] = {}
     for node in trace.nodes:
-        kind = _KIND.get(node.op)
-        if kind is None or node.args[1] != 0:  # not a module event, or not its first call
+        kind = kinds.get(node.op)
+        if kind is None:  # not a module event
             continue
-        r = rank.get((node.args[0], kind))
+        args = node.args
+        if args[1] != 0:  # not its first call
+            continue
+        r = rank.get((args[0], kind))
         if r is None:
             continue
         if r < last.get(node.invoke, -1):

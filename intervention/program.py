@@ -128,6 +128,7 @@ class Step:
 
 
 _NONE: list = []  # shared empty `after`: never mutated, only replaced
+_NO_KWARGS: dict = {}  # shared empty keyword arguments: runners never mutate theirs
 _SAVE_ARGS = [None]  # a save's template: its one argument is its reference, read from `refs`
 
 
@@ -198,7 +199,12 @@ class Program:
         cancel: threading.Event | None = None,
         max_bytes: int | None = None,
         max_saved_bytes: int | None = None,
+        templates: dict[int, tuple] | None = None,
     ):
+        """`templates`: node id -> (argument template, its reference slots, the referenced ids,
+        whether an augassign's index surely gives a view), for nodes whose arguments the recorder
+        in this process knew as Python values already (local runs: client_sdk's
+        Graph.templates); those are not decoded from their JSON again."""
         self.trace = trace
         self.tensors = tensors or {}
         self.keep = keep
@@ -227,9 +233,16 @@ class Program:
         # Gradients: node id -> (the tensor whose .grad holds its gradient, rows), for the values
         # some `grad` node asks for; the driver runs with grad mode on when any backward is there.
         self.grad_sources: dict[int, tuple[torch.Tensor, Rows]] = {}
-        self.invoke_threads, self.body, self.needs_grad = _compile(trace, self.tensors, self.events)
-        caches = [t for t in self.invoke_threads if trace.invokes[t.invoke].cache] if trace.invokes else []
-        self.threads = [*(t for t in self.invoke_threads if t not in caches), *([self.body] if self.body else []), *caches]
+        self.invoke_threads, self.body, self.needs_grad = _compile(trace, self.tensors, self.events, templates)
+        invokes = trace.invokes
+        if self.body is None and not (len(invokes) > 1 or (invokes and invokes[0].cache)):
+            self.threads = self.invoke_threads  # one invoke (`trace(prompt)`): the common case
+        else:
+            caches = [t for t in self.invoke_threads if invokes[t.invoke].cache] if invokes else []
+            self.threads = [*(t for t in self.invoke_threads if t not in caches), *([self.body] if self.body else []), *caches]
+        # Whether anything can run before the model does (else `advance(None)` would find
+        # every thread waiting for a module): a thread whose first step waits for no event.
+        self.runs_first = not self.threads or any(t.steps[0].event is None for t in self.threads)
 
 
     # -- placement in the batch ----------------------------------------------------------------
@@ -534,7 +547,8 @@ GRAD_READ = "module.output+grad"  # internal: a module.output read whose gradien
 
 
 def _compile(
-    trace: TraceIR, tensors: dict[str, torch.Tensor], events: dict[str, set[str]]
+    trace: TraceIR, tensors: dict[str, torch.Tensor], events: dict[str, set[str]],
+    templates: dict[int, tuple] | None = None,
 ) -> tuple[list[Thread], Thread | None, bool]:
     """Threads (one per invoke with code), the body (code outside invokes), and whether a
     backward is among the steps (the driver then runs with grad mode on)."""
@@ -562,11 +576,17 @@ def _compile(
                 kinds.add(kind)
         elif op == "save" and (r := ref_id(node.args[0])) is not None:  # the next commonest
             step = SaveStep(node.id, node.loc, (r,))
+        elif templates and (template := templates.get(node.id)) is not None:
+            # recorded in this process (an augassign): its arguments are known, nothing to decode
+            args, slots, refs, view = template
+            step = Step(node.id, op, node.loc, None, refs, args, _NO_KWARGS, slots, False)
+            if view and op == "augassign":
+                step.fn = _augassign_view
         else:
             if nested:
                 nested.clear()
-            slots: list = []
             try:
+                slots = []
                 args = decode_list(node.args, ref, tensors, slots)
                 kwargs = decode({"$dict": node.kwargs}, ref, tensors) if node.kwargs else {}
             except ArgError as exc:
@@ -580,6 +600,8 @@ def _compile(
                 refs.append(slot[1])
             refs.extend(nested)
             step = Step(node.id, op, node.loc, event, refs, args, kwargs, slots, bool(nested))
+            if op == "augassign" and len(args) == 4 and len(slots) == 1 and slots[0][0] == 0 and _is_view_index(args[1]):
+                step.fn = _augassign_view  # a constant basic index: known now to give a view
             if op in _GRADIENT_OPS:  # rare: noted here so other traces pay no extra pass
                 gradients.append(step)
         steps = by_invoke.get(node.invoke)
@@ -666,6 +688,14 @@ def _augassign(target: Any, index: Any, op: str, value: Any) -> None:
     item = target[index]
     result = ops.BINARY[op](item, value)
     if result is not item or type(target) is not torch.Tensor or not _is_view_index(index):
+        target[index] = result
+
+
+def _augassign_view(target: Any, index: Any, op: str, value: Any) -> None:
+    """`_augassign` for an index known at compile time to be basic (a view of a tensor)."""
+    item = target[index]
+    result = ops.BINARY[op](item, value)
+    if result is not item or type(target) is not torch.Tensor:
         target[index] = result
 
 

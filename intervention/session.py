@@ -59,11 +59,13 @@ class TraceWork:
         cancel: Any = None,
         max_trace_bytes: int | None = None,
         max_saved_bytes: int | None = None,
+        templates: dict[int, tuple] | None = None,
     ) -> Program:
         """This trace compiled as an engine program (raises its InterventionError). Alone here
         (run_segment) or beside other requests' programs (the model deployment's batches)."""
         return Program(self.trace, tensors=tensors, externals=self.values, keep=self.keep, on_log=on_log,
-                       cancel=cancel, max_bytes=max_trace_bytes, max_saved_bytes=max_saved_bytes)
+                       cancel=cancel, max_bytes=max_trace_bytes, max_saved_bytes=max_saved_bytes,
+                       templates=templates)
 
 
 class SegmentLoop:
@@ -156,10 +158,11 @@ def run_segment(
     cancel: Any = None,
     max_trace_bytes: int | None = None,
     max_saved_bytes: int | None = None,
+    templates: dict[int, tuple] | None = None,
 ) -> Outcome:
     """Run a segment's traces in this process, one forward each; each trace's computed tensors
     may hold at most `max_trace_bytes`, and all the values its traces save `max_saved_bytes`
-    (see Program; None: unbounded, as in local runs)."""
+    (see Program; None: unbounded, as in local runs). `templates`: see Program."""
     loop = SegmentLoop(segment, imports)
     saved = 0
     while (work := loop.next_trace()) is not None:
@@ -167,7 +170,8 @@ def run_segment(
             on_trace(work.index)
         try:
             program = work.program(tensors, on_log=on_log, cancel=cancel, max_trace_bytes=max_trace_bytes,
-                                   max_saved_bytes=None if max_saved_bytes is None else max_saved_bytes - saved)
+                                   max_saved_bytes=None if max_saved_bytes is None else max_saved_bytes - saved,
+                                   templates=templates)
         except InterventionError as err:
             loop.record_trace(ProgramResult(error=err))
             continue
@@ -182,11 +186,14 @@ def run_session(
     tensors: dict[str, torch.Tensor],
     load: Callable[[str], tuple[torch.nn.Module, Any]],
     on_log: Callable[[str], None] = print,
+    templates: dict[int, tuple] | None = None,
 ) -> Outcome:
-    """Run a whole session in this process (`load(name)` -> (module, tokenizer))."""
+    """Run a whole session in this process (`load(name)` -> (module, tokenizer)); `templates`:
+    see Program."""
     loop = SessionLoop(plan, on_log, tensors)
     while (item := loop.next_segment()) is not None:
         segment, imports = item
         model, tokenizer = load(segment.model)
-        loop.record_segment(run_segment(model, tokenizer, segment, imports, tensors, on_log=on_log))
+        loop.record_segment(run_segment(model, tokenizer, segment, imports, tensors, on_log=on_log,
+                                        templates=templates))
     return loop.outcome

@@ -1,0 +1,133 @@
+"""What the engine keeps between runs to be cheap, and that keeping it changes no result.
+
+- Module wrappers are kept per model and reinstalled while the module and its `forward` are the
+  ones they were made for; a module replaced in the model (or given a `forward` of its own) gets
+  a fresh wrapper, and nothing is left on any module after a run.
+- The prompts of all programs in one driver run are tokenized in one call, each distinct prompt
+  once: every program gets exactly the rows it gets alone.
+- Local runs hand the engine the compiled arguments of `x[i] op= v` (no JSON decode): the values
+  equal those of the same trace compiled from its IR alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from client_sdk import LanguageModel, tracing
+from intervention.drivers import ForwardDriver
+from intervention.engine import run_programs
+from intervention.program import Program
+
+P1 = "The Eiffel Tower is in the city of"
+P2 = "Buckingham Palace is in"
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_llama_path: Path) -> LanguageModel:
+    return LanguageModel(str(tiny_llama_path))
+
+
+def _instance_forwards(module: torch.nn.Module) -> list[str]:
+    return [name for name, m in module.named_modules() if "forward" in m.__dict__]
+
+
+def test_a_replaced_module_is_wrapped_anew(lm: LanguageModel) -> None:
+    hf = lm.local_module
+    with lm.trace(P1):
+        before = lm.model.layers[1].mlp.output.save()
+    original = hf.model.layers[1].mlp
+    # The same weights behind a new module object, whose output is the original's doubled.
+    class Doubled(torch.nn.Module):
+        def __init__(self, inner: torch.nn.Module):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.inner(x) * 2
+
+    hf.model.layers[1].mlp = Doubled(original)
+    try:
+        with lm.trace(P1):
+            after = lm.model.layers[1].mlp.output.save()
+    finally:
+        hf.model.layers[1].mlp = original
+    # A stale wrapper on the old module would never fire: the read would fail or be stale.
+    torch.testing.assert_close(after, before * 2)
+    with lm.trace(P1):
+        again = lm.model.layers[1].mlp.output.save()
+    torch.testing.assert_close(again, before)
+    assert _instance_forwards(hf) == [], "a run left a wrapper behind"
+
+
+def test_a_forward_set_on_the_module_is_respected(lm: LanguageModel) -> None:
+    hf = lm.local_module
+    with lm.trace(P1):
+        before = lm.model.layers[0].mlp.output.save()
+    mlp = hf.model.layers[0].mlp
+    plain = mlp.forward
+    mlp.forward = lambda x: plain(x) + 1.0  # an instance forward, as accelerate's hooks set
+    try:
+        with lm.trace(P1):
+            after = lm.model.layers[0].mlp.output.save()
+        assert "forward" in mlp.__dict__, "the run removed the user's own forward"
+    finally:
+        del mlp.forward
+    torch.testing.assert_close(after, before + 1.0)
+    assert _instance_forwards(hf) == []
+
+
+def _record(lm: LanguageModel, prompt: str) -> tuple:
+    with tracing.recording() as graph, lm.trace(prompt):
+        lm.model.layers[0].output[:, -1].save()
+        lm.lm_head.output[:, -1].argmax(dim=-1).save()
+    (trace,) = graph.session_ir().traces
+    return trace, graph.tensors
+
+
+def _run(lm: LanguageModel, traces: list[tuple]) -> list[list[torch.Tensor]]:
+    programs = [Program(trace, tensors=tensors) for trace, tensors in traces]
+    run_programs(lm.local_module, programs, ForwardDriver.for_programs(lm.tokenizer, programs))
+    out = []
+    for program in programs:
+        result = program.result()
+        assert result.error is None
+        out.append([result.saves[i] for i in sorted(result.saves)])
+    return out
+
+
+def test_shared_and_distinct_prompts_tokenized_together_give_each_its_own_rows(lm: LanguageModel) -> None:
+    a, b = _record(lm, P1), _record(lm, P2)
+    alone_a, alone_b = _run(lm, [a])[0], _run(lm, [b])[0]
+    together = _run(lm, [a, b, a, b, a])
+    for got, want in zip(together, [alone_a, alone_b, alone_a, alone_b, alone_a], strict=True):
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w)
+    assert lm.tokenizer(P1)["input_ids"] != lm.tokenizer(P2)["input_ids"]
+
+
+def test_local_augassign_templates_equal_the_decoded_ir(lm: LanguageModel) -> None:
+    def body() -> None:
+        h = lm.model.layers[0].output
+        h[:] += 0.5
+        h[:, -1] *= 2
+        h[..., 0] -= h[..., 1]  # a traced operand
+        lm.model.layers[1].output[0] += 1  # an int index
+        lm.lm_head.output.save()
+
+    with lm.trace(P1):
+        body()
+        local = lm.lm_head.output.save()
+    with tracing.recording() as graph, lm.trace(P1):
+        body()
+        lm.lm_head.output.save()
+    (trace,) = graph.session_ir().traces
+    augassigns = [n.id for n in trace.nodes if n.op == "augassign"]
+    assert len(augassigns) == 4 and set(augassigns) <= set(graph.templates or {})  # what a local run uses
+    program = Program(trace, tensors=graph.tensors)  # no templates: compiled from the IR's JSON alone
+    run_programs(lm.local_module, [program], ForwardDriver.for_programs(lm.tokenizer, [program]))
+    result = program.result()
+    assert result.error is None
+    torch.testing.assert_close(local, result.saves[max(result.saves)])
