@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import threading
 import time
 import uuid
 from typing import Any
@@ -30,12 +29,12 @@ from intervention.events import STATUS_HOLD_S
 
 
 class EventSender:
-    def __init__(self, store: StoreClient, request_id: str, hold_s: float = STATUS_HOLD_S):
+    def __init__(self, store: StoreClient, request_id: str, hold_s: float = STATUS_HOLD_S,
+                 loop: asyncio.AbstractEventLoop | None = None):
         self.store, self.request_id, self.hold_s = store, request_id, hold_s
         self.source = uuid.uuid4().hex
         self.numbers = itertools.count()  # next() is atomic: the forward thread sends too
-        self.loop = asyncio.get_running_loop()  # made on the replica's event loop
-        self.thread = threading.get_ident()
+        self.loop = loop or asyncio.get_running_loop()  # the replica's event loop: calls start there
         self.pending: list[tuple[str, dict, tuple[str, int]]] = []
         self.last_sent: float | None = None  # None: nothing sent yet (the first batch waits)
         self.timer: asyncio.TimerHandle | None = None
@@ -44,9 +43,9 @@ class EventSender:
 
     def send(self, kind: str, data: dict[str, Any]) -> None:
         event = (kind, data, (self.source, next(self.numbers)))  # numbered in the caller's order
-        if threading.get_ident() == self.thread:
+        if _running_loop() is self.loop:
             self._add(event)
-        else:
+        else:  # another thread (the forward): the loop adds it, in the order sent
             self.loop.call_soon_threadsafe(self._add, event)
 
     async def flush(self) -> None:
@@ -86,3 +85,10 @@ class EventSender:
             await self.store.handle.add_events.remote(self.request_id, batch)
         except Exception:  # noqa: BLE001 - a dead store: again through the client, which waits for it
             await self.store.call("add_events", self.request_id, batch)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
