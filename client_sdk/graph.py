@@ -321,7 +321,9 @@ class Graph:
 
     def model_name(self, model: Any) -> str:
         name = model.name
-        while self.models.setdefault(name, model) is not model:
+        while (known := self.models.setdefault(name, model)) is not model:
+            if not (known.is_local or model.is_local):
+                return name  # two handles on one served model: the server knows it by this name
             name += "'"  # two local models from the same folder, e.g. different dtypes
         return name
 

@@ -380,3 +380,15 @@ def test_intermediates_stay_in_the_cluster(alice, llama, tiny_llama_path) -> Non
     with one_thread(), lm.session():
         local = session(lm)
     assert isinstance(local, torch.Tensor) and torch.equal(local, tokens_out)
+
+
+def test_two_handles_on_one_served_model_share_a_session(llama) -> None:
+    """Two `LanguageModel("llama")` objects name the same served model: a session using both
+    runs on it (a local session renames the second copy of a folder, the server must not)."""
+    other = LanguageModel("llama")
+    with llama.session(remote=True):
+        with llama.trace(P2):
+            first = llama.model.layers[0].output.save()
+        with other.trace(P2):
+            second = other.model.layers[0].output.save()
+    assert torch.equal(first, second)
