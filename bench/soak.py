@@ -17,7 +17,7 @@ vanished (404), or if its finished result could not be fetched before the TTL (a
 is left unfetched until the end and fetched then). The store's own list of unfinished requests
 must be empty too (it also holds requests whose 202 never reached a client).
 
-    .venv/bin/python bench/soak.py [--steady-s 150] [--warmup-s 30] [--fault-s 150] [--fault-every 25] [--clients 4]
+    .venv/bin/python bench/soak.py [--steady-s 240] [--warmup-s 60] [--fault-s 150] [--fault-every 25] [--clients 4]
 
 The figures go into bench/results.json (soak_*). Bars: lost 0; store and ingress RSS growth
 <= 20 MB per 1,000 requests.
@@ -319,8 +319,8 @@ def slope(points: list[tuple[int, float]]) -> float | None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steady-s", type=float, default=150.0, help="phase 1: load without faults")
-    parser.add_argument("--warmup-s", type=float, default=30.0, help="of phase 1, before the first RSS reading")
+    parser.add_argument("--steady-s", type=float, default=240.0, help="phase 1: load without faults")
+    parser.add_argument("--warmup-s", type=float, default=60.0, help="of phase 1, before the first RSS reading")
     parser.add_argument("--fault-s", type=float, default=150.0, help="phase 2: load with faults")
     parser.add_argument("--fault-every", type=float, default=25.0)
     parser.add_argument("--clients", type=int, default=4)
