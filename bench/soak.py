@@ -58,6 +58,7 @@ FOLLOW_S = 300.0  # a request not ended this long after it was accepted is stuck
 RECOVERY_S = 180.0  # bound on the service answering /readyz 200 again after a kill
 FAULTS = ("model-llama", "SessionRunner", "Ingress", "store", "proxy")
 PROCESSES = ("store", "Ingress", "SessionRunner", "model-llama", "model-gpt2", "proxy")
+REFUSED_PAUSE_S = 0.25  # a client's pause after a submission that got no 202
 SAMPLE_S = 5.0  # between two RSS readings in the steady phase
 STRONG_BAR_MB = 20.0  # store and ingress RSS growth per 1,000 requests
 
@@ -164,7 +165,8 @@ def bodies(url: str) -> dict[str, bytes]:
     return out
 
 
-def one_request(c: Client, user: str, kind: str, body: bytes, tally: Tally) -> None:
+def one_request(c: Client, user: str, kind: str, body: bytes, tally: Tally) -> bool:
+    """Send one request of `kind` and follow it to its end; False if it was not accepted."""
     headers = {"Content-Type": "application/octet-stream"}
     if kind == "timeout":
         headers["X-Raysight-Timeout"] = "1"
@@ -177,7 +179,7 @@ def one_request(c: Client, user: str, kind: str, body: bytes, tally: Tally) -> N
                 if r.status_code != 202:
                     r.read()
                     tally.refused[f"{r.status_code}"] += 1
-                    return
+                    return False
                 for line in r.iter_lines():
                     if line.startswith("data: ") and rid is None:
                         rid = json.loads(line[6:])["id"]
@@ -189,15 +191,16 @@ def one_request(c: Client, user: str, kind: str, body: bytes, tally: Tally) -> N
             r = c.http.post("/v1/requests", content=body, headers=headers)
             if r.status_code != 202:
                 tally.refused[f"{r.status_code}"] += 1
-                return
+                return False
             rid = r.json()["id"]
             with tally.lock:
                 tally.accepted[rid] = kind
     except httpx.HTTPError as exc:
         if rid is None:
             tally.refused[type(exc).__name__] += 1
-            return  # no id: not accepted as far as any client knows (the store's list covers it)
+            return False  # no id: not accepted as far as any client knows (the store's list covers it)
     follow(c, user, rid, kind, tally)
+    return True
 
 
 def follow(c: Client, user: str, rid: str, kind: str, tally: Tally) -> None:
@@ -233,7 +236,8 @@ def load(url: str, user: str, body: dict[str, bytes], tally: Tally, stop: thread
     kinds, weights = zip(*MIX)
     while not stop.is_set():
         kind = random.choices(kinds, weights)[0]
-        one_request(c, user, kind, body[kind], tally)
+        if not one_request(c, user, kind, body[kind], tally):
+            time.sleep(REFUSED_PAUSE_S)  # the service is restarting or at a limit: not a busy loop
 
 
 # -- the cluster's processes ----------------------------------------------------------------------
