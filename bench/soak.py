@@ -78,6 +78,10 @@ class Tally:
             self.ended[rid] = (state, code)
             self.finished_count += 1
 
+    def refuse(self, why: str) -> None:
+        with self.lock:
+            self.refused[why] += 1
+
     def lose(self, rid: str, why: str) -> None:
         with self.lock:
             self.lost[rid] = why
@@ -178,7 +182,7 @@ def one_request(c: Client, user: str, kind: str, body: bytes, tally: Tally) -> b
             with c.http.stream("POST", "/v1/requests", content=body, headers=headers) as r:
                 if r.status_code != 202:
                     r.read()
-                    tally.refused[f"{r.status_code}"] += 1
+                    tally.refuse(f"{r.status_code}")
                     return False
                 for line in r.iter_lines():
                     if line.startswith("data: ") and rid is None:
@@ -190,14 +194,14 @@ def one_request(c: Client, user: str, kind: str, body: bytes, tally: Tally) -> b
         else:
             r = c.http.post("/v1/requests", content=body, headers=headers)
             if r.status_code != 202:
-                tally.refused[f"{r.status_code}"] += 1
+                tally.refuse(f"{r.status_code}")
                 return False
             rid = r.json()["id"]
             with tally.lock:
                 tally.accepted[rid] = kind
     except httpx.HTTPError as exc:
         if rid is None:
-            tally.refused[type(exc).__name__] += 1
+            tally.refuse(type(exc).__name__)
             return False  # no id: not accepted as far as any client knows (the store's list covers it)
     follow(c, user, rid, kind, tally)
     return True
