@@ -226,8 +226,10 @@ def soak_section(res: dict) -> str:
         out.append(f"| {name} | {_n(st['rss_mb_start'][name])} → {_n(st['rss_mb_end'][name])} | **{_n(g[name])}** | "
                    f"{_n(later.get(name))} | {_n(g.get(anon))} | {_n(later.get(anon))} |")
     out.append("\nRSS also counts the pages of Ray's shared-memory object store that a process has "
-               "touched (results and large values pass through it); they grow until the arena has been "
-               "used once, then stay. RssAnon is the process's own memory: a leak shows there.")
+               "touched (results and large values pass through it): they grow as values land in parts of "
+               "the arena the process had not touched yet, up to the arena's size (30% of RAM by default), "
+               "whatever the data alive; they are shared, not the process's own. RssAnon is the process's "
+               "own memory: a leak shows there.")
     return "\n".join(out) + "\n"
 
 

@@ -17,7 +17,7 @@ vanished (404), or if its finished result could not be fetched before the TTL (a
 is left unfetched until the end and fetched then). The store's own list of unfinished requests
 must be empty too (it also holds requests whose 202 never reached a client).
 
-    .venv/bin/python bench/soak.py [--steady-s 150] [--warmup-s 30] [--fault-s 150] [--fault-every 25] [--clients 4]
+    .venv/bin/python bench/soak.py [--steady-s 240] [--warmup-s 60] [--fault-s 150] [--fault-every 25] [--clients 4]
 
 The figures go into bench/results.json (soak_*). Bars: lost 0; store and ingress RSS growth
 <= 20 MB per 1,000 requests.
@@ -58,6 +58,7 @@ FOLLOW_S = 300.0  # a request not ended this long after it was accepted is stuck
 RECOVERY_S = 180.0  # bound on the service answering /readyz 200 again after a kill
 FAULTS = ("model-llama", "SessionRunner", "Ingress", "store", "proxy")
 PROCESSES = ("store", "Ingress", "SessionRunner", "model-llama", "model-gpt2", "proxy")
+REFUSED_PAUSE_S = 0.25  # a client's pause after a submission that got no 202
 SAMPLE_S = 5.0  # between two RSS readings in the steady phase
 STRONG_BAR_MB = 20.0  # store and ingress RSS growth per 1,000 requests
 
@@ -76,6 +77,10 @@ class Tally:
         with self.lock:
             self.ended[rid] = (state, code)
             self.finished_count += 1
+
+    def refuse(self, why: str) -> None:
+        with self.lock:
+            self.refused[why] += 1
 
     def lose(self, rid: str, why: str) -> None:
         with self.lock:
@@ -164,7 +169,8 @@ def bodies(url: str) -> dict[str, bytes]:
     return out
 
 
-def one_request(c: Client, user: str, kind: str, body: bytes, tally: Tally) -> None:
+def one_request(c: Client, user: str, kind: str, body: bytes, tally: Tally) -> bool:
+    """Send one request of `kind` and follow it to its end; False if it was not accepted."""
     headers = {"Content-Type": "application/octet-stream"}
     if kind == "timeout":
         headers["X-Raysight-Timeout"] = "1"
@@ -176,8 +182,8 @@ def one_request(c: Client, user: str, kind: str, body: bytes, tally: Tally) -> N
             with c.http.stream("POST", "/v1/requests", content=body, headers=headers) as r:
                 if r.status_code != 202:
                     r.read()
-                    tally.refused[f"{r.status_code}"] += 1
-                    return
+                    tally.refuse(f"{r.status_code}")
+                    return False
                 for line in r.iter_lines():
                     if line.startswith("data: ") and rid is None:
                         rid = json.loads(line[6:])["id"]
@@ -188,16 +194,17 @@ def one_request(c: Client, user: str, kind: str, body: bytes, tally: Tally) -> N
         else:
             r = c.http.post("/v1/requests", content=body, headers=headers)
             if r.status_code != 202:
-                tally.refused[f"{r.status_code}"] += 1
-                return
+                tally.refuse(f"{r.status_code}")
+                return False
             rid = r.json()["id"]
             with tally.lock:
                 tally.accepted[rid] = kind
     except httpx.HTTPError as exc:
         if rid is None:
-            tally.refused[type(exc).__name__] += 1
-            return  # no id: not accepted as far as any client knows (the store's list covers it)
+            tally.refuse(type(exc).__name__)
+            return False  # no id: not accepted as far as any client knows (the store's list covers it)
     follow(c, user, rid, kind, tally)
+    return True
 
 
 def follow(c: Client, user: str, rid: str, kind: str, tally: Tally) -> None:
@@ -233,7 +240,8 @@ def load(url: str, user: str, body: dict[str, bytes], tally: Tally, stop: thread
     kinds, weights = zip(*MIX)
     while not stop.is_set():
         kind = random.choices(kinds, weights)[0]
-        one_request(c, user, kind, body[kind], tally)
+        if not one_request(c, user, kind, body[kind], tally):
+            time.sleep(REFUSED_PAUSE_S)  # the service is restarting or at a limit: not a busy loop
 
 
 # -- the cluster's processes ----------------------------------------------------------------------
@@ -319,8 +327,8 @@ def slope(points: list[tuple[int, float]]) -> float | None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steady-s", type=float, default=150.0, help="phase 1: load without faults")
-    parser.add_argument("--warmup-s", type=float, default=30.0, help="of phase 1, before the first RSS reading")
+    parser.add_argument("--steady-s", type=float, default=240.0, help="phase 1: load without faults")
+    parser.add_argument("--warmup-s", type=float, default=60.0, help="of phase 1, before the first RSS reading")
     parser.add_argument("--fault-s", type=float, default=150.0, help="phase 2: load with faults")
     parser.add_argument("--fault-every", type=float, default=25.0)
     parser.add_argument("--clients", type=int, default=4)

@@ -78,11 +78,10 @@ def test_proxy_killed_mid_request_loses_nothing(cluster, alice, llama, small_bod
     thread.start()
     alice.wait_for(followed, lambda k, d: k == "RUNNING")
     deadline = time.monotonic() + BOUND_S
-    while len(unfinished_requests()) < 2:  # the blocking client's request is accepted too
-        assert time.monotonic() < deadline and thread.is_alive(), blocking
+    while not (others := {rid for rid, _, _ in unfinished_requests()} - {followed}):
+        assert time.monotonic() < deadline and thread.is_alive(), blocking  # accepted, and open
         time.sleep(0.05)
-    ids = {rid for rid, _, _ in unfinished_requests()}
-    (other,) = ids - {followed}
+    (other,) = others
 
     old = proxy_pid()
     os.kill(old, signal.SIGKILL)
