@@ -177,9 +177,13 @@ class Interleaver:
                     output = forward(*args, **kwargs)
             else:
                 output = forward(*args, **kwargs)
-            if outputs:
+            if outputs:  # `il.fire`, inline: this runs at every output a program waits for
                 il.current = output
-                il.fire((path, "output", call))
+                event = (path, "output", call)
+                il.fired.add(event)
+                for program in il.programs:
+                    if program.state is RUNNING:
+                        program.advance(event, il)
                 output, il.current = il.current, None
             return output
 
