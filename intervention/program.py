@@ -126,6 +126,7 @@ class Step:
         self.after: list = _NONE
 
 
+_CPU = torch.device("cpu")  # made once: a device object costs more than a program's attributes
 _NONE: list = []  # shared empty `after`: never mutated, only replaced
 _NO_KWARGS: dict = {}  # shared empty keyword arguments: runners never mutate theirs
 _SAVE_ARGS = [None]  # a save's template: its one argument is its reference, read from `refs`
@@ -224,7 +225,7 @@ class Program:
         self.error: InterventionError | None = None
         self.stopped: str | None = None
         self.last_write: Step | None = None
-        self.device = torch.device("cpu")  # the model's; set by the interleaver that runs it
+        self.device = _CPU  # the model's; set by the interleaver that runs it
         self.plain = True  # the model is on the CPU: client tensors need no moving
         self.interleaver: Interleaver | None = None
         # module path -> the event kinds some step waits for ("input", "output")
