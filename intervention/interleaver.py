@@ -20,6 +20,7 @@ its call, hooks of others on it included.)
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable
 from typing import Any, Self
@@ -63,14 +64,15 @@ class Interleaver:
             else:
                 for path, kinds in program.events.items():
                     wanted[path] = wanted.get(path, set()) | kinds
-        port = _PORTS.get(self.model)
-        if port is None:
-            port = _PORTS[self.model] = _Port()
-        if port.il is None:  # this model's cached wrappers are free: this run uses them
-            port.il, self._port, cache = self, port, port.wrappers
-        else:  # another run on this model right now (threads): wrappers of its own, uncached
-            port, cache = _Port(), None
-            port.il = self
+        with _PORTS_LOCK:  # two threads running the same model must not both claim its port
+            port = _PORTS.get(self.model)
+            if port is None:
+                port = _PORTS[self.model] = _Port()
+            if port.il is None:  # this model's cached wrappers are free: this run uses them
+                port.il, self._port, cache = self, port, port.wrappers
+            else:  # another run on this model right now (threads): wrappers of its own, uncached
+                port, cache = _Port(), None
+                port.il = self
         try:
             calls, restore = self.calls, self._restore
             for path, kinds in wanted.items():
@@ -283,6 +285,7 @@ class _Port:
 
 
 _PORTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PORTS_LOCK = threading.Lock()
 
 
 _BLOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
