@@ -18,8 +18,8 @@ import torch
 
 from client_sdk import LanguageModel, tracing
 from intervention.drivers import ForwardDriver
-from intervention.errors import ExecutionError
 from intervention.engine import run_programs
+from intervention.errors import ExecutionError
 from intervention.program import Program
 
 P1 = "The Eiffel Tower is in the city of"
