@@ -206,12 +206,16 @@ class Graph:
         this graph, so they are not decoded again."""
         target, index, op, other = args
         to = type(other)
-        if (  # `x[:] += 0.5`, `x[:, k] *= 2`: encoded inline, as `encode_list` would
-            target._lazy is None and type(index) is slice and type(index.start) in _PLAIN_INDEX
-            and type(index.stop) in _PLAIN_INDEX and type(index.step) in _PLAIN_INDEX
-            and (to is float or to is int) and math.isfinite(other)
+        if (  # `x[:] += 0.5`: encoded inline, as `encode_list` would (NaN fails the bounds too)
+            (to is float or to is int) and type(index) is slice and index.start is None
+            and index.stop is None and index.step is None and target._lazy is None and -_INF < other < _INF
         ):
-            encoded = [{"$ref": target._id}, {"$slice": [index.start, index.stop, index.step]}, op, other]
+            target_id = target._id
+            tracer.ir.nodes.append(Node(self.next_id, "augassign", [{"$ref": target_id}, {"$slice": [None, None, None]}, op, other], {}, tracer.invoke_index, loc))
+            if self.templates is not None:
+                self.templates[self.next_id] = ([None, index, op, other], [(0, target_id)], [target_id], True)
+            self.next_id += 1
+            return
         else:
             try:
                 encoded = argcodec.encode_list(args, self._store_tensor, self._ref_of, Proxy)
@@ -361,6 +365,7 @@ class Graph:
 
 
 _SCALARS = frozenset({int, float, str, bool, type(None)})
+_INF = math.inf
 _VIEW_INDEX = frozenset({int, slice, type(None), type(Ellipsis)})  # x[i] of these is a view of x
 _BASIC = (int, slice, type(None), type(Ellipsis), str)
 

@@ -20,6 +20,7 @@ its call, hooks of others on it included.)
 
 from __future__ import annotations
 
+import threading
 import weakref
 from collections.abc import Callable
 from typing import Any, Self
@@ -63,14 +64,15 @@ class Interleaver:
             else:
                 for path, kinds in program.events.items():
                     wanted[path] = wanted.get(path, set()) | kinds
-        port = _PORTS.get(self.model)
-        if port is None:
-            port = _PORTS[self.model] = _Port()
-        if port.il is None:  # this model's cached wrappers are free: this run uses them
-            port.il, self._port, cache = self, port, port.wrappers
-        else:  # another run on this model right now (threads): wrappers of its own, uncached
-            port, cache = _Port(), None
-            port.il = self
+        with _PORTS_LOCK:  # two threads running the same model must not both claim its port
+            port = _PORTS.get(self.model)
+            if port is None:
+                port = _PORTS[self.model] = _Port()
+            if port.il is None:  # this model's cached wrappers are free: this run uses them
+                port.il, self._port, cache = self, port, port.wrappers
+            else:  # another run on this model right now (threads): wrappers of its own, uncached
+                port, cache = _Port(), None
+                port.il = self
         try:
             calls, restore = self.calls, self._restore
             for path, kinds in wanted.items():
@@ -177,9 +179,13 @@ class Interleaver:
                     output = forward(*args, **kwargs)
             else:
                 output = forward(*args, **kwargs)
-            if outputs:
+            if outputs:  # `il.fire`, inline: this runs at every output a program waits for
                 il.current = output
-                il.fire((path, "output", call))
+                event = (path, "output", call)
+                il.fired.add(event)
+                for program in il.programs:
+                    if program.state is RUNNING:
+                        program.advance(event, il)
                 output, il.current = il.current, None
             return output
 
@@ -279,6 +285,7 @@ class _Port:
 
 
 _PORTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_PORTS_LOCK = threading.Lock()
 
 
 _BLOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()

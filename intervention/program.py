@@ -127,6 +127,7 @@ class Step:
         self.after: list = _NONE
 
 
+_CPU = torch.device("cpu")  # made once: a device object costs more than a program's attributes
 _NONE: list = []  # shared empty `after`: never mutated, only replaced
 _NO_KWARGS: dict = {}  # shared empty keyword arguments: runners never mutate theirs
 _SAVE_ARGS = [None]  # a save's template: its one argument is its reference, read from `refs`
@@ -225,7 +226,7 @@ class Program:
         self.error: InterventionError | None = None
         self.stopped: str | None = None
         self.last_write: Step | None = None
-        self.device = torch.device("cpu")  # the model's; set by the interleaver that runs it
+        self.device = _CPU  # the model's; set by the interleaver that runs it
         self.plain = True  # the model is on the CPU: client tensors need no moving
         self.interleaver: Interleaver | None = None
         # module path -> the event kinds some step waits for ("input", "output")
@@ -581,7 +582,7 @@ def _compile(
             args, slots, refs, view = template
             step = Step(node.id, op, node.loc, None, refs, args, _NO_KWARGS, slots, False)
             if view and op == "augassign":
-                step.fn = _augassign_view
+                step.fn = _augassign_whole if args[1] == _WHOLE else _augassign_view
         else:
             if nested:
                 nested.clear()
@@ -601,7 +602,8 @@ def _compile(
             refs.extend(nested)
             step = Step(node.id, op, node.loc, event, refs, args, kwargs, slots, bool(nested))
             if op == "augassign" and len(args) == 4 and len(slots) == 1 and slots[0][0] == 0 and _is_view_index(args[1]):
-                step.fn = _augassign_view  # a constant basic index: known now to give a view
+                # a constant basic index: known now to give a view
+                step.fn = _augassign_whole if args[1] == _WHOLE else _augassign_view
             if op in _GRADIENT_OPS:  # rare: noted here so other traces pay no extra pass
                 gradients.append(step)
         steps = by_invoke.get(node.invoke)
@@ -696,6 +698,20 @@ def _augassign_view(target: Any, index: Any, op: str, value: Any) -> None:
     item = target[index]
     result = ops.BINARY[op](item, value)
     if result is not item or type(target) is not torch.Tensor:
+        target[index] = result
+
+
+_WHOLE = slice(None, None, None)
+
+
+def _augassign_whole(target: Any, index: Any, op: str, value: Any) -> None:
+    """`x[:] op= v` on a tensor: `x[:]` is x itself (same memory, shape and strides), so the op
+    runs on x without making the view — the commonest edit (`output[:] += v`)."""
+    if type(target) is not torch.Tensor or not target.dim():  # (x[:] of a 0-d tensor raises)
+        _augassign_view(target, index, op, value)
+        return
+    result = ops.BINARY[op](target, value)
+    if result is not target:
         target[index] = result
 
 

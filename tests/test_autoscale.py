@@ -46,7 +46,8 @@ def scaled(cluster, tiny_llama_path, tmp_path_factory) -> Iterator[str]:
 
     config = AppConfig.model_validate({
         "models": [{"name": MODEL, "path": str(tiny_llama_path), "max_ongoing_requests": 4,
-                    "autoscaling_config": AUTOSCALING}],
+                    # one trace per forward: `running` >= 2 then comes only from the sum over replicas
+                    "max_batch_size": 1, "autoscaling_config": AUTOSCALING}],
         "auth": {"api_keys": [{"user": "carol", "key_sha256": hash_key(KEY)}]},
         "limits": {"max_concurrent_per_user": 32, "request_timeout_s": 120},
         "state_dir": str(tmp_path_factory.mktemp("scaled-state")),

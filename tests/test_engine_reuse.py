@@ -19,6 +19,7 @@ import torch
 from client_sdk import LanguageModel, tracing
 from intervention.drivers import ForwardDriver
 from intervention.engine import run_programs
+from intervention.errors import ExecutionError
 from intervention.program import Program
 
 P1 = "The Eiffel Tower is in the city of"
@@ -131,3 +132,20 @@ def test_local_augassign_templates_equal_the_decoded_ir(lm: LanguageModel) -> No
     result = program.result()
     assert result.error is None
     torch.testing.assert_close(local, result.saves[max(result.saves)])
+
+
+def test_whole_slice_edit_keeps_pythons_meaning(lm: LanguageModel) -> None:
+    """`x[:] op= v` runs on x itself: the same values as the view, and a 0-d x still refuses `[:]`."""
+    with lm.trace(P1):
+        h = lm.model.layers[0].output
+        h[:] *= 3
+        fast = lm.model.layers[0].output.save()
+    with lm.trace(P1):
+        h = lm.model.layers[0].output
+        h[0:] *= 3  # not the whole-slice path: a view, then the op
+        plain = lm.model.layers[0].output.save()
+    torch.testing.assert_close(fast, plain)
+    with pytest.raises(ExecutionError) as info, lm.trace(P1):
+        s = lm.model.layers[0].output.sum()
+        s[:] += 1  # @zero-d
+    assert "0-dim" in str(info.value) and "s[:] += 1" in str(info.value)
