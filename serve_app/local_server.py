@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -79,6 +80,8 @@ def serve_forever(
     (and Ray's core worker adds one that dumps the stack and aborts: status 134)."""
     _on_signals(_raise_stopped)
     ready = False
+    # A Ray this process already runs (a test session's cluster) is not this call's to stop.
+    ours = not ("ray" in sys.modules and sys.modules["ray"].is_initialized())
     try:
         url = launcher.start(config, port=port, timeout_s=None, progress=progress,
                              after_ray_init=lambda: _on_signals(_raise_stopped))
@@ -89,7 +92,8 @@ def serve_forever(
     except Stopped as stopped:
         return stopped.signum
     finally:
-        launcher.stop(drain=ready)  # before the ready line nobody was told the URL: nothing to drain
+        if ours:
+            launcher.stop(drain=ready)  # before the ready line nobody was told the URL: nothing to drain
 
 
 def _raise_stopped(signum: int, _frame: object) -> None:
