@@ -101,18 +101,21 @@ def slow_session(model: Any, n: int = 60, size: int = 1024) -> bytes:
 
 def heavy_body(model: Any, note: str | None = None, ops: int = 4000) -> bytes:
     """One trace that holds the replica for minutes unless stopped: one module event, then `ops`
-    1024x1024 matmuls. Requests submitted meanwhile stay QUEUED until it ends (a session of many
-    short traces would let them join the batch after its first trace). `note`: logged before the
-    work; "heavy work finished" is logged after it."""
+    matmuls of ~50 ms each. Requests submitted meanwhile stay QUEUED until it ends (a session of
+    many short traces would let them join the batch after its first trace). `note`: logged before
+    the work; "heavy work finished" is logged after it. Each matmul's result is small (64 x 64):
+    a trace keeps its values until it ends, and with large results the trace's memory budget
+    (the test cluster's limits.max_trace_bytes) would end it before a time limit could."""
 
     def body():
         with model.trace(P1):
-            x = model.model.layers[0].output.new_ones(1024, 1024)
+            x = model.model.layers[0].output.new_ones(64, 2**19)  # 128 MiB, made once
+            xt = x.t()
             if note is not None:
                 client_sdk.log(note)
             acc = x[0, 0]
             for _ in range(ops):
-                acc = acc + (x @ x)[0, 0]
+                acc = acc + (x @ xt)[0, 0]
             client_sdk.log("heavy work finished")
             acc.save()
 

@@ -14,6 +14,7 @@ import safetensors.torch
 import torch
 from remote_helpers import (
     P1,
+    heavy_body,
     no_leftover_requests,  # noqa: F401 - a fixture used below
     record,
     rewrite,
@@ -27,26 +28,6 @@ from intervention.wire import read_metadata
 
 pytestmark = pytest.mark.usefixtures("remote_client", "no_leftover_requests")
 HERE = str(Path(__file__).resolve())
-
-
-
-HEAVY_OPS = 4000  # 1024x1024 matmuls: minutes of replica time, unless the cancel stops them
-
-
-def heavy_body(model: LanguageModel) -> bytes:
-    """One trace that touches a single module and then does thousands of pure tensor operations
-    (no module boundary between them): minutes of work unless stopped between operations."""
-
-    def body():
-        with model.trace(P1):
-            x = model.model.layers[0].output.new_ones(1024, 1024)
-            acc = x[0, 0]
-            for _ in range(HEAVY_OPS):
-                acc = acc + (x @ x)[0, 0]
-            client_sdk.log("heavy work finished")
-            acc.save()
-
-    return record(body)
 
 
 # -- cancel and timeout stop the work --------------------------------------------------------------
