@@ -169,29 +169,6 @@ class ReadSaveStep(ReadStep):
     saves = True
 
 
-class AugStep:
-    """A `Step` for an `augassign` whose arguments the recorder handed over (`templates`): the
-    commonest edit, stored like ReadStep (what every such step shares lives on the class)."""
-
-    __slots__ = ("after", "args", "fn", "id", "loc", "refs", "run", "slots")
-    op = "augassign"
-    event = None
-    kwargs: dict = {}  # noqa: RUF012 - never mutated
-    nested = False
-    writes = True
-    saves = False
-
-    def __init__(self, id: int, loc: Any, refs: list[int], args: list, slots: list, fn: Callable):
-        self.id = id
-        self.loc = loc
-        self.refs = refs
-        self.args = args
-        self.slots = slots
-        self.fn = fn
-        self.run = _unknown
-        self.after: list = _NONE
-
-
 class SaveStep:
     """A `Step` for `x.save()` of a node reference, the next commonest node, stored likewise."""
 
@@ -371,8 +348,11 @@ class Program:
                     for r in step.refs:
                         if r not in values:
                             return  # a value another invoke has not computed yet
-                    fn = step.fn
-                    if fn is not None and not step.nested and self.plain:
+                    if step.run is _save:  # the next commonest: inline
+                        self.saved.append(step.refs[0])
+                        if self.max_saved_bytes is not None:
+                            self._count_save(step)
+                    elif step.fn is not None and not step.nested and self.plain:
                         # _compute for a plain operator, inline: most computed values are these
                         if self.cancel is not None and self.cancel.is_set():
                             raise Cancelled()
@@ -384,15 +364,11 @@ class Program:
                         if step.writes:
                             self.last_write = step
                         try:
-                            value = values[step.id] = fn(*args)
+                            value = values[step.id] = step.fn(*args)
                         except Exception as exc:
                             raise _failed(step, exc) from exc
                         if max_bytes is not None and type(value) is torch.Tensor and not step.writes:
                             self._hold(step, value)
-                    elif step.run is _save:  # the next commonest (fn None): inline
-                        self.saved.append(step.refs[0])
-                        if self.max_saved_bytes is not None:
-                            self._count_save(step)
                     else:
                         self._compute(step)
                 pos += 1
@@ -630,11 +606,9 @@ def _compile(
         elif templates and (template := templates.get(node.id)) is not None:
             # recorded in this process (an augassign): its arguments are known, nothing to decode
             args, slots, refs, view = template
-            if op == "augassign":  # (templates are only made for these)
-                fn = (_augassign_whole if args[1] == _WHOLE else _augassign_view) if view else _augassign
-                step = AugStep(node.id, node.loc, refs, args, slots, fn)
-            else:
-                step = Step(node.id, op, node.loc, None, refs, args, _NO_KWARGS, slots, False)
+            step = Step(node.id, op, node.loc, None, refs, args, _NO_KWARGS, slots, False)
+            if view and op == "augassign":
+                step.fn = _augassign_whole if args[1] == _WHOLE else _augassign_view
         else:
             if nested:
                 nested.clear()
