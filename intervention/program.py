@@ -102,6 +102,7 @@ class Step:
 
     __slots__ = ("after", "args", "event", "fn", "id", "kwargs", "loc", "nested", "op", "refs", "run",
                  "slots", "writes")
+    saves = False  # see ReadSaveStep
 
     def __init__(self, id: int, op: str, loc: Any, event: Event | None, refs: tuple[int, ...],
                  args: list, kwargs: dict, slots: tuple, nested: bool):
@@ -146,6 +147,7 @@ class ReadStep:
     nested = False
     fn = None
     writes = False
+    saves = False  # see ReadSaveStep
 
     def __init__(self, id: int, op: str, loc: Any, event: Event, args: list):
         self.id = id
@@ -154,6 +156,17 @@ class ReadStep:
         self.event = event
         self.args = args
         self.after: list = _NONE
+
+
+class ReadSaveStep(ReadStep):
+    """A read whose very next node (same invoke) is `.save()` of it — `module.output.save()`,
+    the commonest pair. The program appends the save when it runs the read, so the pair costs one
+    step instead of two. Only where a save cannot fail (no cap on saved bytes: local runs), as
+    a failing save must name its own line. A ReadStep becomes one by `__class__` assignment
+    (same slots), when `_compile` meets the save."""
+
+    __slots__ = ()
+    saves = True
 
 
 class SaveStep:
@@ -234,7 +247,9 @@ class Program:
         # Gradients: node id -> (the tensor whose .grad holds its gradient, rows), for the values
         # some `grad` node asks for; the driver runs with grad mode on when any backward is there.
         self.grad_sources: dict[int, tuple[torch.Tensor, Rows]] = {}
-        self.invoke_threads, self.body, self.needs_grad = _compile(trace, self.tensors, self.events, templates)
+        self.invoke_threads, self.body, self.needs_grad = _compile(
+            trace, self.tensors, self.events, templates, fuse_saves=max_saved_bytes is None
+        )
         invokes = trace.invokes
         if self.body is None and not (len(invokes) > 1 or (invokes and invokes[0].cache)):
             self.threads = self.invoke_threads  # one invoke (`trace(prompt)`): the common case
@@ -327,6 +342,8 @@ class Program:
                         values[step.id] = il.current
                     else:
                         self._module_step(step, thread.rows, il)
+                    if step.saves:  # a ReadSaveStep: its save, too
+                        self.saved.append(step.id)
                 else:
                     for r in step.refs:
                         if r not in values:
@@ -549,10 +566,11 @@ GRAD_READ = "module.output+grad"  # internal: a module.output read whose gradien
 
 def _compile(
     trace: TraceIR, tensors: dict[str, torch.Tensor], events: dict[str, set[str]],
-    templates: dict[int, tuple] | None = None,
+    templates: dict[int, tuple] | None = None, fuse_saves: bool = False,
 ) -> tuple[list[Thread], Thread | None, bool]:
     """Threads (one per invoke with code), the body (code outside invokes), and whether a
-    backward is among the steps (the driver then runs with grad mode on)."""
+    backward is among the steps (the driver then runs with grad mode on). `fuse_saves`: saves
+    cannot fail (no cap on saved bytes), so a read and its save right after become one step."""
     by_invoke: dict[int | None, list[Step]] = {}
     nested: list[int] = []  # the current node's references inside containers or kwargs
     gradients: list[Step] = []  # its backward and grad steps, if any
@@ -576,6 +594,14 @@ def _compile(
             else:
                 kinds.add(kind)
         elif op == "save" and (r := ref_id(node.args[0])) is not None:  # the next commonest
+            if fuse_saves and r == node.id - 1:
+                # `x.save()` right after the read of x, in the same thread (no node between, so
+                # the `after` counts of body steps see the pair as the one step it is now): the
+                # read step saves it (ReadSaveStep).
+                steps = by_invoke.get(node.invoke)
+                if steps and type(last := steps[-1]) is ReadStep and last.id == r:
+                    last.__class__ = ReadSaveStep
+                    continue
             step = SaveStep(node.id, node.loc, (r,))
         elif templates and (template := templates.get(node.id)) is not None:
             # recorded in this process (an augassign): its arguments are known, nothing to decode

@@ -7,6 +7,8 @@
   once: every program gets exactly the rows it gets alone.
 - Local runs hand the engine the compiled arguments of `x[i] op= v` (no JSON decode): the values
   equal those of the same trace compiled from its IR alone.
+- Where saves cannot fail (no cap on saved bytes), a read and its `.save()` right after run as
+  one step: the same saves, and with a cap a save still fails at its own line.
 """
 
 from __future__ import annotations
@@ -149,3 +151,37 @@ def test_whole_slice_edit_keeps_pythons_meaning(lm: LanguageModel) -> None:
         s = lm.model.layers[0].output.sum()
         s[:] += 1  # @zero-d
     assert "0-dim" in str(info.value) and "s[:] += 1" in str(info.value)
+
+
+def test_read_and_its_save_fused_in_local_runs_keep_results_and_the_saves_line(lm: LanguageModel) -> None:
+    """Without a cap on saved bytes (local runs) a read and the `.save()` of it right after run
+    as one step; the saves are those of the same trace with a cap (one step each), in invokes
+    and outside them, and a save over the cap still fails at the save's own line."""
+    with tracing.recording() as graph, lm.trace() as tracer:
+        with tracer.invoke(P1):
+            h = lm.model.layers[0].output
+            h.save()
+            lm.model.layers[1].output.save()
+        with tracer.invoke(P2):
+            lm.model.layers[1].output.save()
+        lm.lm_head.output.save()  # outside the invokes
+    (trace,) = graph.session_ir().traces
+    saves = [n for n in trace.nodes if n.op == "save"]
+
+    def run(**kw: int) -> tuple[Program, object]:
+        program = Program(trace, tensors=graph.tensors, **kw)
+        run_programs(lm.local_module, [program], ForwardDriver.for_programs(lm.tokenizer, [program]))
+        return program, program.result()
+
+    fused, fused_result = run()
+    capped, capped_result = run(max_saved_bytes=2**30)
+    assert fused_result.error is None and capped_result.error is None
+    n_steps = lambda p: sum(len(t.steps) for t in p.threads)
+    assert n_steps(capped) == len(trace.nodes) and n_steps(fused) == len(trace.nodes) - len(saves)
+    assert list(fused_result.saves) == list(capped_result.saves) == [s.args[0]["$ref"] for s in saves]
+    for i, value in fused_result.saves.items():
+        torch.testing.assert_close(value, capped_result.saves[i])
+
+    _, over = run(max_saved_bytes=1)
+    assert isinstance(over.error, ExecutionError) and over.error.code == "too_large"
+    assert over.error.location == saves[0].loc and saves[0].loc[2] == "h.save()"
