@@ -21,7 +21,16 @@ import httpx
 from client_sdk.config import CONFIG
 from client_sdk.status import StatusLine
 from intervention.errors import InterventionError, location_from_dict
-from intervention.events import CANCELLED, ERROR, LOG, QUEUED, RECEIVED, RUNNING, TERMINAL
+from intervention.events import (
+    CANCELLED,
+    ERROR,
+    LOG,
+    QUEUED,
+    RECEIVED,
+    REQUEST_ID_HEADER,
+    RUNNING,
+    TERMINAL,
+)
 from intervention.wire import decode_result, encode_session
 
 if TYPE_CHECKING:
@@ -280,6 +289,8 @@ def _submit_streaming(body: bytes) -> Iterator[tuple[str | None, str, dict]]:
             if response.status_code >= 400:
                 response.read()
                 _raise_for(response)
+            if (request_id := response.headers.get(REQUEST_ID_HEADER)) is not None:
+                yield None, RECEIVED, {"id": request_id}  # accepted: known before the first event
             yield from _parse_sse(response.iter_lines())
     except httpx.ConnectError as exc:
         raise RemoteError(f"could not reach the raysight server at {CONFIG.host}: {exc}") from None

@@ -30,3 +30,7 @@ STATUS: frozenset[str] = frozenset({QUEUED, RUNNING})
 # event costs a store call, a wake-up of the stream and a chunk through Serve's proxy. A status
 # line a tenth of a second late is still live; terminal events never wait.
 STATUS_HOLD_S = 0.1
+
+# The response header naming the request on a submit's event stream (POST /v1/requests with
+# Accept: text/event-stream): it arrives with the status line, before the first (held) event.
+REQUEST_ID_HEADER = "X-Raysight-Request-Id"

@@ -24,7 +24,14 @@ from ray import serve
 
 from actors.request_store import Quota, StoreClient, StoreSpec, StoreUnavailable
 from intervention.errors import InterventionError
-from intervention.events import RECEIVED, RETRYING, STATUS, STATUS_HOLD_S, TERMINAL
+from intervention.events import (
+    RECEIVED,
+    REQUEST_ID_HEADER,
+    RETRYING,
+    STATUS,
+    STATUS_HOLD_S,
+    TERMINAL,
+)
 from intervention.module_tree import module_paths
 from intervention.validate import InputBounds, Limits, validate_session
 from intervention.wire import decode_session
@@ -74,9 +81,14 @@ def _chunk(events: list[tuple[int, dict]], end_supersedes: bool) -> str:
     return "".join(out)
 
 
-def _event_stream(events, status_code: int = 200) -> StreamingResponse:
-    return StreamingResponse(events, status_code=status_code, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
+def _event_stream(events, status_code: int = 200, request_id: str | None = None) -> StreamingResponse:
+    """`request_id`: a submit's stream names its request in a header too (REQUEST_ID_HEADER),
+    which reaches the client with the status line, before the first event: a connection that
+    breaks before then still leaves the client the id of a request the server accepted."""
+    headers = {"Cache-Control": "no-cache"}
+    if request_id is not None:
+        headers[REQUEST_ID_HEADER] = request_id
+    return StreamingResponse(events, status_code=status_code, media_type="text/event-stream", headers=headers)
 
 
 def _count_tokens(files: dict[str, str]):
@@ -237,7 +249,8 @@ class Ingress:
                 self._release_slot(user)
             raise
         if streaming:  # from here the stream holds the slot (see _stream)
-            return _event_stream(self._stream(user, self._sse(request_id, user, 0, INLINE_RESULT_BYTES, STATUS_HOLD_S)), status_code=202)
+            return _event_stream(self._stream(user, self._sse(request_id, user, 0, INLINE_RESULT_BYTES, STATUS_HOLD_S)),
+                                 status_code=202, request_id=request_id)
         return JSONResponse({"id": request_id}, status_code=202)
 
     async def _watch(self, request_id: str, args: tuple) -> None:

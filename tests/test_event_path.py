@@ -19,7 +19,7 @@ from remote_helpers import (
 
 from actors.event_sender import EventSender
 from actors.request_store import Quota, StoreClient, StoreSpec
-from intervention.events import LOG, RUNNING, TERMINAL
+from intervention.events import LOG, REQUEST_ID_HEADER, RUNNING, TERMINAL
 from intervention.wire import decode_result
 
 pytestmark = pytest.mark.usefixtures("remote_client", "no_leftover_requests")
@@ -48,6 +48,8 @@ def _blocking_stream(url: str, key: str, body: bytes) -> list[tuple[str, dict]]:
                 kind = value
             elif field == "data":
                 data.append(value)
+        # the request's id came with the status line too, before any (held) event
+        assert events and r.headers.get(REQUEST_ID_HEADER) == events[0][1]["id"], (r.headers, events[:1])
     return events
 
 
