@@ -69,7 +69,8 @@ def main(argv: list[str] | None = None) -> dict:
             "state_dir": tmp,
         })
         _say("starting Ray + Serve with SmolLM2-135M")
-        url = launcher.start(config, port=_free_port(), num_cpus=os.cpu_count())
+        from bench.cluster import free_port
+        url = launcher.start(config, port=free_port(), num_cpus=os.cpu_count())
         try:
             from ray import serve
 
@@ -229,14 +230,6 @@ def headline(old: dict, results: dict) -> dict:
     return {**old, "median": ratio, "min": round(sixteen["min"] / one["max"], 3),
             "max": round(sixteen["max"] / one["min"], 3), "n": min(one["n"], sixteen["n"]),
             "bar": ">= 2.5", "goal": "≥ 3.5", "meets_bar": ratio >= 2.5, "source": f"{results['batching_command']} ({lat['machine']})"}
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

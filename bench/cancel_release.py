@@ -9,7 +9,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -45,7 +44,8 @@ def main(argv: list[str] | None = None) -> dict:
             "auth": {"api_keys": [{"user": "bench", "key_sha256": hash_key(key)}]},
             "limits": {"max_concurrent_per_user": 8, "request_timeout_s": 600},
         })
-        url = launcher.start(config, port=_free_port(), num_cpus=2)
+        from bench.cluster import free_port
+        url = launcher.start(config, port=free_port(), num_cpus=2)
         try:
             CONFIG.set_host(url)
             CONFIG.set_default_api_key(key)
@@ -79,12 +79,6 @@ def _small(model) -> None:
 
     with model.trace(P1):
         model.lm_head.output[0, -1].argmax().save()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

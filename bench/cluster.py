@@ -16,6 +16,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -213,3 +214,10 @@ def _read_events(address: str, user: str, request_ids: list[str]) -> dict:
 if __name__ == "__main__":
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     print(json.dumps(_read_events(sys.argv[1], sys.argv[2], json.loads(sys.stdin.read()))))
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now, for a benchmark's own server."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

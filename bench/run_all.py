@@ -23,7 +23,6 @@ import json
 import os
 import platform
 import secrets
-import socket
 import subprocess
 import sys
 import tempfile
@@ -87,8 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
 
         key = secrets.token_urlsafe(24)
         config = write_config(tmp / "serve.yaml", key, smol_path, tiny_path)
-        port = args.port or _free_port()
-        from bench.cluster import Server, event_times
+        from bench.cluster import Server, event_times, free_port
+        port = args.port or free_port()
 
         server = Server(config, port, tmp / "serve.log", dict(os.environ))
         _say(f"starting `raysight serve --config {config.name} --port {port}` (cold start is timed)")
@@ -209,12 +208,6 @@ def write_config(path: Path, key: str, smol: Path, tiny: Path) -> Path:
     AppConfig.model_validate(cfg)
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
     return path
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # -- the remote experiments ------------------------------------------------------------------------

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -48,12 +47,6 @@ AUTOSCALING = {
 CLIENTS = 6
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def autoscale(rounds: int) -> dict:
     import ray
     from remote_helpers import P1, api, record, slow_traces
@@ -71,7 +64,8 @@ def autoscale(rounds: int) -> dict:
             "limits": {"max_concurrent_per_user": 32, "request_timeout_s": 120},
             "state_dir": str(Path(tmp) / "state"),
         })
-        url = launcher.start(config, port=_free_port(), num_cpus=2)
+        from bench.cluster import free_port
+        url = launcher.start(config, port=free_port(), num_cpus=2)
         try:
             CONFIG.set_host(url)
             CONFIG.set_default_api_key(KEY)

@@ -30,7 +30,6 @@ import json
 import os
 import random
 import signal
-import socket
 import sys
 import tempfile
 import threading
@@ -356,7 +355,8 @@ def main(argv: list[str] | None = None) -> dict:
             "limits": {"max_concurrent_per_user": 8, "request_timeout_s": 120},
             "state_dir": str(Path(tmp) / "state"),
         })
-        url = launcher.start(config, port=_free_port(), num_cpus=2)
+        from bench.cluster import free_port
+        url = launcher.start(config, port=free_port(), num_cpus=2)
         try:
             body = bodies(url)
             stop = threading.Event()
@@ -477,12 +477,6 @@ def _r2(x: float | None) -> float | None:
 
 def _round(d: dict[str, float]) -> dict[str, float]:
     return {k: round(v, 1) for k, v in d.items()}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":

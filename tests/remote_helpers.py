@@ -122,6 +122,26 @@ def heavy_body(model: Any, note: str | None = None, ops: int = 4000) -> bytes:
     return record(body)
 
 
+def sse_events(lines: Iterator[str]) -> Iterator[tuple[str, dict]]:
+    """(event, data) pairs of an SSE stream's lines, up to and including a terminal event."""
+    kind, data = None, []
+    for line in lines:
+        if line.startswith(":"):
+            continue
+        if not line:
+            if kind is not None:
+                yield kind, json.loads("\n".join(data))
+                if kind in TERMINAL:
+                    return
+            kind, data = None, []
+            continue
+        field, _, value = line.partition(": ")
+        if field == "event":
+            kind = value
+        elif field == "data":
+            data.append(value)
+
+
 class Api:
     """Raw HTTP against the cluster as one user."""
 
@@ -163,26 +183,14 @@ class Api:
         with self.http.stream("GET", f"/v1/requests/{request_id}/events", headers=headers) as r:
             assert r.status_code == 200, r.read()
             assert r.headers["content-type"].startswith("text/event-stream")
-            kind, data = None, []
-            for line in r.iter_lines():
-                if time.monotonic() > deadline:
-                    raise AssertionError(
-                        f"request {request_id} did not end within {deadline_s:g} s"
-                    )
-                if line.startswith(":"):
-                    continue
-                if not line:
-                    if kind is not None:
-                        yield kind, json.loads("\n".join(data))
-                        if kind in TERMINAL:
-                            return
-                    kind, data = None, []
-                    continue
-                field, _, value = line.partition(": ")
-                if field == "event":
-                    kind = value
-                elif field == "data":
-                    data.append(value)
+
+            def lines() -> Iterator[str]:  # heartbeats count: checked per line, not per event
+                for line in r.iter_lines():
+                    if time.monotonic() > deadline:
+                        raise AssertionError(f"request {request_id} did not end within {deadline_s:g} s")
+                    yield line
+
+            yield from sse_events(lines())
 
     def wait_for(self, request_id: str, predicate: Callable[[str, dict], bool]) -> tuple[str, dict]:
         """Follow the events until one satisfies `predicate` (or the request ends)."""

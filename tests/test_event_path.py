@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import json
 import threading
 import uuid
 
@@ -15,11 +14,12 @@ import pytest
 from remote_helpers import (
     no_leftover_requests,  # noqa: F401 - a fixture used below
     slow_session,
+    sse_events,
 )
 
 from actors.event_sender import EventSender
 from actors.request_store import Quota, StoreClient, StoreSpec
-from intervention.events import LOG, REQUEST_ID_HEADER, RUNNING, TERMINAL
+from intervention.events import LOG, REQUEST_ID_HEADER, RUNNING
 from intervention.wire import decode_result
 
 pytestmark = pytest.mark.usefixtures("remote_client", "no_leftover_requests")
@@ -29,25 +29,10 @@ def _blocking_stream(url: str, key: str, body: bytes) -> list[tuple[str, dict]]:
     """What `client_sdk`'s blocking run reads: POST with Accept: text/event-stream."""
     headers = {"Authorization": f"Bearer {key}", "Accept": "text/event-stream",
                "Content-Type": "application/octet-stream"}
-    events, kind, data = [], None, []
     with httpx.Client(base_url=url, timeout=httpx.Timeout(30.0, read=120.0)) as http, \
             http.stream("POST", "/v1/requests", content=body, headers=headers) as r:
         assert r.status_code == 202, r.read()
-        for line in r.iter_lines():
-            if line.startswith(":"):
-                continue
-            if not line:
-                if kind is not None:
-                    events.append((kind, json.loads("\n".join(data))))
-                    if kind in TERMINAL:
-                        break
-                kind, data = None, []
-                continue
-            field, _, value = line.partition(": ")
-            if field == "event":
-                kind = value
-            elif field == "data":
-                data.append(value)
+        events = list(sse_events(r.iter_lines()))
         # the request's id came with the status line too, before any (held) event
         assert events and r.headers.get(REQUEST_ID_HEADER) == events[0][1]["id"], (r.headers, events[:1])
     return events
