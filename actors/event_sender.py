@@ -13,7 +13,8 @@ a little (`STATUS_HOLD_S`) to travel together in one `add_events` call:
 Events are numbered per sender: the store records them in number order however calls arrive and
 drops a number it has (a retry). `send` never waits and may be called from the forward thread;
 `flush` sends what waits and returns once the store has every event (retrying through the
-StoreClient, which finds a restarted store, when a call found it dead).
+StoreClient, which finds a restarted store, when a call found it dead); `settle` instead hands what
+waits to the caller, which sends it with the request's end (actors/supervisor.py).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import uuid
 from typing import Any
 
 from actors.request_store import StoreClient
-from intervention.events import STATUS_HOLD_S
+from intervention.events import STATUS, STATUS_HOLD_S
 
 
 class EventSender:
@@ -40,8 +41,11 @@ class EventSender:
         self.timer: asyncio.TimerHandle | None = None
         self.calls: set[asyncio.Task] = set()
         self.batches = 0  # store calls made (the tests check the batching)
+        self.news = False  # whether anything but status (QUEUED, RUNNING) was sent
 
     def send(self, kind: str, data: dict[str, Any]) -> None:
+        if kind not in STATUS:
+            self.news = True
         event = (kind, data, (self.source, next(self.numbers)))  # numbered in the caller's order
         if _running_loop() is self.loop:
             self._add(event)
@@ -52,6 +56,17 @@ class EventSender:
         self._ship()
         while self.calls:
             await asyncio.gather(*self.calls)
+
+    async def settle(self) -> list[tuple[str, dict, tuple[str, int]]]:
+        """Wait for the batches on their way and hand over the events not sent yet, instead of
+        sending them: the caller records them with the request's end, in one store call."""
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        while self.calls:
+            await asyncio.gather(*self.calls)
+        pending, self.pending = self.pending, []
+        return pending
 
     def _add(self, event: tuple) -> None:
         self.pending.append(event)

@@ -2,8 +2,10 @@
 
 Each replica loads its model once (pinned across the GPUs Ray gave it, or on the CPU) and runs
 traces with the shared engine, batching the traces of every request and user that wait for it into
-one forward (actors/batcher.py; fair order per user), one batch at a time. Values a later trace
-needs are put in Ray's object store here and only their ObjectRefs travel on.
+one forward (actors/batcher.py; fair order per user), one batch at a time. A session on this model
+alone comes straight from the ingress and runs here whole (`run_session`: its values never leave
+this process); for a session across models the session runner sends each segment (`run_segment`),
+and values a later segment needs are put in Ray's object store here: only their ObjectRefs travel.
 """
 
 from __future__ import annotations
@@ -20,17 +22,19 @@ from actors.batcher import Batcher
 from actors.event_sender import EventSender
 from actors.model_loader import load_model, placement, tokenizer_files
 from actors.request_store import StoreClient, StoreSpec
+from actors.supervisor import Outcome, Supervisor
 from intervention.args import ArgError
 from intervention.batching import BATCH_WAIT_MS, MAX_BATCH_SIZE, MAX_BATCH_TOKENS, BatchLimits
 from intervention.errors import Cancelled, InterventionError, location_dict
-from intervention.events import LOG, QUEUED, RUNNING
-from intervention.ir import TraceIR
+from intervention.events import COMPLETED, ERROR, LOG, QUEUED, RUNNING
+from intervention.ir import SessionIR, TraceIR
 from intervention.limits import MAX_LOG_CHARS, MAX_SAVED_BYTES, MAX_TRACE_BYTES, cap_log
 from intervention.module_tree import module_tree
 from intervention.order import record_order
-from intervention.plan import Segment
+from intervention.plan import Segment, plan_session
 from intervention.program import ProgramResult
-from intervention.session import SegmentLoop
+from intervention.session import Outcome as LoopOutcome
+from intervention.session import SegmentLoop, SessionLoop
 from intervention.wire import encode_result
 
 
@@ -47,6 +51,7 @@ class ModelDeployment:
         self.tree = module_tree(self.model)
         self.order = record_order(self.model, self.tokenizer)
         self.store = StoreClient(store or StoreSpec())
+        self.supervisor = Supervisor(self.store)  # for sessions sent straight here (run_session)
         # One forward thread: batches run one at a time, each holding many requests' traces.
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{self.name}")
         limits = BatchLimits(spec.get("max_batch_size", MAX_BATCH_SIZE), spec.get("max_batch_tokens", MAX_BATCH_TOKENS),
@@ -85,33 +90,82 @@ class ModelDeployment:
         saved_before: int = 0,
         user: str = "",
     ) -> dict[str, Any]:
-        """Run consecutive traces of a session (all on this model) in order, each in a batch with
-        other requests' traces (batcher.py). `saved_before`: bytes the request's earlier segments
-        saved (limits.max_saved_bytes is the request's, across segments). `user`: whose request,
-        for the fair order.
+        """Run consecutive traces of a session (all on this model) in order, for the session
+        runner. `saved_before`: bytes the request's earlier segments saved (limits.max_saved_bytes
+        is the request's, across segments). `user`: whose request, for the fair order.
 
         Values passed between these traces stay in this process; values that later segments need
         (`segment.exports`) go to the object store. Returns the saves (result bytes), those exports
         as ObjectRefs, whether a stop ended the session, and the numbers of the batches its traces
         ran in; or an error."""
         events = EventSender(self.store, request_id)
+        batches: list[int] = []
+        try:
+            values = await asyncio.gather(*imports.values())
+            outcome, _ = await self._segment(segment, n_traces, tensors, dict(zip(imports, values, strict=True)),
+                                             self.max_saved_bytes - saved_before, user, events, batches)
+        finally:
+            await events.flush()  # LOG events land before the caller reports the end
+        if outcome.error is not None:
+            return {"error": _error(outcome)}
+        try:
+            data = encode_result(outcome.saves)
+        except ArgError:
+            return {"error": _unsendable(segment.traces, outcome.saves)}
+        return {
+            "saves": data,
+            "exports": {i: ray.put(v) for i, v in outcome.exports.items()},
+            "stopped": outcome.stopped,
+            "traces_run": outcome.traces_run,
+            "batches": batches,
+        }
+
+    async def run_session(self, request_id: str, session: SessionIR, tensors: dict, timeout_s: float,
+                          user: str = "", inline_limit: int = 0) -> dict[str, Any] | None:
+        """Run a whole session whose traces all use this model, sent straight from the ingress
+        (no session runner: one hop and one process fewer), and record its end in the request
+        store; values between its traces never leave this process. Returns the end as recorded
+        (actors/supervisor.py: a blocking client's stream sends it without asking the store),
+        or None when the request had ended elsewhere."""
+        events = EventSender(self.store, request_id)
+        work = self._session(session, tensors, user, events)
+        return await self.supervisor.run(request_id, work, timeout_s, events=events, inline_limit=inline_limit)
+
+    async def _session(self, session: SessionIR, tensors: dict, user: str, events: EventSender) -> Outcome:
+        plan = plan_session(session)
+        loop = SessionLoop(plan, on_log=lambda message: self._log(events, message), tensors=tensors)
+        saved = 0
+        while (item := loop.next_segment()) is not None:
+            segment, imports = item
+            outcome, size = await self._segment(segment, plan.n_traces, tensors, imports,
+                                                self.max_saved_bytes - saved, user, events, [])
+            saved += size
+            loop.record_segment(outcome)
+        outcome = loop.outcome
+        if outcome.error is not None:
+            return ERROR, _error(outcome), None
+        try:
+            result = encode_result(outcome.saves)
+        except ArgError:
+            return ERROR, _unsendable(session.traces, outcome.saves), None
+        return COMPLETED, {"bytes": len(result), "traces_run": outcome.traces_run}, result
+
+    async def _segment(self, segment: Segment, n_traces: int, tensors: dict, imports: dict[int, Any],
+                       budget: int, user: str, events: EventSender, batches: list[int]) -> tuple[LoopOutcome, int]:
+        """A segment's traces in order, each in a batch with other requests' traces (batcher.py),
+        saving at most `budget` bytes in all. Returns its outcome and the bytes its traces saved;
+        the numbers of the batches they ran in are appended to `batches`."""
         emit = events.send  # called from the forward thread too (LOG)
         cancel = threading.Event()
-        batches: list[int] = []
-
-        def on_log(message: str) -> None:
-            emit(LOG, {"message": cap_log(message, self.max_log_chars)})
 
         def on_queued(position: int) -> None:
             emit(QUEUED, {"position": position, "model": self.name})
 
+        loop, saved = SegmentLoop(segment, imports), 0
         try:
-            values = await asyncio.gather(*imports.values())
-            loop = SegmentLoop(segment, dict(zip(imports, values, strict=True)))
-            budget, saved = self.max_saved_bytes - saved_before, 0
             while (work := loop.next_trace()) is not None:
                 try:
-                    program = work.program(tensors, on_log=on_log, cancel=cancel,
+                    program = work.program(tensors, on_log=lambda m: self._log(events, m), cancel=cancel,
                                            max_trace_bytes=self.max_trace_bytes, max_saved_bytes=budget - saved)
                 except InterventionError as err:
                     loop.record_trace(ProgramResult(error=err))
@@ -128,24 +182,17 @@ class ModelDeployment:
         except asyncio.CancelledError:
             cancel.set()  # its program stops at its next operation; the batch goes on for the others
             raise
-        finally:
-            await events.flush()  # LOG events land before the caller reports the end
-        outcome = loop.outcome
-        if outcome.error is not None:
-            if isinstance(outcome.error, Cancelled):
-                return {"error": {"code": "cancelled", "message": "cancelled", "location": None}}
-            return {"error": {**outcome.error.to_dict(), "trace": outcome.error_trace + 1}}
-        try:
-            data = encode_result(outcome.saves)
-        except ArgError:
-            return {"error": _unsendable(segment.traces, outcome.saves)}
-        return {
-            "saves": data,
-            "exports": {i: ray.put(v) for i, v in outcome.exports.items()},
-            "stopped": outcome.stopped,
-            "traces_run": outcome.traces_run,
-            "batches": batches,
-        }
+        return loop.outcome, saved
+
+    def _log(self, events: EventSender, message: str) -> None:
+        events.send(LOG, {"message": cap_log(message, self.max_log_chars)})
+
+
+def _error(outcome: LoopOutcome) -> dict[str, Any]:
+    """The ERROR event's data for a segment or session that failed."""
+    if isinstance(outcome.error, Cancelled):
+        return {"code": "cancelled", "message": "cancelled", "location": None}
+    return {**outcome.error.to_dict(), "trace": outcome.error_trace + 1}
 
 
 def _unsendable(traces: list[TraceIR], saves: dict[int, Any]) -> dict[str, Any]:

@@ -10,8 +10,9 @@ retries (bounded) when a call finds it dead, so no caller holds a dead handle.
 Readers wait on new events with a condition instead of polling. Per-user concurrency and the
 quotas on stored result and log bytes are admitted here, atomically (one actor, one writer).
 A background task expires results (fetched ones after a grace period, all after the TTL) and ends
-orphans: requests whose session runner stopped renewing its lease (runner and ingress died
-together), so no request stays RUNNING forever.
+orphans: requests whose runner (the session runner, or the model replica a single-model session
+runs on) stopped renewing its lease (it died with the ingress that would have retried it), so no
+request stays RUNNING forever.
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ import ray
 from ray.exceptions import ActorUnschedulableError, RayActorError
 
 from actors.state_db import DEFAULT_STATE_DIR, Row, StateDB
-from intervention.events import CANCELLED, ERROR, LOG, TERMINAL
+from intervention.events import CANCELLED, COMPLETED, ERROR, LOG, TERMINAL
 
 STORE_NAME = "raysight-requests"
 NAMESPACE = "raysight"
 FETCH_GRACE_S = 60.0
-HEARTBEAT_S = 3.0  # how often a session runner renews its lease on the requests it runs
+HEARTBEAT_S = 3.0  # how often a process that runs requests renews its lease on them (actors/supervisor.py)
 LEASE_S = 15.0  # a runner silent this long is dead: its open requests are orphans
 UNCLAIMED_S = 60.0  # an accepted request no runner has started within this is an orphan (covers a runner restart)
 ORPHAN_CHECK_S = 2.0
@@ -139,12 +140,21 @@ class RequestStore:
         for kind, data, order in events:
             await self.add_event(request_id, kind, data, tuple(order))
 
-    async def finish(self, request_id: str, kind: str, data: dict[str, Any], result: bytes | None = None) -> None:
+    async def finish(self, request_id: str, kind: str, data: dict[str, Any], result: bytes | None = None,
+                     events: list[tuple[str, dict[str, Any], tuple[str, int]]] = (), inline_limit: int = 0,
+                     ) -> dict | None:
         """Record the terminal event; the first one wins (a late COMPLETED after CANCELLED is dropped).
-        A result beyond its owner's quota of stored result bytes ends the request in ERROR instead."""
+        A result beyond its owner's quota of stored result bytes ends the request in ERROR instead.
+        `events`: the sender's events not sent yet (as `add_events` takes them), recorded first.
+        `inline_limit`: the caller hands a result of at most that many bytes to the client itself
+        (a blocking stream's COMPLETED), so it counts as fetched, as `events` counts one it inlines.
+        Returns the end as recorded, {"id": its index in the request's event log, "event", "data"},
+        or None when the request had ended already."""
+        if events:
+            await self.add_events(request_id, events)
         row = self.db.get(request_id)
         if row is None or row.state in TERMINAL:
-            return
+            return None
         if result is not None:
             held = self.db.usage(row.owner).result_bytes
             if held + len(result) > row.max_result_bytes:
@@ -156,6 +166,10 @@ class RequestStore:
             else:
                 self.db.write_result(request_id, result)
         await self._add(request_id, kind, data, result_bytes=None if result is None else len(result))
+        row = self.db.get(request_id)
+        if kind == COMPLETED and result is not None and len(result) <= inline_limit:
+            self.db.mark_fetched(row)
+        return {"id": row.n_events - 1, "event": kind, "data": data}
 
     async def _add(self, request_id: str, kind: str, data: dict, order: tuple[str, int] | None = None,
                    result_bytes: int | None = None) -> None:
@@ -344,8 +358,8 @@ class RequestStore:
                 await self._add(row.id, CANCELLED, {})
             else:
                 await self._add(row.id, ERROR, {"code": "orphaned", "location": None, "message": (
-                    "the service processes running this request died (its session runner and the ingress "
-                    "that submitted it); it was stopped: submit it again")})
+                    "the service processes running this request died (the one that ran it, a session "
+                    "runner or a model replica, and the ingress that submitted it); it was stopped: submit it again")})
             ended.append(row.id)
         return ended
 

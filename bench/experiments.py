@@ -266,9 +266,7 @@ def session_vs_separate(model, probe: Probe, rounds: int, n: int = 16) -> dict:
 def _composition(rec: dict) -> dict:
     """What the bytes a session's client received are: events by kind, and the rest (HTTP)."""
     sse = dict(rec.get("sse_bytes", {}))
-    counts: dict[str, int] = {}
-    for kind, _ in rec.get("events", []):
-        counts[kind] = counts.get(kind, 0) + 1
+    counts = rec.get("sse_counts", {})
     return {"total": rec["rx"], "http_status_and_headers": rec["rx"] - sum(sse.values()),
             "events": {k: {"count": counts.get(k, 0), "bytes": v} for k, v in sse.items()}}
 

@@ -106,10 +106,15 @@ class Probe:
                 now = time.time()
                 probe.record.setdefault("events", []).append((item[1], now))
                 # The event's size as the ingress writes it (id, event, data lines): which kinds
-                # of event the received bytes are made of.
-                size = len(f"id: {item[0]}\nevent: {item[1]}\ndata: {json.dumps(item[2])}\n\n".encode())
-                by_kind = probe.record.setdefault("sse_bytes", {})
-                by_kind[item[1]] = by_kind.get(item[1], 0) + size
+                # of event the received bytes are made of. An event without an id is the client's
+                # own (RECEIVED from the response header): no bytes of the stream.
+                if item[0] is not None:
+                    data = json.dumps(item[2], separators=(",", ":"))
+                    size = len(f"id: {item[0]}\nevent: {item[1]}\ndata: {data}\n\n".encode())
+                    by_kind = probe.record.setdefault("sse_bytes", {})
+                    by_kind[item[1]] = by_kind.get(item[1], 0) + size
+                    counts = probe.record.setdefault("sse_counts", {})
+                    counts[item[1]] = counts.get(item[1], 0) + 1
                 if item[1] == "RECEIVED":
                     probe.record["id"] = item[2].get("id")
                 yield item

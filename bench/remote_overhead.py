@@ -36,7 +36,8 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
-from bench.run_all import SMOL, TINY, TINY_B, USER, _free_port, _freeze_gc
+from bench.cluster import free_port
+from bench.run_all import SMOL, TINY, TINY_B, USER, _freeze_gc
 
 
 def write_config(path: Path, key: str, tiny: Path, smol: Path | None) -> Path:
@@ -86,7 +87,7 @@ def main(argv: list[str] | None = None) -> dict:
             smol_path = fetch_model(SMOL)
         key = secrets.token_urlsafe(24)
         config = write_config(tmp / "serve.yaml", key, tiny_path, smol_path)
-        server = Server(config, _free_port(), tmp / "serve.log", dict(os.environ))
+        server = Server(config, free_port(), tmp / "serve.log", dict(os.environ))
         try:
             url = server.start()
             torch.set_num_threads(1)

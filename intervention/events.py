@@ -31,6 +31,12 @@ STATUS: frozenset[str] = frozenset({QUEUED, RUNNING})
 # line a tenth of a second late is still live; terminal events never wait.
 STATUS_HOLD_S = 0.1
 
+# A blocking client's stream sends status alone (QUEUED, RUNNING: the live status line) at most
+# this often after its first chunk; news (LOG, RETRYING) and the end go at once, taking the
+# latest status with them. Without it, a session of many short traces sends more bytes of
+# progress than of the values it saves.
+STATUS_INTERVAL_S = 1.0
+
 # The response header naming the request on a submit's event stream (POST /v1/requests with
 # Accept: text/event-stream): it arrives with the status line, before the first (held) event.
 REQUEST_ID_HEADER = "X-Raysight-Request-Id"

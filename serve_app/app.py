@@ -3,7 +3,8 @@
 Works with Ray's own tools: `serve run deploy/serve-local.yaml` or `serve deploy ...` with
 `import_path: serve_app.app:build_app` and the AppConfig as `args`.
 
-    Ingress (FastAPI) ──► SessionRunner ──► ModelDeployment "model-<name>" (one per model)
+    Ingress (FastAPI) ──► ModelDeployment "model-<name>" (one per model): a session on one model
+       └────────────► SessionRunner ──► ModelDeployment ...: a session across models
 """
 
 from __future__ import annotations

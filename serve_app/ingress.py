@@ -1,4 +1,5 @@
-"""The HTTP ingress: auth, limits, validation, ids; then hands the session to the runner.
+"""The HTTP ingress: auth, limits, validation, ids; then hands the session to the model replica
+that runs it (a session on one model) or to the session runner (a session across models).
 
 Nothing invalid is queued: the body is decoded (safetensors + JSON, never pickle) and validated
 against the served models' module trees before the request exists. State lives in the request
@@ -23,15 +24,19 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
 from actors.request_store import Quota, StoreClient, StoreSpec, StoreUnavailable
+from actors.supervisor import replica_failure
 from intervention.errors import InterventionError
 from intervention.events import (
+    ERROR,
     RECEIVED,
     REQUEST_ID_HEADER,
     RETRYING,
     STATUS,
     STATUS_HOLD_S,
+    STATUS_INTERVAL_S,
     TERMINAL,
 )
+from intervention.ir import SessionIR
 from intervention.module_tree import module_paths
 from intervention.validate import InputBounds, Limits, validate_session
 from intervention.wire import decode_session
@@ -89,6 +94,22 @@ def _event_stream(events, status_code: int = 200, request_id: str | None = None)
     if request_id is not None:
         headers[REQUEST_ID_HEADER] = request_id
     return StreamingResponse(events, status_code=status_code, media_type="text/event-stream", headers=headers)
+
+
+def _next_status_time(blocking: bool, sent: list[tuple[int, dict]]) -> float:
+    """When a stream that just sent `sent` may next send status alone: a blocking client's status
+    line changes at most every STATUS_INTERVAL_S (its first status, news and the end go at once);
+    other streams send every batch."""
+    had_status = any(event["event"] in STATUS for _, event in sent)
+    return time.monotonic() + (STATUS_INTERVAL_S if blocking and had_status else 0.0)
+
+
+async def _end_within(run: asyncio.Task, timeout_s: float) -> dict | None:
+    """`run`'s end if it comes within `timeout_s` (None: not yet, or none to send as it is)."""
+    done, _ = await asyncio.wait({run}, timeout=timeout_s)
+    if not done or run.cancelled() or run.exception() is not None:
+        return None
+    return run.result()
 
 
 def _count_tokens(files: dict[str, str]):
@@ -239,8 +260,9 @@ class Ingress:
             # stream that the client would resume by id), which would leave the request RUNNING
             # for good. In a fresh context the call is no child of this request; DELETE and the
             # time limit end it.
+            inline = INLINE_RESULT_BYTES if streaming else 0
             watcher = asyncio.get_running_loop().create_task(
-                self._watch(request_id, (request_id, session, tensors, timeout, user)), context=contextvars.Context()
+                self._watch(request_id, session, tensors, timeout, user, inline), context=contextvars.Context()
             )
             self.watchers.add(watcher)
             watcher.add_done_callback(self.watchers.discard)
@@ -249,11 +271,40 @@ class Ingress:
                 self._release_slot(user)
             raise
         if streaming:  # from here the stream holds the slot (see _stream)
-            return _event_stream(self._stream(user, self._sse(request_id, user, 0, INLINE_RESULT_BYTES, STATUS_HOLD_S)),
-                                 status_code=202, request_id=request_id)
+            events = self._sse(request_id, user, 0, INLINE_RESULT_BYTES, STATUS_HOLD_S, watcher)
+            return _event_stream(self._stream(user, events), status_code=202, request_id=request_id)
         return JSONResponse({"id": request_id}, status_code=202)
 
-    async def _watch(self, request_id: str, args: tuple) -> None:
+    async def _watch(self, request_id: str, session: SessionIR, tensors: dict, timeout: float, user: str,
+                     inline_limit: int) -> dict | None:
+        """Run the request to its end: a session on one model straight on that model's replica, one
+        across models on a session runner. Returns its end when a blocking stream may send it as
+        it is (see `_sse`), else None."""
+        models = {trace.model for trace in session.traces}
+        if len(models) == 1:
+            return await self._run_direct(request_id, models.pop(), session, tensors, timeout, user, inline_limit)
+        await self._run_on_runner(request_id, (request_id, session, tensors, timeout, user))
+        return None
+
+    async def _run_direct(self, request_id: str, model: str, session: SessionIR, tensors: dict, timeout: float,
+                          user: str, inline_limit: int) -> dict | None:
+        """The model's replica runs the session and records its end (the request survives this
+        ingress); if the replica dies, once more on another (traces have no side effects) before
+        the request ends in ERROR."""
+        for attempt in (1, 2):
+            try:
+                end = await self.models[model].run_session.remote(request_id, session, tensors, timeout, user,
+                                                                 inline_limit)
+                return end if attempt == 1 and end is not None and not end["news"] else None
+            except Exception as exc:  # noqa: BLE001 - the replica failed
+                failure = exc
+            if not await self._before_retry(request_id, attempt, {"code": "replica_failed", "model": model,
+                                                                  "attempt": 2}):
+                return None
+        await self._fail(request_id, replica_failure(session.traces[0], 0, failure))
+        return None
+
+    async def _run_on_runner(self, request_id: str, args: tuple) -> None:
         """Run the request on a session runner; if that runner dies, once more on another (traces
         have no side effects) before the request ends in ERROR: it must end either way."""
         for attempt in (1, 2):
@@ -262,17 +313,28 @@ class Ingress:
                 return
             except Exception as exc:  # noqa: BLE001 - the runner failed
                 failure = type(exc).__name__
-            try:
-                state = await self.store.call("release", request_id)
-                if state is None or state in TERMINAL:
-                    return
-                if attempt == 1:
-                    await self.store.call("add_event", request_id, RETRYING, {"code": "runner_failed", "attempt": 2})
-            except StoreUnavailable:
-                return  # the store ends it as an orphan once it is back
+            if not await self._before_retry(request_id, attempt, {"code": "runner_failed", "attempt": 2}):
+                return
         message = f"the session runner failed ({failure}), also when retried once; retry the request later"
+        await self._fail(request_id, {"code": "runner_failed", "message": message, "location": None})
+
+    async def _before_retry(self, request_id: str, attempt: int, reason: dict) -> bool:
+        """The process running the request died: free its lease and, after a first attempt, say
+        RETRYING. False when there is nothing to retry (it has ended, or the store is gone: the
+        store ends it as an orphan once it is back)."""
         try:
-            await self.store.call("finish", request_id, "ERROR", {"code": "runner_failed", "message": message, "location": None})
+            state = await self.store.call("release", request_id)
+            if state is None or state in TERMINAL:
+                return False
+            if attempt == 1:
+                await self.store.call("add_event", request_id, RETRYING, reason)
+            return True
+        except StoreUnavailable:
+            return False
+
+    async def _fail(self, request_id: str, error: dict) -> None:
+        try:
+            await self.store.call("finish", request_id, ERROR, error)
         except StoreUnavailable:
             pass
 
@@ -371,33 +433,48 @@ class Ingress:
         weakref.finalize(stream, release)
         return stream
 
-    async def _sse(self, request_id: str, user: str, after: int, inline_limit: int = 0, hold_s: float = 0.0):
+    async def _sse(self, request_id: str, user: str, after: int, inline_limit: int = 0, hold_s: float = 0.0,
+                   run: asyncio.Task | None = None):
         """The request's events from index `after` on, one chunk per batch the store gives.
 
         With `hold_s` (a blocking client's POST stream, which starts at RECEIVED) the first chunk
         waits up to `hold_s` for the events after RECEIVED, which the ingress writes itself (the
         store's event 0 is RECEIVED {id}): a request that ends within it costs one chunk, and no
-        status event that the end makes stale (see `_chunk`)."""
+        status event that the end makes stale (see `_chunk`); after it, status alone goes at most
+        every STATUS_INTERVAL_S (progress would otherwise outweigh the values a session keeps on the
+        cluster), news (LOG, RETRYING) and the end at once. When `run` (this ingress's task
+        running the request) ends within the hold with an end to send as it is, that end is the
+        chunk, without asking the store."""
         held: list[tuple[int, dict]] = []
-        if hold_s:
-            held.append((0, {"event": RECEIVED, "data": {"id": request_id}}))
-            after = 1
         deadline = time.monotonic() + hold_s
+        if hold_s:
+            received = (0, {"event": RECEIVED, "data": {"id": request_id}})
+            end = await _end_within(run, hold_s) if run is not None else None
+            if end is not None:
+                event = {"event": end["event"], "data": end["data"]}
+                if end["result"] is not None:
+                    event["result"] = end["result"]
+                yield _chunk([received, (end["id"], event)], True)
+                return
+            held.append(received)
+            after = 1
+        blocking, first = bool(hold_s), bool(hold_s)  # first: the first chunk is still held
         while True:
             left = deadline - time.monotonic()
             if held and left <= 0:
-                yield _chunk(held, bool(hold_s))
-                held = []
+                yield _chunk(held, blocking)
+                held, first, deadline = [], False, _next_status_time(blocking, held)
                 continue
             try:
-                # While holding, one call waits for the end (or the hold's end): not one per batch.
+                # While holding, one call waits for the end (the first chunk) or for news (later
+                # statuses) until the hold's end: not one call per batch.
                 batch = await self.store.call("events", request_id, user, after,
-                                              left if held else SSE_HEARTBEAT_S, inline_limit, bool(held))
+                                              left if held else SSE_HEARTBEAT_S, inline_limit, bool(held) and first)
             except StoreUnavailable:
                 batch = None  # the client resumes with Last-Event-ID
             if batch is None:
                 if held:
-                    yield _chunk(held, bool(hold_s))
+                    yield _chunk(held, blocking)
                 return
             if not batch:
                 if held:
@@ -415,9 +492,10 @@ class Ingress:
             held += [(after + i, event) for i, event in enumerate(batch)]
             after += len(batch)
             ended = batch[-1]["event"] in TERMINAL  # the store records nothing after the end
-            if ended or time.monotonic() >= deadline:
-                yield _chunk(held, bool(hold_s))
-                held = []
+            news = not first and any(event["event"] not in STATUS for event in batch)
+            if ended or news or time.monotonic() >= deadline:
+                yield _chunk(held, blocking)
+                held, first, deadline = [], False, _next_status_time(blocking, held)
             if ended:
                 return
 

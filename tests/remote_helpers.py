@@ -99,6 +99,18 @@ def slow_session(model: Any, n: int = 60, size: int = 1024) -> bytes:
     return record(lambda: slow_traces(model, n, size))
 
 
+def slow_cross_model_session(model: Any, other: Any, n: int = 8) -> bytes:
+    """A slow session across two models: `n` slow traces of `model`, then one of `other`. It runs
+    on the session runner (a session on one model goes straight to that model's replica)."""
+
+    def body():
+        slow_traces(model, n)
+        with other.trace(P2):
+            other.lm_head.output.save()
+
+    return record(body)
+
+
 def heavy_body(model: Any, note: str | None = None, ops: int = 4000) -> bytes:
     """One trace that holds the replica for minutes unless stopped: one module event, then `ops`
     matmuls of ~50 ms each. Requests submitted meanwhile stay QUEUED until it ends (a session of

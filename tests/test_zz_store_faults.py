@@ -19,6 +19,7 @@ import ray
 from remote_helpers import (
     api,
     no_leftover_requests,  # noqa: F401 - a fixture
+    slow_cross_model_session,
     slow_session,
     wait_model_ready,
 )
@@ -32,6 +33,7 @@ from test_zz_remote_faults import (
 )
 
 from actors.request_store import NAMESPACE, STORE_NAME, Quota, RequestStore
+from client_sdk import LanguageModel
 
 pytestmark = pytest.mark.usefixtures("remote_client", "no_leftover_requests")
 BOUND_S = 90.0  # bound on a recovery on a loaded 2-core box (it normally takes a few seconds)
@@ -137,7 +139,7 @@ def test_store_killed_for_good_is_recreated_and_readyz_says_so(cluster, alice, s
 
 
 def test_runner_killed_mid_request_is_retried_once(cluster, alice, llama, small_body) -> None:
-    rid = alice.submit(slow_session(llama, 8))
+    rid = alice.submit(slow_cross_model_session(llama, LanguageModel("gpt2"), 8))
     alice.wait_for(rid, lambda k, d: k == "RUNNING")
     killed = kill_replica("SessionRunner")
 
@@ -150,11 +152,25 @@ def test_runner_killed_mid_request_is_retried_once(cluster, alice, llama, small_
     quick_request_completes(alice, small_body)
 
 
+def test_a_session_on_one_model_does_not_need_the_runner(cluster, alice, llama, small_body) -> None:
+    """A session on one model goes from the ingress straight to that model's replica: the session
+    runner dying under it changes nothing (no RETRYING)."""
+    rid = alice.submit(slow_session(llama, 8))
+    alice.wait_for(rid, lambda k, d: k == "RUNNING")
+    killed = kill_replica("SessionRunner")
+
+    events = list(alice.events(rid))
+    assert events[-1][0] == "COMPLETED", events
+    assert "RETRYING" not in [k for k, _ in events], events
+    wait_replaced("SessionRunner", killed)
+    quick_request_completes(alice, small_body)
+
+
 def test_orphans_of_a_dead_runner_and_ingress_end_and_free_the_users_slots(cluster, alice, llama, small_body) -> None:
     """The runner and the ingress die together (one node lost): no process is left to finish their
     requests. The store sees the runner's lease lapse and ends them (a DELETE in the meantime
     ends one CANCELLED); the user is no longer at her concurrency limit."""
-    body = slow_session(llama, 6)
+    body = slow_cross_model_session(llama, LanguageModel("gpt2"), 6)  # across models: on the runner
     rids = [alice.submit(body) for _ in range(3)]  # alice's limit in this cluster
     alice.wait_for(rids[0], lambda k, d: k == "RUNNING")
     for rid in rids:  # every one is held by the runner (it claims a request as it starts it)
@@ -249,3 +265,23 @@ def test_numbered_events_keep_their_order_across_a_store_death(own_store) -> Non
     assert ray.get(own_store.pid.remote()) != pid
     logs = [e["data"]["message"] for e in ray.get(own_store.events.remote("r", "u", 0, 0.0)) if e["event"] == "LOG"]
     assert logs == ["first", "second"]
+
+
+def test_finish_records_the_waiting_events_first_and_returns_the_end(own_store) -> None:
+    """The process that ran a request records its end and the events it had not sent yet in one
+    call (actors/supervisor.py); the answer is the end as recorded, with its event id, which a
+    blocking stream sends without asking the store again; a result handed over inline counts as
+    fetched (it no longer holds its owner's result quota); a second end is not recorded."""
+    quota = Quota(max_active=10, max_result_bytes=100, max_log_bytes=1 << 20)
+    assert ray.get(own_store.admit.remote("r", "u", 1, quota)) is None
+    waiting = [("RUNNING", {"trace": 1, "of": 1}, ("sender", 0)), ("LOG", {"message": "hi"}, ("sender", 1))]
+    end = ray.get(own_store.finish.remote("r", "COMPLETED", {"bytes": 60}, b"x" * 60, waiting, 100))
+    assert end == {"id": 3, "event": "COMPLETED", "data": {"bytes": 60}}
+    events = ray.get(own_store.events.remote("r", "u", 0, 0.0))
+    assert [e["event"] for e in events] == ["RECEIVED", "RUNNING", "LOG", "COMPLETED"]
+    assert ray.get(own_store.admit.remote("r2", "u", 1, quota)) is None  # inline: 60 bytes not held
+    ray.get(own_store.finish.remote("r2", "COMPLETED", {"bytes": 60}, b"y" * 60))  # not inline: held
+    assert ray.get(own_store.finish.remote("r2", "ERROR", {"code": "late"})) is None  # the first end wins
+    assert ray.get(own_store.admit.remote("r3", "u", 1, quota)) is None  # 60 of 100 held
+    over = ray.get(own_store.finish.remote("r3", "COMPLETED", {"bytes": 60}, b"z" * 60, [], 100))
+    assert over["event"] == "ERROR" and over["data"]["code"] == "result_quota"  # recorded as it was

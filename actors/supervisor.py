@@ -1,0 +1,111 @@
+"""Running a request to its end in the request store, for the process that runs it.
+
+Two kinds of process run requests: the session runner (sessions whose traces use several models)
+and a model replica (a session on its model alone, sent straight from the ingress: one hop and
+one process fewer). Either way the same rules hold, and they live here:
+
+- the process holds a lease on the requests it runs (`watch` claims one; `heartbeat` renews this
+  process's leases every HEARTBEAT_S while it runs any), so the store ends the requests of a
+  process that died with the ingress that would have retried them;
+- a cancel (DELETE, through the store) or the time limit cancels the work, which stops its forward;
+- the outcome is recorded once, with the events still waiting to be sent (`EventSender.settle`)
+  in the same store call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable
+from typing import Any
+
+from actors.event_sender import EventSender
+from actors.request_store import HEARTBEAT_S, StoreClient, StoreUnavailable
+from intervention.errors import location_dict
+from intervention.events import CANCELLED, COMPLETED, ERROR
+from intervention.ir import TraceIR
+
+# What a request's work returns: the terminal event's kind and data, and the result bytes.
+Outcome = tuple[str, dict[str, Any], "bytes | None"]
+
+
+class Supervisor:
+    def __init__(self, store: StoreClient):
+        self.store = store
+        self.id = uuid.uuid4().hex  # this process's lease on the requests it runs
+        self.active = 0
+        self.heartbeat: asyncio.Task | None = None
+
+    async def run(self, request_id: str, work: Awaitable[Outcome], timeout_s: float, *,
+                  events: EventSender | None = None, inline_limit: int = 0) -> dict[str, Any] | None:
+        """Run `work` for `request_id` until it ends, is cancelled or passes `timeout_s`, and record
+        its end. Returns the end as recorded — {"event", "data", "id" (its index in the request's
+        event log), "result" (the result bytes when COMPLETED and at most `inline_limit` bytes: the
+        store counts them as fetched), "news" (whether `events` sent anything but status)} — or
+        None when the request had already ended elsewhere."""
+        self.active += 1
+        if self.heartbeat is None:
+            self.heartbeat = asyncio.ensure_future(self._renew_lease())
+        try:
+            end = await self._outcome(request_id, work, timeout_s)
+            if end is None:
+                return None
+            kind, data, result = end
+            pending = await events.settle() if events is not None else []
+            recorded = await self.store.call("finish", request_id, kind, data, result, pending, inline_limit)
+        finally:
+            self.active -= 1
+        if recorded is None:
+            return None
+        # The store may have recorded another end (a result over its owner's quota is an ERROR).
+        inline = recorded["event"] == COMPLETED and result is not None and len(result) <= inline_limit
+        return {**recorded, "result": result if inline else None, "news": events is not None and events.news}
+
+    async def _outcome(self, request_id: str, work: Awaitable[Outcome], timeout_s: float) -> Outcome | None:
+        started = time.perf_counter()
+        task = asyncio.ensure_future(work)
+        cancel = asyncio.ensure_future(self._cancelled(request_id))
+        done, _ = await asyncio.wait({task, cancel}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        if task in done:
+            cancel.cancel()
+            kind, data, result = task.result()
+            return kind, {**data, "elapsed_s": round(time.perf_counter() - started, 4)}, result
+        task.cancel()
+        await asyncio.wait([task])
+        if cancel in done:
+            # else the request ended elsewhere (an orphan sweep): nothing to record
+            return (CANCELLED, {}, None) if cancel.result() else None
+        cancel.cancel()
+        message = f"the request ran longer than its time limit of {timeout_s:g} s and was stopped"
+        return ERROR, {"code": "timeout", "message": message, "location": None}, None
+
+    async def _cancelled(self, request_id: str) -> bool:
+        """True once a cancel is requested; False once the request has ended elsewhere."""
+        try:
+            return await self.store.call("watch", request_id, self.id)
+        except StoreUnavailable:
+            await asyncio.Event().wait()  # without a store only the time limit stops the work
+            raise AssertionError("unreachable") from None
+
+    async def _renew_lease(self) -> None:
+        """Tell the store this process is alive while it runs requests: its requests are orphans
+        (ended by the store) once the renewals stop."""
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            if self.active:
+                try:
+                    await self.store.call("heartbeat", self.id)
+                except StoreUnavailable:
+                    pass
+
+
+def replica_failure(trace: TraceIR, index: int, exc: BaseException) -> dict[str, Any]:
+    """The ERROR of a session whose model replica died twice (from `trace`, the session's trace
+    number `index` + 1, on)."""
+    message = (
+        f"the replica of model '{trace.model}' failed while running the session (from trace {index + 1}) "
+        f"({type(exc).__name__}), also when retried once; Serve restarts it: retry the request later"
+    )
+    return {"code": "replica_failed", "message": message, "location": location_dict(trace.loc), "trace": index + 1,
+            "model": trace.model}
