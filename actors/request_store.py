@@ -81,8 +81,10 @@ class RequestStore:
 
     # -- lifecycle -----------------------------------------------------------------------------
 
-    async def admit(self, request_id: str, owner: str, n_traces: int, quota: Quota) -> dict | None:
+    async def admit(self, request_id: str, owner: str, n_traces: int, quota: Quota,
+                    holder: str | None = None) -> dict | None:
         """Register a request, or say why not: {status, code, message} when `owner` is at a limit.
+        `holder`: the lease that holds it until a runner claims it (the admitting ingress's).
         Idempotent (a caller retrying after a store restart gets the same answer)."""
         self._start_background()
         existing = self.db.get(request_id)
@@ -104,6 +106,8 @@ class RequestStore:
                             f"{quota.max_log_bytes} (limits.max_log_bytes_per_user): they are freed when "
                             f"their requests expire ({self.ttl:g} s after finishing)")
         self.db.insert(request_id, owner, n_traces, quota.max_result_bytes, quota.max_log_bytes)  # + RECEIVED
+        if holder is not None:  # its lease counts from now (`since`) until the holder's next renewal
+            self.db.set_runner(request_id, holder)
         return None
 
     def active(self, owner: str) -> int:
@@ -217,14 +221,15 @@ class RequestStore:
         row = self.db.get(request_id)
         return row is None or row.cancel_requested
 
-    def release(self, request_id: str) -> str | None:
-        """The request's runner died and it is about to be retried: no runner holds it now (it is
-        an orphan only if none starts it within UNCLAIMED_S). Returns its state."""
+    def release(self, request_id: str, holder: str | None = None) -> str | None:
+        """The request's runner died and it is about to be retried: `holder` (the retrying
+        ingress's lease) holds it until a runner claims it again (with None: it is an orphan
+        only if none starts it within UNCLAIMED_S). Returns its state."""
         row = self.db.get(request_id)
         if row is None:
             return None
         if row.state not in TERMINAL:
-            self.db.set_runner(request_id, None)
+            self.db.set_runner(request_id, holder)
         return row.state
 
     def heartbeat(self, runner: str) -> None:

@@ -6,7 +6,9 @@ one process fewer). Either way the same rules hold, and they live here:
 
 - the process holds a lease on the requests it runs (`watch` claims one; `heartbeat` renews this
   process's leases every HEARTBEAT_S while it runs any), so the store ends the requests of a
-  process that died with the ingress that would have retried them;
+  process that died with the ingress that would have retried them. Until a runner claims it, the
+  ingress that admitted a request holds it (`Lease`): a request waiting in Serve's queue for a
+  replica (one starting, or at its limit) is not an orphan, however long it waits;
 - a cancel (DELETE, through the store) or the time limit cancels the work, which stops its forward;
 - the outcome is recorded once, with the events still waiting to be sent (`EventSender.settle`)
   in the same store call.
@@ -15,9 +17,10 @@ one process fewer). Either way the same rules hold, and they live here:
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Iterator
 from typing import Any
 
 from actors.event_sender import EventSender
@@ -30,12 +33,40 @@ from intervention.ir import TraceIR
 Outcome = tuple[str, dict[str, Any], "bytes | None"]
 
 
+class Lease:
+    """This process's lease on the requests it holds: renewed in the store every HEARTBEAT_S
+    while it holds any (`with lease.holding():`), so they are orphans once the renewals stop."""
+
+    def __init__(self, store: StoreClient):
+        self.store = store
+        self.id = uuid.uuid4().hex
+        self.held = 0
+        self.renewals: asyncio.Task | None = None
+
+    @contextlib.contextmanager
+    def holding(self) -> Iterator[None]:
+        if self.renewals is None:
+            self.renewals = asyncio.ensure_future(self._renew())
+        self.held += 1
+        try:
+            yield
+        finally:
+            self.held -= 1
+
+    async def _renew(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            if self.held:
+                try:
+                    await self.store.call("heartbeat", self.id)
+                except StoreUnavailable:
+                    pass
+
+
 class Supervisor:
     def __init__(self, store: StoreClient):
         self.store = store
-        self.id = uuid.uuid4().hex  # this process's lease on the requests it runs
-        self.active = 0
-        self.heartbeat: asyncio.Task | None = None
+        self.lease = Lease(store)
 
     async def run(self, request_id: str, work: Awaitable[Outcome], timeout_s: float, *,
                   events: EventSender | None = None, inline_limit: int = 0) -> dict[str, Any] | None:
@@ -44,18 +75,13 @@ class Supervisor:
         event log), "result" (the result bytes when COMPLETED and at most `inline_limit` bytes: the
         store counts them as fetched), "news" (whether `events` sent anything but status)} — or
         None when the request had already ended elsewhere."""
-        self.active += 1
-        if self.heartbeat is None:
-            self.heartbeat = asyncio.ensure_future(self._renew_lease())
-        try:
+        with self.lease.holding():
             end = await self._outcome(request_id, work, timeout_s)
             if end is None:
                 return None
             kind, data, result = end
             pending = await events.settle() if events is not None else []
             recorded = await self.store.call("finish", request_id, kind, data, result, pending, inline_limit)
-        finally:
-            self.active -= 1
         if recorded is None:
             return None
         # The store may have recorded another end (a result over its owner's quota is an ERROR).
@@ -83,21 +109,10 @@ class Supervisor:
     async def _cancelled(self, request_id: str) -> bool:
         """True once a cancel is requested; False once the request has ended elsewhere."""
         try:
-            return await self.store.call("watch", request_id, self.id)
+            return await self.store.call("watch", request_id, self.lease.id)
         except StoreUnavailable:
             await asyncio.Event().wait()  # without a store only the time limit stops the work
             raise AssertionError("unreachable") from None
-
-    async def _renew_lease(self) -> None:
-        """Tell the store this process is alive while it runs requests: its requests are orphans
-        (ended by the store) once the renewals stop."""
-        while True:
-            await asyncio.sleep(HEARTBEAT_S)
-            if self.active:
-                try:
-                    await self.store.call("heartbeat", self.id)
-                except StoreUnavailable:
-                    pass
 
 
 def replica_failure(trace: TraceIR, index: int, exc: BaseException) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
 from actors.request_store import Quota, StoreClient, StoreSpec, StoreUnavailable
-from actors.supervisor import replica_failure
+from actors.supervisor import Lease, replica_failure
 from intervention.errors import InterventionError
 from intervention.events import (
     ERROR,
@@ -161,6 +161,7 @@ class Ingress:
         self.models = models
         self.keys = KeyRing(self.config.auth)
         self.store = StoreClient(StoreSpec(self.config.resolved_state_dir(), self.config.result_ttl_s))
+        self.lease = Lease(self.store)  # holds the requests this replica admitted until a runner claims them
         self.infos: dict[str, dict] = {}
         self.paths: dict[str, set[str]] = {}
         self.orders: dict[str, list[tuple[str, str]]] = {}
@@ -252,7 +253,7 @@ class Ingress:
         if streaming and not self._stream_slot(user):
             raise self._too_many_streams()
         try:
-            refused = await self._store("admit", request_id, user, len(session.traces), self.quota)
+            refused = await self._store("admit", request_id, user, len(session.traces), self.quota, self.lease.id)
             if refused is not None:
                 raise ApiError(refused["status"], refused["code"], refused["message"])
             # The session runs apart from this HTTP request: Serve cancels the handle calls a
@@ -281,10 +282,12 @@ class Ingress:
         across models on a session runner. Returns its end when a blocking stream may send it as
         it is (see `_sse`), else None."""
         models = {trace.model for trace in session.traces}
-        if len(models) == 1:
-            return await self._run_direct(request_id, models.pop(), session, tensors, timeout, user, inline_limit)
-        await self._run_on_runner(request_id, (request_id, session, tensors, timeout, user))
-        return None
+        with self.lease.holding():  # until a runner claims it (and again while a retry waits for one)
+            if len(models) == 1:
+                return await self._run_direct(request_id, models.pop(), session, tensors, timeout, user,
+                                              inline_limit)
+            await self._run_on_runner(request_id, (request_id, session, tensors, timeout, user))
+            return None
 
     async def _run_direct(self, request_id: str, model: str, session: SessionIR, tensors: dict, timeout: float,
                           user: str, inline_limit: int) -> dict | None:
@@ -319,11 +322,11 @@ class Ingress:
         await self._fail(request_id, {"code": "runner_failed", "message": message, "location": None})
 
     async def _before_retry(self, request_id: str, attempt: int, reason: dict) -> bool:
-        """The process running the request died: free its lease and, after a first attempt, say
-        RETRYING. False when there is nothing to retry (it has ended, or the store is gone: the
+        """The process running the request died: take its lease back (this ingress holds it until
+        the next runner claims it) and, after a first attempt, say RETRYING. False when there is nothing to retry (it has ended, or the store is gone: the
         store ends it as an orphan once it is back)."""
         try:
-            state = await self.store.call("release", request_id)
+            state = await self.store.call("release", request_id, self.lease.id)
             if state is None or state in TERMINAL:
                 return False
             if attempt == 1:
