@@ -55,11 +55,10 @@ def batch_key(trace: TraceIR, *, samples_by_default: bool = False) -> Hashable |
       freed, and every program of the run would pay autograd's memory;
     - a trace whose forward kwargs hold a client tensor (`$tensor`): it names a blob of its own
       request, so equal JSON does not mean equal values;
-    - a generation that samples: the random draws of a batch differ from those of one row, so
-      a seeded sample would not be what the trace gets alone;
-    - a generation that may end early (EOS): `generate` runs until every row has ended, so a
-      batched row would see decoding steps it never makes alone (and a longer `tracer.result`).
-      Greedy generations batch when `min_new_tokens >= max_new_tokens` fixes their length.
+    - a generation that samples (or searches beams): the random draws of a batch differ from
+      those of one row, so a seeded sample would not be what the trace gets alone.
+    Greedy generations with equal arguments batch: each program ends at the step where its own
+    rows have all produced EOS, as alone (drivers.GenerateDriver), while the others go on.
     Everything else a program does stays in its rows (values.narrow / write_rows; `module.skip`
     of some rows runs the module and replaces those rows; explicit module calls run on the
     program's own values), so traces of one kind with equal kwargs share a forward."""
@@ -69,12 +68,9 @@ def batch_key(trace: TraceIR, *, samples_by_default: bool = False) -> Hashable |
     kwargs = trace.kwargs or {}
     if _holds_tensor(kwargs):
         return None
-    if trace.kind == "generate":
-        if kwargs.get("do_sample", samples_by_default) or kwargs.get("num_beams", 1) not in (1, None):
-            return None
-        low, high = kwargs.get("min_new_tokens"), kwargs.get("max_new_tokens")
-        if not (isinstance(low, int) and isinstance(high, int) and low >= high):
-            return None
+    searches = kwargs.get("do_sample", samples_by_default) or kwargs.get("num_beams", 1) not in (1, None)
+    if trace.kind == "generate" and searches:
+        return None
     return (trace.model, trace.kind, json.dumps(kwargs, sort_keys=True))
 
 

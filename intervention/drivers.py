@@ -34,6 +34,7 @@ class ForwardDriver:
         self.kwargs = kwargs
         self.pad = pad
         self.shape = Shape(batch.size, batch.width)
+        self.placed: list[tuple[Program, int, int]] = []  # each program and its rows [start, end)
 
     @classmethod
     def for_programs(cls, tokenizer: Any, programs: list[Program]) -> ForwardDriver | None:
@@ -68,7 +69,10 @@ class ForwardDriver:
         batch = stack(parts, pad)
         for program, start, spans, pos in zip(placed, batch.starts, batch.spans, batch.pos, strict=True):
             program.place(start, spans, batch.size, pos)
-        return cls(batch, kwargs, pad)
+        driver = cls(batch, kwargs, pad)
+        driver.placed = [(p, start, start + spans[-1][1])
+                         for p, start, spans in zip(placed, batch.starts, batch.spans, strict=True)]
+        return driver
 
     def run(self, model: torch.nn.Module, il: Interleaver) -> Any:
         device = first_device(model)
@@ -78,7 +82,12 @@ class ForwardDriver:
 
 class GenerateDriver(ForwardDriver):
     """HF `generate` on the stacked rows: module call k is decoding step k. Returns the token ids
-    (prompt and new tokens, left-padded rows as in the batch)."""
+    (prompt and new tokens, left-padded rows as in the batch).
+
+    Programs of different requests in one generation (greedy, equal arguments) may end at
+    different steps: alone, `generate` stops once every row of the program has produced EOS. So
+    each program ends where it would alone (`_ProgramEnds`): it gets `tracer.result` then (its rows'
+    tokens so far) and no event of a later step, while the generation goes on for the others."""
 
     def run(self, model: torch.nn.Module, il: Interleaver) -> Any:
         device = first_device(model)
@@ -87,6 +96,12 @@ class GenerateDriver(ForwardDriver):
         kwargs = dict(self.kwargs)
         seed = kwargs.pop("seed", None)
         kwargs.setdefault("pad_token_id", self.pad)
+        eos = _token_ids(kwargs.get("eos_token_id", getattr(model.generation_config, "eos_token_id", None)))
+        if len(self.placed) > 1 and eos:
+            # generate's own list type; imported here, when a batch needs it
+            from transformers import StoppingCriteriaList
+
+            kwargs["stopping_criteria"] = StoppingCriteriaList([_ProgramEnds(self.placed, eos, il)])
         # A user's seed makes sampling reproducible (same tokens locally and on a replica); the
         # process's own random state is left as it was.
         devices = [device] if device.type == "cuda" else []
@@ -94,6 +109,33 @@ class GenerateDriver(ForwardDriver):
             if seed is not None:
                 torch.manual_seed(seed)
             return model.generate(**inputs, **kwargs)
+
+
+class _ProgramEnds:
+    """A stopping criterion of `generate`, called after each step's new token: a program all of whose rows have produced
+    EOS ends here, as its generation would alone. Stops no row itself (generate's own criteria do)."""
+
+    def __init__(self, placed: list[tuple[Program, int, int]], eos: list[int], il: Interleaver):
+        self.placed, self.il = placed, il
+        self.eos = torch.tensor(eos)
+        self.ended: torch.Tensor | None = None  # per row: has produced EOS
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        new = torch.isin(input_ids[:, -1], self.eos.to(input_ids.device))
+        self.ended = new if self.ended is None else self.ended | new
+        for program, start, end in self.placed:
+            if program.running and bool(self.ended[start:end].all()):
+                self.il.end_program(program, input_ids)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+
+def _token_ids(value: Any) -> list[int]:
+    """`eos_token_id` as generate takes it (an id, a list of ids, a tensor or None) -> ids."""
+    if value is None:
+        return []
+    if isinstance(value, torch.Tensor):
+        return [int(v) for v in value.flatten().tolist()]
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
 
 def driver_for(tokenizer: Any, programs: list[Program]) -> ForwardDriver | None:

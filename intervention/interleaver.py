@@ -28,7 +28,7 @@ from typing import Any, Self
 import torch
 
 from intervention.errors import ExecutionError, ValidationError
-from intervention.program import RUNNING, Event, Program
+from intervention.program import RESULT_EVENT, RUNNING, Event, Program
 from intervention.values import Shape, first_device, to_device_of, write_rows
 
 _MISSING = object()
@@ -223,6 +223,16 @@ class Interleaver:
         for program in self.programs:
             if program.state is RUNNING:
                 program.advance(event, self)
+
+    def end_program(self, program: Program, output: Any) -> None:
+        """End one program before the driver's run ends (its generation is over, the others' is
+        not): it gets `output` as its result event, then ends as it would after the driver."""
+        self.current = output
+        try:
+            program.advance(RESULT_EVENT, self)
+        finally:
+            self.current = None
+        program.finish(self)
 
     @staticmethod
     def _checkpoint_forward(forward: Callable, port: _Port) -> Callable:

@@ -230,6 +230,42 @@ def test_equal_greedy_generations_of_fixed_length_batch_and_match_alone(lm: Lang
             assert_same(g, alone(lm, rec))
 
 
+def test_greedy_generations_that_end_at_different_steps_batch_and_each_ends_as_alone(lm: LanguageModel) -> None:
+    """Generations stop at EOS: alone, `generate` stops once all of a program's rows have produced
+    it. In one batch each program ends at its own step (its result as long as alone, no event of a
+    later step) while the others go on."""
+    free = record(lambda: _generate(lm, P1, 6, None, steps=False))
+    alone_tokens = alone(lm, free).saves
+    (tokens,) = alone_tokens.values()
+    width = len(lm.tokenizer(P1)["input_ids"])
+    eos = int(tokens[0, width + 1])  # P1's second new token: P1 ends after 2 steps with it as EOS
+
+    recs = [record(lambda p=p, steps=steps: _generate(lm, p, 6, eos, steps))
+            for p in (P1, MID, SHORT) for steps in (True, False)]
+    assert len({batch_key(t) for t, _ in recs}) == 1 and batch_key(recs[0][0]) is not None
+    with torch.no_grad():
+        got = batched(lm, recs)
+        want = [alone(lm, rec) for rec in recs]
+    for g, w in zip(got, want, strict=True):
+        assert_same(g, w)
+    lengths = {next(iter(w.saves.values())).shape[1] - len(lm.tokenizer(p)["input_ids"])
+               for w, p in zip(want[1::2], (P1, MID, SHORT), strict=True)}
+    assert min(lengths) == 2 and max(lengths) > 2, lengths  # they did end at different steps
+    assert len(want[0].saves) == 2  # P1's step loop saw its 2 steps only, batched as alone
+
+
+def _generate(lm: LanguageModel, prompt: str, n: int, eos: int | None, steps: bool) -> None:
+    """A greedy generation of up to `n` tokens: each step's last-position logits (`steps`), or
+    its tokens (`tracer.result`)."""
+    kwargs = {} if eos is None else {"eos_token_id": eos}
+    with lm.generate(prompt, max_new_tokens=n, **kwargs) as tracer:
+        if steps:
+            for _ in tracer.iter[0:n]:
+                lm.lm_head.output[:, -1].save()
+        else:
+            tracer.result.save()
+
+
 def test_what_cannot_share_a_forward_runs_alone_or_apart(lm: LanguageModel) -> None:
     def grad():
         with lm.trace(P1):
@@ -242,8 +278,8 @@ def test_what_cannot_share_a_forward_runs_alone_or_apart(lm: LanguageModel) -> N
         with lm.generate(P1, max_new_tokens=3, min_new_tokens=3, do_sample=True, seed=1):
             lm.lm_head.output.save()
 
-    def may_end_early():
-        with lm.generate(P1, max_new_tokens=3):
+    def beams():
+        with lm.generate(P1, max_new_tokens=3, num_beams=2):
             lm.lm_head.output.save()
 
     def plain(**kwargs):
@@ -253,7 +289,7 @@ def test_what_cannot_share_a_forward_runs_alone_or_apart(lm: LanguageModel) -> N
 
         return body
 
-    for alone_kind in (grad, sampled, may_end_early):
+    for alone_kind in (grad, sampled, beams):
         assert batch_key(record(alone_kind)[0]) is None, alone_kind.__name__
     keys = {batch_key(record(plain())[0]), batch_key(record(plain(output_hidden_states=True))[0]),
             batch_key(record(plain(use_cache=False))[0])}
