@@ -25,8 +25,9 @@ FORWARD_KWARGS = frozenset({"output_hidden_states", "output_attentions", "use_ca
 # how many times a module is called per step (no beams) or what comes back. `seed` seeds sampling.
 GENERATE_KWARGS = frozenset({
     "max_new_tokens", "min_new_tokens", "do_sample", "temperature", "top_k", "top_p",
-    "repetition_penalty", "seed", "use_cache",
+    "repetition_penalty", "seed", "use_cache", "eos_token_id",
 })
+MAX_EOS_IDS = 64  # token ids one generation may stop at (`eos_token_id` as a list)
 
 
 @dataclass(frozen=True)
@@ -219,6 +220,11 @@ def _check_generate(trace: TraceIR, cap: int) -> None:
         value = trace.kwargs.get(name)
         if value is not None and type(value) is not int:
             raise ValidationError(f"generate's {name} must be an integer", trace.loc)
+    eos = trace.kwargs.get("eos_token_id")
+    ids = eos if isinstance(eos, list) else [eos]
+    if eos is not None and not (0 < len(ids) <= MAX_EOS_IDS and all(type(i) is int and i >= 0 for i in ids)):
+        raise ValidationError(f"generate's eos_token_id must be a token id or a list of at most {MAX_EOS_IDS} "
+                              "token ids (integers >= 0)", trace.loc)
     events = _EVENT_OPS
     last: dict[int | None, int] = {}  # per invoke: the latest step read so far
     for node in trace.nodes:

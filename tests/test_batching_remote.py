@@ -102,6 +102,51 @@ def test_two_users_share_a_forward_and_get_what_they_get_alone(alice, bob, llama
         assert_close(got, saves(client, alone))
 
 
+def generation_body(model, prompt: str, eos: int | None) -> bytes:
+    kwargs = {} if eos is None else {"eos_token_id": eos}
+
+    def body():
+        with model.generate(prompt, max_new_tokens=6, **kwargs) as tracer:
+            for _ in tracer.iter[0:6]:
+                model.lm_head.output[:, -1].save()
+            tracer.result.save()
+
+    return record(body)
+
+
+def test_generations_that_end_at_different_steps_share_a_generate(alice, bob, llama) -> None:
+    """Two users' greedy generations with the same arguments run as one `generate`; one stops at
+    EOS steps before the other, and each gets what it gets alone (steps and tokens)."""
+    free = alice.submit(generation_body(llama, P1, None))
+    assert alice.end(free)[0] == "COMPLETED"
+    (tokens,) = [v for v in saves(alice, free).values() if v.dtype == torch.long]
+    eos = int(tokens[0, -5])  # P1's second new token (of 6): P1 ends after 2 steps
+    bodies = {"short": (alice, generation_body(llama, P1, eos)), "long": (bob, generation_body(llama, P3, eos))}
+    blocker = hold_replica(alice, llama)
+    ids = {}
+    for name, (client, body) in bodies.items():
+        ids[name] = client.submit(body)
+        queued(client, ids[name])
+    alice.cancel(blocker)
+    assert alice.end(blocker)[0] == "CANCELLED"
+    runs = {name: running(list(client.events(ids[name]))) for name, (client, _) in bodies.items()}
+    assert runs["short"]["batch"] == runs["long"]["batch"] and runs["short"]["batch_size"] == 2, runs
+    got = {name: saves(client, ids[name]) for name, (client, _) in bodies.items()}
+    # P1's 2 steps (code after a step loop that outlived its generation does not run, as in
+    # nnsight); P3 went on for more steps
+    assert len(got["short"]) == 2 and len(got["long"]) > 2, got
+    for name, (client, body) in bodies.items():
+        alone = client.submit(body)  # the replica is idle now: a batch of one
+        assert client.end(alone)[0] == "COMPLETED"
+        want = saves(client, alone)
+        assert want.keys() == got[name].keys()
+        for k, value in want.items():
+            if value.dtype == torch.long:
+                assert torch.equal(got[name][k], value), name
+            else:
+                torch.testing.assert_close(got[name][k], value, rtol=1e-5, atol=1e-6)
+
+
 def test_cancel_of_one_batched_request_ends_only_it(alice, bob, llama) -> None:
     blocker = hold_replica(alice, llama)
     doomed = alice.submit(heavy_body(llama, note="in the batch"))

@@ -324,6 +324,16 @@ def test_unsupported_generate_argument_is_refused(llama) -> None:
         tracer.result.save()
 
 
+def test_eos_token_id_must_be_token_ids(llama) -> None:
+    for bad in ("2", -1, [], [1, "x"], 1.5):
+        with pytest.raises(client_sdk.InterventionError, match="eos_token_id must be a token id"), \
+                llama.generate(P1, max_new_tokens=3, eos_token_id=bad) as tracer:
+            tracer.result.save()
+    with llama.generate(P1, max_new_tokens=3, eos_token_id=[0, 1]) as tracer:  # a list is fine
+        out = tracer.result.save()
+    assert out.shape[0] == 1
+
+
 # -- 5. gradients ----------------------------------------------------------------------------------
 
 
