@@ -18,6 +18,7 @@ from client_sdk.location import user_location
 from client_sdk.proxy import Proxy, TracingError
 from intervention import args as argcodec
 from intervention.ir import Location, Node, SessionIR, SessionStep, TraceIR
+from intervention.program import Recording
 from intervention.validate import CALL_OPS, check_node_alone
 
 _local = threading.local()
@@ -39,14 +40,16 @@ class OpenTrace(Protocol):
     invoke_index: int | None
     call_index: int
     model: Any
+    recording: Recording | None  # its steps compiled as recorded (local runs; see Graph.open)
 
 
 class Graph:
     """Everything one session records: traces, nodes, client tensors, saved proxies."""
 
-    def __init__(self, templates: bool = False) -> None:
-        """`templates`: the session runs in this process, so keep the engine's compiled form of
-        simple argument lists as they are recorded (`templates`), sparing it their decoding."""
+    def __init__(self, compiled: bool = False) -> None:
+        """`compiled`: the session runs in this process, so each trace is compiled for the engine
+        as it is recorded (`recordings`), sparing the engine a pass over its IR and the decoding
+        of the arguments the recorder knew already."""
         self.traces: list[TraceIR] = []
         self.steps: list[SessionStep] = []  # logs and stops in the session body, between traces
         self.tensors: dict[str, torch.Tensor] = {}
@@ -64,14 +67,20 @@ class Graph:
         # that waits to see whether Python's setitem of an augmented assignment follows.
         self._lazies: list[Proxy] = []
         self._pending: Proxy | None = None
-        # node id -> the engine's compiled arguments of an augassign node, known here already:
-        # (arguments with None where a reference goes, (index, node id) of each reference, the
-        # referenced ids, whether the index surely gives a view). See `_record_augassign`.
-        self.templates: dict[int, tuple] | None = {} if templates else None
+        # id(TraceIR) -> its steps, compiled as its nodes are recorded (intervention.program's
+        # Recording), for a session run in this process; None: nothing compiled here (remote).
+        self.recordings: dict[int, Recording] | None = {} if compiled else None
 
     @staticmethod
     def location_now() -> Location:
         return user_location()
+
+    def open(self, tracer: OpenTrace) -> None:
+        """`tracer`'s trace is recorded from now on (its IR is the last of `traces`)."""
+        self.traces.append(tracer.ir)
+        if self.recordings is not None:
+            tracer.recording = self.recordings[id(tracer.ir)] = Recording(self.tensors)
+        self.tracer = tracer
 
     # -- recording -----------------------------------------------------------------------------
 
@@ -104,6 +113,8 @@ class Graph:
             check_node_alone(node)  # a refused call fails here, at the user's line
         self.next_id += 1
         tracer.ir.nodes.append(node)
+        if tracer.recording is not None:
+            tracer.recording.add(node)
         if not result:
             return None
         proxy = Proxy(self, node.id, loc)
@@ -119,10 +130,12 @@ class Graph:
         if self._pending is not None:
             self._flush(self._pending)
         loc = user_location(3)  # user code -> Envoy.output -> record_encoded -> here
-        node = Node(self.next_id, op, args, {}, tracer.invoke_index, loc)
-        self.next_id += 1
-        tracer.ir.nodes.append(node)
-        proxy = Proxy(self, node.id, loc)
+        node_id = self.next_id
+        tracer.ir.nodes.append(Node(node_id, op, args, {}, tracer.invoke_index, loc))
+        self.next_id = node_id + 1
+        if tracer.recording is not None:
+            tracer.recording.read(node_id, op, loc, args, tracer.invoke_index)
+        proxy = Proxy(self, node_id, loc)
         self.proxies.append(proxy)
         return proxy
 
@@ -136,10 +149,12 @@ class Graph:
         if proxy._lazy is not None:
             self._flush(proxy)
         loc = user_location(3)  # user code -> Proxy.save -> record_save -> here
-        node = Node(self.next_id, "save", [{"$ref": proxy._id}], {}, tracer.invoke_index, loc)
-        self.next_id += 1
-        tracer.ir.nodes.append(node)
-        self.saved[proxy._id] = proxy
+        node_id, ref = self.next_id, proxy._id
+        tracer.ir.nodes.append(Node(node_id, "save", [{"$ref": ref}], {}, tracer.invoke_index, loc))
+        self.next_id = node_id + 1
+        if tracer.recording is not None:
+            tracer.recording.save(node_id, ref, loc, tracer.invoke_index)
+        self.saved[ref] = proxy
 
     # -- lazy subscripts ---------------------------------------------------------------------
     #
@@ -202,38 +217,41 @@ class Graph:
     def _record_augassign(self, tracer: OpenTrace, args: list, loc: Location) -> None:
         """The `augassign` node of `target[index] op= other`, the commonest edit. Its target is a
         proxy of this graph, its index basic (see `subscript`), its op a name; for a local run
-        the engine's compiled arguments are kept too when `other` is a scalar or a proxy of
-        this graph, so they are not decoded again."""
+        its step is compiled here too (`Recording.augassign`) when `other` is a scalar or a
+        proxy of this graph: the arguments are known, nothing to decode."""
         target, index, op, other = args
         to = type(other)
+        node_id = self.next_id
         if (  # `x[:] += 0.5`: encoded inline, as `encode_list` would (NaN fails the bounds too)
             (to is float or to is int) and type(index) is slice and index.start is None
             and index.stop is None and index.step is None and target._lazy is None and -_INF < other < _INF
         ):
             target_id = target._id
-            tracer.ir.nodes.append(Node(self.next_id, "augassign", [{"$ref": target_id}, {"$slice": [None, None, None]}, op, other], {}, tracer.invoke_index, loc))
-            if self.templates is not None:
-                self.templates[self.next_id] = ([None, index, op, other], [(0, target_id)], [target_id], True)
-            self.next_id += 1
+            tracer.ir.nodes.append(Node(node_id, "augassign", [{"$ref": target_id}, {"$slice": [None, None, None]}, op, other], {}, tracer.invoke_index, loc))
+            self.next_id = node_id + 1
+            if tracer.recording is not None:
+                tracer.recording.augassign(node_id, loc, [None, index, op, other], [(0, target_id)], [target_id],
+                                           True, tracer.invoke_index)
             return
-        else:
-            try:
-                encoded = argcodec.encode_list(args, self._store_tensor, self._ref_of, Proxy)
-            except argcodec.ArgError:
-                encoded = self.encode(args, loc)
-        node_id = self.next_id
-        tracer.ir.nodes.append(Node(node_id, "augassign", encoded, {}, tracer.invoke_index, loc))
-        self.next_id += 1
-        templates = self.templates
-        if templates is None:
+        try:
+            encoded = argcodec.encode_list(args, self._store_tensor, self._ref_of, Proxy)
+        except argcodec.ArgError:
+            encoded = self.encode(args, loc)
+        node = Node(node_id, "augassign", encoded, {}, tracer.invoke_index, loc)
+        tracer.ir.nodes.append(node)
+        self.next_id = node_id + 1
+        rec = tracer.recording
+        if rec is None:
             return
         view = type(index) in _VIEW_INDEX  # (tuples too may be views: the engine checks those)
-        if type(other) in _SCALARS:
-            templates[node_id] = ([None, index, op, other], [(0, target._id)], [target._id], view)
-        elif type(other) is Proxy and other._graph is self:
-            templates[node_id] = (
-                [None, index, op, None], [(0, target._id), (3, other._id)], [target._id, other._id], view
-            )
+        if to in _SCALARS:
+            rec.augassign(node_id, loc, [None, index, op, other], [(0, target._id)], [target._id], view,
+                          tracer.invoke_index)
+        elif to is Proxy and other._graph is self:
+            rec.augassign(node_id, loc, [None, index, op, None], [(0, target._id), (3, other._id)],
+                          [target._id, other._id], view, tracer.invoke_index)
+        else:
+            rec.add(node)
 
     def flush_lazies(self) -> None:
         """At the end of a trace: record what was deferred and not absorbed into an augassign,
@@ -261,6 +279,8 @@ class Graph:
         node = Node(self.next_id, op, encoded, {}, invoke, proxy._loc)
         self.next_id += 1
         self.tracer.ir.nodes.append(node)
+        if self.tracer.recording is not None:
+            self.tracer.recording.add(node)
         proxy._id = node.id
 
     def record_step(self, op: str, args: list, loc: Location) -> None:

@@ -45,7 +45,7 @@ class LocalBackend:
 
         outcome = run_session(
             plan_session(session), graph.tensors, load, on_log=lambda m: print(m, flush=True),
-            templates=graph.templates,
+            recorded=graph.recordings,
         )
         if outcome.error is not None:
             raise outcome.error

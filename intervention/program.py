@@ -28,7 +28,7 @@ from intervention import ops
 from intervention.args import ArgError, decode, decode_list, ref_id
 from intervention.errors import Cancelled, ExecutionError, InterventionError
 from intervention.hints import tuple_habit
-from intervention.ir import TraceIR
+from intervention.ir import Node, TraceIR
 from intervention.values import (
     Rows,
     Shape,
@@ -213,12 +213,11 @@ class Program:
         cancel: threading.Event | None = None,
         max_bytes: int | None = None,
         max_saved_bytes: int | None = None,
-        templates: dict[int, tuple] | None = None,
+        recorded: dict[int, Recording] | None = None,
     ):
-        """`templates`: node id -> (argument template, its reference slots, the referenced ids,
-        whether an augassign's index surely gives a view), for nodes whose arguments the recorder
-        in this process knew as Python values already (local runs: client_sdk's
-        Graph.templates); those are not decoded from their JSON again."""
+        """`recorded`: id(trace) -> its `Recording`, the steps compiled while the recorder in
+        this process recorded its nodes (local runs: client_sdk's Graph.recordings); a trace
+        found there is not compiled from its IR again. Taken out (used once)."""
         self.trace = trace
         self.tensors = tensors or {}
         self.keep = keep
@@ -247,9 +246,14 @@ class Program:
         # Gradients: node id -> (the tensor whose .grad holds its gradient, rows), for the values
         # some `grad` node asks for; the driver runs with grad mode on when any backward is there.
         self.grad_sources: dict[int, tuple[torch.Tensor, Rows]] = {}
-        self.invoke_threads, self.body, self.needs_grad = _compile(
-            trace, self.tensors, self.events, templates, fuse_saves=max_saved_bytes is None
-        )
+        rec = recorded.pop(id(trace), None) if recorded else None
+        if rec is not None and not rec.broken and max_saved_bytes is None:  # (it fused saves)
+            self.events = rec.events
+            self.invoke_threads, self.body, self.needs_grad = _threads(trace, rec.by_invoke, rec.gradients)
+        else:
+            self.invoke_threads, self.body, self.needs_grad = _compile(
+                trace, self.tensors, self.events, fuse_saves=max_saved_bytes is None
+            )
         invokes = trace.invokes
         if self.body is None and not (len(invokes) > 1 or (invokes and invokes[0].cache)):
             self.threads = self.invoke_threads  # one invoke (`trace(prompt)`): the common case
@@ -565,28 +569,22 @@ GRAD_READ = "module.output+grad"  # internal: a module.output read whose gradien
 
 
 def _compile(
-    trace: TraceIR, tensors: dict[str, torch.Tensor], events: dict[str, set[str]],
-    templates: dict[int, tuple] | None = None, fuse_saves: bool = False,
+    trace: TraceIR, tensors: dict[str, torch.Tensor], events: dict[str, set[str]], fuse_saves: bool = False,
 ) -> tuple[list[Thread], Thread | None, bool]:
     """Threads (one per invoke with code), the body (code outside invokes), and whether a
     backward is among the steps (the driver then runs with grad mode on). `fuse_saves`: saves
-    cannot fail (no cap on saved bytes), so a read and its save right after become one step."""
+    cannot fail (no cap on saved bytes), so a read and its save right after become one step.
+    (`Recording` makes the same steps while a trace is recorded, node by node.)"""
     by_invoke: dict[int | None, list[Step]] = {}
-    nested: list[int] = []  # the current node's references inside containers or kwargs
     gradients: list[Step] = []  # its backward and grad steps, if any
-
-    def ref(i: int) -> _Ref:
-        nested.append(i)
-        return _Ref(i)
-
     reads, event_kind = ops.MODULE_READS, EVENT_KIND  # locals: this loop runs for every node
     for node in trace.nodes:
         op = node.op
-        kind = event_kind.get(op)
         if op == "result":  # no module to wrap: the engine fires it after the driver's call
             step = ReadStep(node.id, op, node.loc, RESULT_EVENT, [])
         elif op in reads:  # the most common nodes: constant arguments, nothing to decode
             a = node.args
+            kind = event_kind[op]
             step = ReadStep(node.id, op, node.loc, (a[0], kind, a[1]), a)
             kinds = events.get(a[0])
             if kinds is None:
@@ -603,41 +601,56 @@ def _compile(
                     last.__class__ = ReadSaveStep
                     continue
             step = SaveStep(node.id, node.loc, (r,))
-        elif templates and (template := templates.get(node.id)) is not None:
-            # recorded in this process (an augassign): its arguments are known, nothing to decode
-            args, slots, refs, view = template
-            step = Step(node.id, op, node.loc, None, refs, args, _NO_KWARGS, slots, False)
-            if view and op == "augassign":
-                step.fn = _augassign_whole if args[1] == _WHOLE else _augassign_view
         else:
-            if nested:
-                nested.clear()
-            try:
-                slots = []
-                args = decode_list(node.args, ref, tensors, slots)
-                kwargs = decode({"$dict": node.kwargs}, ref, tensors) if node.kwargs else {}
-            except ArgError as exc:
-                raise ExecutionError(str(exc), node.loc) from None
-            event = None
-            if kind is not None:
-                event = (args[0], kind, args[1])
-                events.setdefault(args[0], set()).add(kind)
-            refs = []
-            for slot in slots:
-                refs.append(slot[1])
-            refs.extend(nested)
-            step = Step(node.id, op, node.loc, event, refs, args, kwargs, slots, bool(nested))
-            if op == "augassign" and len(args) == 4 and len(slots) == 1 and slots[0][0] == 0 and _is_view_index(args[1]):
-                # a constant basic index: known now to give a view
-                step.fn = _augassign_whole if args[1] == _WHOLE else _augassign_view
+            step = _compile_node(node, tensors, events)
             if op in _GRADIENT_OPS:  # rare: noted here so other traces pay no extra pass
                 gradients.append(step)
         steps = by_invoke.get(node.invoke)
         if steps is None:
             steps = by_invoke[node.invoke] = []
         steps.append(step)
+    return _threads(trace, by_invoke, gradients)
+
+
+def _compile_node(node: Node, tensors: dict[str, torch.Tensor], events: dict[str, set[str]]) -> Step:
+    """The step of any node but a read or a plain save: its arguments decoded into a template."""
+    nested: list[int] = []  # the node's references inside containers or kwargs
+
+    def ref(i: int) -> _Ref:
+        nested.append(i)
+        return _Ref(i)
+
+    op = node.op
+    try:
+        slots: list = []
+        args = decode_list(node.args, ref, tensors, slots)
+        kwargs = decode({"$dict": node.kwargs}, ref, tensors) if node.kwargs else {}
+    except ArgError as exc:
+        raise ExecutionError(str(exc), node.loc) from None
+    event = None
+    kind = EVENT_KIND.get(op)
+    if kind is not None:
+        event = (args[0], kind, args[1])
+        events.setdefault(args[0], set()).add(kind)
+    refs = []
+    for slot in slots:
+        refs.append(slot[1])
+    refs.extend(nested)
+    step = Step(node.id, op, node.loc, event, refs, args, kwargs, slots, bool(nested))
+    if op == "augassign" and len(args) == 4 and len(slots) == 1 and slots[0][0] == 0 and _is_view_index(args[1]):
+        # a constant basic index: known now to give a view
+        step.fn = _augassign_whole if args[1] == _WHOLE else _augassign_view
+    return step
+
+
+def _threads(
+    trace: TraceIR, by_invoke: dict[int | None, list[Step]], gradients: list[Step]
+) -> tuple[list[Thread], Thread | None, bool]:
+    """The threads of compiled steps (see `_compile`)."""
     if gradients:
         _track_grads(gradients, by_invoke)
+    if len(by_invoke) == 1 and 0 in by_invoke:  # one invoke (`trace(prompt)`): the common case
+        return [Thread(by_invoke[0], 0)], None, any(s.op == "backward" for s in gradients)
     threads = [Thread(by_invoke[i], i) for i in sorted(k for k in by_invoke if k is not None)]
     body = None
     if None in by_invoke:
@@ -647,6 +660,91 @@ def _compile(
         for step in body.steps if waits else ():  # no invoke threads: nothing to wait for
             step.after = [(t, n) for t in waits if (n := sum(1 for x in t.steps if x.id < step.id))]
     return threads, body, any(s.op == "backward" for s in gradients)
+
+
+class Recording:
+    """One trace compiled while it is recorded, in this process (local runs: client_sdk's
+    Graph): the steps `_compile` would make from its IR afterwards, made with each node instead.
+    The recorder knows the arguments of its commonest nodes as Python values already (a read's
+    path and call, a save's reference, an augassign's operands), so those are neither encoded
+    for the engine nor decoded again, and no second pass over the nodes is made. Saves are
+    fused into their reads (`ReadSaveStep`), so only a program whose saves cannot fail (no
+    saved-bytes cap) uses it. Any other node is compiled by `_compile_node` as it is recorded;
+    one that fails to compile leaves the recording `broken` (the program then compiles the
+    IR, raising the error at the node's line as ever)."""
+
+    __slots__ = ("broken", "by_invoke", "events", "gradients", "tensors")
+
+    def __init__(self, tensors: dict[str, torch.Tensor]):
+        """`tensors`: the recorder's client tensors (the program's), by blob name."""
+        self.by_invoke: dict[int | None, list] = {}
+        self.events: dict[str, set[str]] = {}
+        self.gradients: list[Step] = []
+        self.tensors = tensors
+        self.broken = False
+
+    def read(self, id: int, op: str, loc: Any, args: list, invoke: int | None) -> None:
+        """A module read (`module.output`, `.input`, `.inputs`): args [path, call index]."""
+        kind = EVENT_KIND[op]
+        path = args[0]
+        kinds = self.events.get(path)
+        if kinds is None:
+            self.events[path] = {kind}
+        else:
+            kinds.add(kind)
+        steps = self.by_invoke.get(invoke)
+        if steps is None:
+            steps = self.by_invoke[invoke] = []
+        steps.append(ReadStep(id, op, loc, (path, kind, args[1]), args))
+
+    def save(self, id: int, ref: int, loc: Any, invoke: int | None) -> None:
+        """`x.save()` of node `ref`: fused into the read of x when that is the step before."""
+        steps = self.by_invoke.get(invoke)
+        if steps is None:
+            steps = self.by_invoke[invoke] = []
+        elif ref == id - 1 and type(last := steps[-1]) is ReadStep and last.id == ref:
+            last.__class__ = ReadSaveStep
+            return
+        steps.append(SaveStep(id, loc, (ref,)))
+
+    def augassign(
+        self, id: int, loc: Any, args: list, slots: list, refs: list, view: bool, invoke: int | None
+    ) -> None:
+        """`target[index] op= other` with `args` the template ([None, index, op, other or None]),
+        `slots` (position, node id) of its references, `view`: the index surely gives a view."""
+        step = Step(id, "augassign", loc, None, refs, args, _NO_KWARGS, slots, False)
+        if view:
+            step.fn = _augassign_whole if args[1] == _WHOLE else _augassign_view
+        steps = self.by_invoke.get(invoke)
+        if steps is None:
+            steps = self.by_invoke[invoke] = []
+        steps.append(step)
+
+    def add(self, node: Node) -> None:
+        """Any other node, compiled as `_compile` would."""
+        if self.broken:
+            return
+        op = node.op
+        if op == "result":
+            step = ReadStep(node.id, op, node.loc, RESULT_EVENT, [])
+        elif op == "save" and (r := ref_id(node.args[0])) is not None:
+            self.save(node.id, r, node.loc, node.invoke)
+            return
+        elif op in ops.MODULE_READS:
+            self.read(node.id, op, node.loc, node.args, node.invoke)
+            return
+        else:
+            try:
+                step = _compile_node(node, self.tensors, self.events)
+            except Exception:  # noqa: BLE001 - the program compiles the IR and says why
+                self.broken = True
+                return
+            if op in _GRADIENT_OPS:
+                self.gradients.append(step)
+        steps = self.by_invoke.get(node.invoke)
+        if steps is None:
+            steps = self.by_invoke[node.invoke] = []
+        steps.append(step)
 
 
 _GRADIENT_OPS = frozenset({"grad", "backward"})
