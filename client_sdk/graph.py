@@ -230,8 +230,7 @@ class Graph:
             tracer.ir.nodes.append(Node(node_id, "augassign", [{"$ref": target_id}, {"$slice": [None, None, None]}, op, other], {}, tracer.invoke_index, loc))
             self.next_id = node_id + 1
             if tracer.recording is not None:
-                tracer.recording.augassign(node_id, loc, [None, index, op, other], [(0, target_id)], [target_id],
-                                           True, tracer.invoke_index)
+                tracer.recording.augassign(node_id, loc, target_id, index, op, other, None, True, tracer.invoke_index)
             return
         try:
             encoded = argcodec.encode_list(args, self._store_tensor, self._ref_of, Proxy)
@@ -245,11 +244,9 @@ class Graph:
             return
         view = type(index) in _VIEW_INDEX  # (tuples too may be views: the engine checks those)
         if to in _SCALARS:
-            rec.augassign(node_id, loc, [None, index, op, other], [(0, target._id)], [target._id], view,
-                          tracer.invoke_index)
+            rec.augassign(node_id, loc, target._id, index, op, other, None, view, tracer.invoke_index)
         elif to is Proxy and other._graph is self:
-            rec.augassign(node_id, loc, [None, index, op, None], [(0, target._id), (3, other._id)],
-                          [target._id, other._id], view, tracer.invoke_index)
+            rec.augassign(node_id, loc, target._id, index, op, None, other._id, view, tracer.invoke_index)
         else:
             rec.add(node)
 

@@ -103,6 +103,7 @@ class Step:
     __slots__ = ("after", "args", "event", "fn", "id", "kwargs", "loc", "nested", "op", "refs", "run",
                  "slots", "writes")
     saves = False  # see ReadSaveStep
+    edits = False  # see ReadEditStep
 
     def __init__(self, id: int, op: str, loc: Any, event: Event | None, refs: tuple[int, ...],
                  args: list, kwargs: dict, slots: tuple, nested: bool):
@@ -140,7 +141,7 @@ class ReadStep:
     has no references, nothing to bind, and writes nothing). Reads are most of the steps made,
     so each one costs five stores instead of thirteen."""
 
-    __slots__ = ("after", "args", "event", "id", "loc", "op")
+    __slots__ = ("after", "args", "edit", "event", "id", "loc", "op")  # edit: see ReadEditStep
     refs: tuple = ()
     kwargs: dict = {}  # noqa: RUF012 - never mutated
     slots: tuple = ()
@@ -148,6 +149,7 @@ class ReadStep:
     fn = None
     writes = False
     saves = False  # see ReadSaveStep
+    edits = False  # see ReadEditStep
 
     def __init__(self, id: int, op: str, loc: Any, event: Event, args: list):
         self.id = id
@@ -167,6 +169,33 @@ class ReadSaveStep(ReadStep):
 
     __slots__ = ()
     saves = True
+
+
+class ReadEditStep(ReadStep):
+    """A read whose very next node (same invoke) is an augassign of the value read with a
+    scalar — `module.output[:] += 0.5`, the commonest edit: the program runs the edit (`edit`,
+    an `Edit`, which keeps its own line for errors) on the value as soon as it is read, one
+    step instead of two. A ReadStep becomes one (`__class__` assignment, same slots) in
+    `Recording.augassign` (local runs)."""
+
+    __slots__ = ()
+    edits = True
+
+
+class Edit:
+    """The augassign `target[index] op= value` of a ReadEditStep, its target the value read:
+    `fn(target, index, op, value)`. Also what `last_write` names (its line) if the model fails
+    after it."""
+
+    __slots__ = ("fn", "id", "index", "loc", "op", "value")
+
+    def __init__(self, id: int, loc: Any, fn: Callable, index: Any, op: str, value: Any):
+        self.id = id
+        self.loc = loc
+        self.fn = fn
+        self.index = index
+        self.op = op
+        self.value = value
 
 
 class SaveStep:
@@ -348,6 +377,15 @@ class Program:
                         self._module_step(step, thread.rows, il)
                     if step.saves:  # a ReadSaveStep: its save, too
                         self.saved.append(step.id)
+                    elif step.edits:  # a ReadEditStep: its edit, too (`_compute`, shortened)
+                        edit = step.edit
+                        if self.cancel is not None and self.cancel.is_set():
+                            raise Cancelled()
+                        self.last_write = edit
+                        try:
+                            values[edit.id] = edit.fn(values[step.id], edit.index, edit.op, edit.value)
+                        except Exception as exc:
+                            raise _failed(edit, exc) from exc
                 else:
                     for r in step.refs:
                         if r not in values:
@@ -708,16 +746,26 @@ class Recording:
         steps.append(SaveStep(id, loc, (ref,)))
 
     def augassign(
-        self, id: int, loc: Any, args: list, slots: list, refs: list, view: bool, invoke: int | None
+        self, id: int, loc: Any, target: int, index: Any, op: str, other: Any, other_id: int | None, view: bool,
+        invoke: int | None,
     ) -> None:
-        """`target[index] op= other` with `args` the template ([None, index, op, other or None]),
-        `slots` (position, node id) of its references, `view`: the index surely gives a view."""
-        step = Step(id, "augassign", loc, None, refs, args, _NO_KWARGS, slots, False)
-        if view:
-            step.fn = _augassign_whole if args[1] == _WHOLE else _augassign_view
+        """`target[index] op= other`: node `target`'s value, `other` a scalar or (`other_id`) a
+        node's value; `view`: the index surely gives a view of a tensor."""
+        fn = (_augassign_whole if index == _WHOLE else _augassign_view) if view else _augassign
         steps = self.by_invoke.get(invoke)
         if steps is None:
             steps = self.by_invoke[invoke] = []
+        elif other_id is None and target == id - 1 and type(last := steps[-1]) is ReadStep and last.id == target:
+            # the edit of the value just read, by a scalar: one step
+            last.edit = Edit(id, loc, fn, index, op, other)
+            last.__class__ = ReadEditStep
+            return
+        if other_id is None:
+            step = Step(id, "augassign", loc, None, [target], [None, index, op, other], _NO_KWARGS, [(0, target)], False)
+        else:
+            step = Step(id, "augassign", loc, None, [target, other_id], [None, index, op, None], _NO_KWARGS,
+                        [(0, target), (3, other_id)], False)
+        step.fn = fn
         steps.append(step)
 
     def add(self, node: Node) -> None:

@@ -128,3 +128,30 @@ def test_a_subscript_written_before_a_stop_is_computed(lm: LanguageModel) -> Non
         with lm.trace(P2):
             out = (hs * 1).save()
     assert out.shape == (1, 64)
+
+
+def test_an_edit_of_the_value_just_read_fails_at_its_own_line(lm: LanguageModel) -> None:
+    """Locally a read and the scalar edit right after it run as one step: a failing edit still
+    names its own line, not the read's."""
+    with pytest.raises(ExecutionError) as info, lm.trace(P1):
+        h = lm.model.layers[1].output
+        h[5] += 1.0  # a batch of one: no row 5
+    assert "IndexError" in str(info.value) and "h[5] += 1.0" in str(info.value)
+
+
+def test_edits_of_values_just_read_in_invokes_see_their_rows(lm: LanguageModel) -> None:
+    with lm.trace() as tracer:
+        with tracer.invoke(P1):
+            lm.model.layers[1].output[:] += 0.5
+            a = lm.lm_head.output.save()
+        with tracer.invoke(P2):
+            lm.model.layers[1].output[:, -1] *= 2.0
+            b = lm.lm_head.output.save()
+    with lm.trace(P1):
+        lm.model.layers[1].output[:] += 0.5
+        alone_a = lm.lm_head.output.save()
+    with lm.trace(P2):
+        lm.model.layers[1].output[:, -1] *= 2.0
+        alone_b = lm.lm_head.output.save()
+    torch.testing.assert_close(a[:, -1], alone_a[:, -1])
+    torch.testing.assert_close(b[:, -1], alone_b[:, -1])
