@@ -169,9 +169,9 @@ class Graph:
     def subscript(self, target: Proxy, index: Any) -> Proxy:
         """`target[index]`: lazy for a basic index, recorded now otherwise."""
         tracer = self.tracer
-        if type(index) is slice:  # `_basic`, inline for the commonest index
-            basic = (type(index.start) in _PLAIN_INDEX and type(index.stop) in _PLAIN_INDEX
-                     and type(index.step) in _PLAIN_INDEX)
+        if type(index) is slice:  # `_basic`, inline for the commonest index (`[:]` the commonest)
+            basic = index == _WHOLE or (type(index.start) in _PLAIN_INDEX and type(index.stop) in _PLAIN_INDEX
+                                        and type(index.step) in _PLAIN_INDEX)
         else:
             basic = _basic(index)
         if tracer is None or self.done or not basic:
@@ -199,43 +199,43 @@ class Graph:
         if pending is not None and value is pending:
             _, op, item, other, invoke, tracer = pending._lazy
             lazy = item._lazy
-            if lazy is not None and lazy[0] == "item" and lazy[1] is target and _same_index(lazy[2], index):
+            if (lazy is not None and lazy[1] is target and lazy[0] == "item"
+                    and (lazy[2] is index or _same_index(lazy[2], index))):  # (`x[i] += v`: the same object)
                 self._pending = None
                 # The in-place op's location: the same statement as this setitem in `x[i] += v`
                 # (for `t = x[i]; t += v; x[i] = t` the `+=` line), and no third frame walk.
                 loc = pending._loc
-                args = [target, index, op, other]
-                if tracer is not self.tracer or self.done:
-                    self.record("augassign", args, result=False, loc=loc)  # says why it cannot
+                if tracer is not self.tracer or self.done:  # says why it cannot
+                    self.record("augassign", [target, index, op, other], result=False, loc=loc)
                 else:  # `record`, inline: nothing is pending now, and this is no stop or call
-                    self._record_augassign(tracer, args, loc)
+                    self._record_augassign(tracer, target, index, op, other, loc)
                 # Both are views of target[index] now; used later, each records that subscript.
                 item._lazy = pending._lazy = ("item", target, index, invoke, tracer, True)
                 return
         self.record("setitem", [target, index, value], result=False, depth=4)
 
-    def _record_augassign(self, tracer: OpenTrace, args: list, loc: Location) -> None:
+    def _record_augassign(self, tracer: OpenTrace, target: Proxy, index: Any, op: str, other: Any, loc: Location) -> None:
         """The `augassign` node of `target[index] op= other`, the commonest edit. Its target is a
         proxy of this graph, its index basic (see `subscript`), its op a name; for a local run
         its step is compiled here too (`Recording.augassign`) when `other` is a scalar or a
         proxy of this graph: the arguments are known, nothing to decode."""
-        target, index, op, other = args
         to = type(other)
         node_id = self.next_id
         if (  # `x[:] += 0.5`: encoded inline, as `encode_list` would (NaN fails the bounds too)
-            (to is float or to is int) and type(index) is slice and index.start is None
-            and index.stop is None and index.step is None and target._lazy is None and -_INF < other < _INF
-        ):
+            (to is float or to is int) and index == _WHOLE and target._lazy is None and -_INF < other < _INF
+        ):  # (a basic index: ints, slices, tuples of them, never a proxy, so == is safe)
             target_id = target._id
             tracer.ir.nodes.append(Node(node_id, "augassign", [{"$ref": target_id}, {"$slice": [None, None, None]}, op, other], {}, tracer.invoke_index, loc))
             self.next_id = node_id + 1
             if tracer.recording is not None:
                 tracer.recording.augassign(node_id, loc, target_id, index, op, other, None, True, tracer.invoke_index)
             return
+        args = [target, index, op, other]
         try:
             encoded = argcodec.encode_list(args, self._store_tensor, self._ref_of, Proxy)
         except argcodec.ArgError:
             encoded = self.encode(args, loc)
+        node_id = self.next_id  # (encoding records a lazy target or operand first)
         node = Node(node_id, "augassign", encoded, {}, tracer.invoke_index, loc)
         tracer.ir.nodes.append(node)
         self.next_id = node_id + 1
@@ -383,6 +383,7 @@ class Graph:
 
 _SCALARS = frozenset({int, float, str, bool, type(None)})
 _INF = math.inf
+_WHOLE = slice(None)  # `x[:]`
 _VIEW_INDEX = frozenset({int, slice, type(None), type(Ellipsis)})  # x[i] of these is a view of x
 _BASIC = (int, slice, type(None), type(Ellipsis), str)
 

@@ -155,3 +155,21 @@ def test_edits_of_values_just_read_in_invokes_see_their_rows(lm: LanguageModel) 
         alone_b = lm.lm_head.output.save()
     torch.testing.assert_close(a[:, -1], alone_a[:, -1])
     torch.testing.assert_close(b[:, -1], alone_b[:, -1])
+
+
+def test_an_edit_of_a_subscript_of_a_subscript_is_recorded_after_it(lm: LanguageModel) -> None:
+    """`x[:, -1][0] += v`: the inner subscript is recorded first (a node of its own), then the edit."""
+    with lm.trace(P1):
+        x = lm.model.layers[1].output
+        x[:, -1][0] += 1.0
+        logits = lm.lm_head.output.save()
+
+    def edit(o):
+        o[:, -1][0] += 1.0
+
+    assert torch.equal(logits, hooked(lm, P1, 1, edit))
+    with tracing.recording() as graph, lm.trace(P1):
+        lm.model.layers[1].output[:, -1][0] += 1.0
+    nodes = graph.session_ir().traces[0].nodes
+    assert [n.op for n in nodes] == ["module.output", "getitem", "augassign"]
+    assert len({n.id for n in nodes}) == 3
