@@ -28,10 +28,11 @@ from typing import Any, Self
 import torch
 
 from intervention.errors import ExecutionError, ValidationError
-from intervention.program import RUNNING, Event, Program
+from intervention.program import BOTH_KINDS, RUNNING, Event, Program
 from intervention.values import Shape, first_device, to_device_of, write_rows
 
 _MISSING = object()
+_NO_CACHE: dict = {}  # looked up, never written: a run with wrappers of its own
 
 
 class Ended(Exception):
@@ -56,14 +57,19 @@ class Interleaver:
 
     def __enter__(self) -> Self:
         device = first_device(self.model)
-        wanted: dict[str, set[str]] = {}
+        wanted: dict[str, frozenset[str]] = {}
+        shared = False  # `wanted` is a program's own `events` (only read, never written)
         for program in self.programs:
             program.interleaver, program.device, program.plain = self, device, device.type == "cpu"
+            events = program.events
             if not wanted:
-                wanted = dict(program.events)  # one program (the common case): share its sets
-            else:
-                for path, kinds in program.events.items():
-                    wanted[path] = wanted.get(path, set()) | kinds
+                wanted, shared = events, True  # one program (the common case): its own
+                continue
+            if shared:
+                wanted, shared = dict(wanted), False
+            for path, kinds in events.items():  # (two kinds only: see program.KINDS)
+                old = wanted.get(path)
+                wanted[path] = kinds if old is None or old is kinds else BOTH_KINDS
         with _PORTS_LOCK:  # two threads running the same model must not both claim its port
             port = _PORTS.get(self.model)
             if port is None:
@@ -74,16 +80,17 @@ class Interleaver:
                 port, cache = _Port(), None
                 port.il = self
         try:
-            calls, restore = self.calls, self._restore
+            self.calls = dict.fromkeys(wanted, 0)
+            restore = self._restore
+            found = cache if cache is not None else _NO_CACHE
             for path, kinds in wanted.items():
-                calls[path] = 0
-                key = (path, "input" in kinds, "output" in kinds)
-                entry = cache.get(key) if cache is not None else None
+                key = (path, kinds)
+                entry = found.get(key)
                 if entry is not None:  # `_rewrap`, inline: this runs for every module read
                     module, saved, forward, parent, name = entry
                     d = module.__dict__
                     if d.get("forward", _MISSING) is saved and parent._modules.get(name) is module:
-                        restore.append((module, saved))
+                        restore.append(entry)  # (module, saved, ...): what __exit__ puts back
                         d["forward"] = forward
                         continue
                 module = self._module_for(path)
@@ -101,7 +108,8 @@ class Interleaver:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for module, saved in reversed(self._restore):
+        for entry in reversed(self._restore):
+            module, saved = entry[0], entry[1]
             if saved is _MISSING:
                 module.__dict__.pop("forward", None)
             else:
@@ -143,7 +151,7 @@ class Interleaver:
         d = module.__dict__
         if d.get("forward", _MISSING) is not saved or (name and parent._modules.get(name) is not module):
             return False
-        self._restore.append((module, saved))
+        self._restore.append(entry)
         d["forward"] = forward
         return True
 

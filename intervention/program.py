@@ -90,6 +90,19 @@ class _Ref:
 EVENT_KIND = {
     op: "input" if op in ops.INPUT_OPS else "output" for op in ops.MODULE_READS | ops.MODULE_WRITES
 }
+# A program's `events` map a module path to one of these three sets, never another (so the
+# interleaver can key its cached wrappers on the set itself): see `add_event`.
+KINDS: dict[str, frozenset[str]] = {"input": frozenset({"input"}), "output": frozenset({"output"})}
+BOTH_KINDS = frozenset({"input", "output"})
+
+
+def add_event(events: dict[str, frozenset[str]], path: str, kind: str) -> None:
+    """Note that a step waits for `path`'s `kind` events."""
+    kinds = events.get(path)
+    if kinds is None:
+        events[path] = KINDS[kind]
+    elif kind not in kinds:
+        events[path] = BOTH_KINDS
 
 
 class Step:
@@ -270,8 +283,8 @@ class Program:
         self.device = _CPU  # the model's; set by the interleaver that runs it
         self.plain = True  # the model is on the CPU: client tensors need no moving
         self.interleaver: Interleaver | None = None
-        # module path -> the event kinds some step waits for ("input", "output")
-        self.events: dict[str, set[str]] = {}
+        # module path -> the event kinds some step waits for ("input", "output"): see KINDS
+        self.events: dict[str, frozenset[str]] = {}
         # Gradients: node id -> (the tensor whose .grad holds its gradient, rows), for the values
         # some `grad` node asks for; the driver runs with grad mode on when any backward is there.
         self.grad_sources: dict[int, tuple[torch.Tensor, Rows]] = {}
@@ -284,8 +297,10 @@ class Program:
                 trace, self.tensors, self.events, fuse_saves=max_saved_bytes is None
             )
         invokes = trace.invokes
-        if self.body is None and not (len(invokes) > 1 or (invokes and invokes[0].cache)):
-            self.threads = self.invoke_threads  # one invoke (`trace(prompt)`): the common case
+        if not self.invoke_threads and self.body is not None:
+            self.threads = [self.body]  # no invoke blocks (`trace(prompt)`): the common case
+        elif self.body is None and not (len(invokes) > 1 or (invokes and invokes[0].cache)):
+            self.threads = self.invoke_threads  # one invoke
         else:
             caches = [t for t in self.invoke_threads if invokes[t.invoke].cache] if invokes else []
             self.threads = [*(t for t in self.invoke_threads if t not in caches), *([self.body] if self.body else []), *caches]
@@ -607,7 +622,7 @@ GRAD_READ = "module.output+grad"  # internal: a module.output read whose gradien
 
 
 def _compile(
-    trace: TraceIR, tensors: dict[str, torch.Tensor], events: dict[str, set[str]], fuse_saves: bool = False,
+    trace: TraceIR, tensors: dict[str, torch.Tensor], events: dict[str, frozenset[str]], fuse_saves: bool = False,
 ) -> tuple[list[Thread], Thread | None, bool]:
     """Threads (one per invoke with code), the body (code outside invokes), and whether a
     backward is among the steps (the driver then runs with grad mode on). `fuse_saves`: saves
@@ -615,6 +630,7 @@ def _compile(
     (`Recording` makes the same steps while a trace is recorded, node by node.)"""
     by_invoke: dict[int | None, list[Step]] = {}
     gradients: list[Step] = []  # its backward and grad steps, if any
+    nested, ref = _nested_refs()
     reads, event_kind = ops.MODULE_READS, EVENT_KIND  # locals: this loop runs for every node
     for node in trace.nodes:
         op = node.op
@@ -624,11 +640,11 @@ def _compile(
             a = node.args
             kind = event_kind[op]
             step = ReadStep(node.id, op, node.loc, (a[0], kind, a[1]), a)
-            kinds = events.get(a[0])
+            kinds = events.get(a[0])  # `add_event`, inline
             if kinds is None:
-                events[a[0]] = {kind}
-            else:
-                kinds.add(kind)
+                events[a[0]] = KINDS[kind]
+            elif kind not in kinds:
+                events[a[0]] = BOTH_KINDS
         elif op == "save" and (r := ref_id(node.args[0])) is not None:  # the next commonest
             if fuse_saves and r == node.id - 1:
                 # `x.save()` right after the read of x, in the same thread (no node between, so
@@ -640,7 +656,7 @@ def _compile(
                     continue
             step = SaveStep(node.id, node.loc, (r,))
         else:
-            step = _compile_node(node, tensors, events)
+            step = _compile_node(node, tensors, events, nested, ref)
             if op in _GRADIENT_OPS:  # rare: noted here so other traces pay no extra pass
                 gradients.append(step)
         steps = by_invoke.get(node.invoke)
@@ -650,14 +666,26 @@ def _compile(
     return _threads(trace, by_invoke, gradients)
 
 
-def _compile_node(node: Node, tensors: dict[str, torch.Tensor], events: dict[str, set[str]]) -> Step:
-    """The step of any node but a read or a plain save: its arguments decoded into a template."""
-    nested: list[int] = []  # the node's references inside containers or kwargs
+def _nested_refs() -> tuple[list[int], Callable[[int], _Ref]]:
+    """For `_compile_node`: a list, and the decoder's callback for references inside containers
+    or keyword arguments, which notes them there. Made once per trace, not per node."""
+    nested: list[int] = []
 
     def ref(i: int) -> _Ref:
         nested.append(i)
         return _Ref(i)
 
+    return nested, ref
+
+
+def _compile_node(
+    node: Node, tensors: dict[str, torch.Tensor], events: dict[str, frozenset[str]], nested: list[int],
+    ref: Callable[[int], _Ref],
+) -> Step:
+    """The step of any node but a read or a plain save: its arguments decoded into a template.
+    `nested`, `ref`: see `_nested_refs`."""
+    if nested:
+        nested.clear()
     op = node.op
     try:
         slots: list = []
@@ -669,7 +697,7 @@ def _compile_node(node: Node, tensors: dict[str, torch.Tensor], events: dict[str
     kind = EVENT_KIND.get(op)
     if kind is not None:
         event = (args[0], kind, args[1])
-        events.setdefault(args[0], set()).add(kind)
+        add_event(events, args[0], kind)
     refs = []
     for slot in slots:
         refs.append(slot[1])
@@ -685,10 +713,12 @@ def _threads(
     trace: TraceIR, by_invoke: dict[int | None, list[Step]], gradients: list[Step]
 ) -> tuple[list[Thread], Thread | None, bool]:
     """The threads of compiled steps (see `_compile`)."""
+    backward = False
     if gradients:
         _track_grads(gradients, by_invoke)
-    if len(by_invoke) == 1 and 0 in by_invoke:  # one invoke (`trace(prompt)`): the common case
-        return [Thread(by_invoke[0], 0)], None, any(s.op == "backward" for s in gradients)
+        backward = any(s.op == "backward" for s in gradients)
+    if len(by_invoke) == 1 and None in by_invoke:  # `trace(prompt)`'s code: the common case
+        return [], Thread(by_invoke[None]), backward
     threads = [Thread(by_invoke[i], i) for i in sorted(k for k in by_invoke if k is not None)]
     body = None
     if None in by_invoke:
@@ -697,7 +727,7 @@ def _threads(
         waits = [t for t in threads if t.invoke >= len(trace.invokes) or not trace.invokes[t.invoke].cache]
         for step in body.steps if waits else ():  # no invoke threads: nothing to wait for
             step.after = [(t, n) for t in waits if (n := sum(1 for x in t.steps if x.id < step.id))]
-    return threads, body, any(s.op == "backward" for s in gradients)
+    return threads, body, backward
 
 
 class Recording:
@@ -711,25 +741,26 @@ class Recording:
     one that fails to compile leaves the recording `broken` (the program then compiles the
     IR, raising the error at the node's line as ever)."""
 
-    __slots__ = ("broken", "by_invoke", "events", "gradients", "tensors")
+    __slots__ = ("broken", "by_invoke", "events", "gradients", "refs", "tensors")
 
     def __init__(self, tensors: dict[str, torch.Tensor]):
         """`tensors`: the recorder's client tensors (the program's), by blob name."""
         self.by_invoke: dict[int | None, list] = {}
-        self.events: dict[str, set[str]] = {}
+        self.events: dict[str, frozenset[str]] = {}
         self.gradients: list[Step] = []
         self.tensors = tensors
         self.broken = False
+        self.refs: tuple | None = None  # see _nested_refs, made when first needed
 
     def read(self, id: int, op: str, loc: Any, args: list, invoke: int | None) -> None:
         """A module read (`module.output`, `.input`, `.inputs`): args [path, call index]."""
         kind = EVENT_KIND[op]
         path = args[0]
-        kinds = self.events.get(path)
+        kinds = self.events.get(path)  # `add_event`, inline
         if kinds is None:
-            self.events[path] = {kind}
-        else:
-            kinds.add(kind)
+            self.events[path] = KINDS[kind]
+        elif kind not in kinds:
+            self.events[path] = BOTH_KINDS
         steps = self.by_invoke.get(invoke)
         if steps is None:
             steps = self.by_invoke[invoke] = []
@@ -782,8 +813,10 @@ class Recording:
             self.read(node.id, op, node.loc, node.args, node.invoke)
             return
         else:
+            if self.refs is None:
+                self.refs = _nested_refs()
             try:
-                step = _compile_node(node, self.tensors, self.events)
+                step = _compile_node(node, self.tensors, self.events, *self.refs)
             except Exception:  # noqa: BLE001 - the program compiles the IR and says why
                 self.broken = True
                 return
