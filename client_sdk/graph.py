@@ -18,6 +18,7 @@ from client_sdk.location import user_location
 from client_sdk.proxy import Proxy, TracingError
 from intervention import args as argcodec
 from intervention.ir import Location, Node, SessionIR, SessionStep, TraceIR
+from intervention.order import ranks_by_kind
 from intervention.program import Recording
 from intervention.validate import CALL_OPS, check_node_alone
 
@@ -79,7 +80,11 @@ class Graph:
         """`tracer`'s trace is recorded from now on (its IR is the last of `traces`)."""
         self.traces.append(tracer.ir)
         if self.recordings is not None:
-            tracer.recording = self.recordings[id(tracer.ir)] = Recording(self.tensors)
+            # The model's module order, once known (recorded at its first run), is checked as
+            # nodes are recorded.
+            order = getattr(tracer.model, "known_module_order", None)
+            rank = ranks_by_kind(order) if order else None
+            tracer.recording = self.recordings[id(tracer.ir)] = Recording(self.tensors, rank)
         self.tracer = tracer
 
     # -- recording -----------------------------------------------------------------------------
@@ -108,7 +113,7 @@ class Graph:
             encoded = argcodec.encode_list(args, self._store_tensor, self._ref_of, Proxy)
         except argcodec.ArgError:
             encoded = self.encode(args, loc)
-        node = Node(self.next_id, op, encoded, self.encode(kwargs, loc) if kwargs else {}, tracer.invoke_index, loc)
+        node = Node(self.next_id, op, encoded, self.encode(kwargs, loc) if kwargs else _NO_KWARGS, tracer.invoke_index, loc)
         if op in CALL_OPS:
             check_node_alone(node)  # a refused call fails here, at the user's line
         self.next_id += 1
@@ -131,7 +136,7 @@ class Graph:
             self._flush(self._pending)
         loc = user_location(3)  # user code -> Envoy.output -> record_encoded -> here
         node_id = self.next_id
-        tracer.ir.nodes.append(Node(node_id, op, args, {}, tracer.invoke_index, loc))
+        tracer.ir.nodes.append(Node(node_id, op, args, _NO_KWARGS, tracer.invoke_index, loc))
         self.next_id = node_id + 1
         if tracer.recording is not None:
             tracer.recording.read(node_id, op, loc, args, tracer.invoke_index)
@@ -150,7 +155,7 @@ class Graph:
             self._flush(proxy)
         loc = user_location(3)  # user code -> Proxy.save -> record_save -> here
         node_id, ref = self.next_id, proxy._id
-        tracer.ir.nodes.append(Node(node_id, "save", [{"$ref": ref}], {}, tracer.invoke_index, loc))
+        tracer.ir.nodes.append(Node(node_id, "save", [{"$ref": ref}], _NO_KWARGS, tracer.invoke_index, loc))
         self.next_id = node_id + 1
         if tracer.recording is not None:
             tracer.recording.save(node_id, ref, loc, tracer.invoke_index)
@@ -225,7 +230,7 @@ class Graph:
             (to is float or to is int) and index == _WHOLE and target._lazy is None and -_INF < other < _INF
         ):  # (a basic index: ints, slices, tuples of them, never a proxy, so == is safe)
             target_id = target._id
-            tracer.ir.nodes.append(Node(node_id, "augassign", [{"$ref": target_id}, {"$slice": [None, None, None]}, op, other], {}, tracer.invoke_index, loc))
+            tracer.ir.nodes.append(Node(node_id, "augassign", [{"$ref": target_id}, {"$slice": [None, None, None]}, op, other], _NO_KWARGS, tracer.invoke_index, loc))
             self.next_id = node_id + 1
             if tracer.recording is not None:
                 tracer.recording.augassign(node_id, loc, target_id, index, op, other, None, True, tracer.invoke_index)
@@ -236,7 +241,7 @@ class Graph:
         except argcodec.ArgError:
             encoded = self.encode(args, loc)
         node_id = self.next_id  # (encoding records a lazy target or operand first)
-        node = Node(node_id, "augassign", encoded, {}, tracer.invoke_index, loc)
+        node = Node(node_id, "augassign", encoded, _NO_KWARGS, tracer.invoke_index, loc)
         tracer.ir.nodes.append(node)
         self.next_id = node_id + 1
         rec = tracer.recording
@@ -273,7 +278,7 @@ class Graph:
         encoded = self.encode(args, proxy._loc)  # may record the lazy target first
         if tracer is not self.tracer:  # used in a later trace: recorded there
             invoke = self.tracer.invoke_index
-        node = Node(self.next_id, op, encoded, {}, invoke, proxy._loc)
+        node = Node(self.next_id, op, encoded, _NO_KWARGS, invoke, proxy._loc)
         self.next_id += 1
         self.tracer.ir.nodes.append(node)
         if self.tracer.recording is not None:
@@ -383,6 +388,7 @@ class Graph:
 
 _SCALARS = frozenset({int, float, str, bool, type(None)})
 _INF = math.inf
+_NO_KWARGS: dict = {}  # the kwargs of every node recorded without any: shared, never mutated
 _WHOLE = slice(None)  # `x[:]`
 _VIEW_INDEX = frozenset({int, slice, type(None), type(Ellipsis)})  # x[i] of these is a view of x
 _BASIC = (int, slice, type(None), type(Ellipsis), str)

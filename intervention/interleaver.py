@@ -50,7 +50,7 @@ class Interleaver:
         self.inputs_replaced = False
         self.paused = False  # a module the user calls explicitly is not a model event
         self.skips: list | None = None  # (value, rows) given by module.skip for the call firing now
-        self._restore: list[tuple[torch.nn.Module, Any]] = []
+        self._restore: list[tuple] = []  # (module, its saved forward, ...): see _wrap
         self._port: _Port | None = None
 
     # -- lifetime ------------------------------------------------------------------------------
@@ -108,8 +108,7 @@ class Interleaver:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for entry in reversed(self._restore):
-            module, saved = entry[0], entry[1]
+        for module, saved, _, _, _ in reversed(self._restore):  # (cache entries: see _wrap)
             if saved is _MISSING:
                 module.__dict__.pop("forward", None)
             else:
@@ -129,17 +128,18 @@ class Interleaver:
         # `generate` inspects the signature of `forward` to choose the arguments it passes
         forward.__wrapped__ = original
         saved = module.__dict__.get("forward", _MISSING)
-        self._restore.append((module, saved))
+        # Where the module is registered, so a later run sees if it was replaced there.
+        parent, name = self.model, ""
+        if path:
+            parent_path, _, name = path.rpartition(".")
+            parent = submodule(self.model, parent_path)
+        entry = (module, saved, forward, parent, name)
+        self._restore.append(entry)  # what __exit__ puts back: `module.forward`, `saved`
         module.__dict__["forward"] = forward
         if cache is not None:
             if len(cache) > 4096:  # bounded, whatever the traces touch
                 cache.clear()
-            # Where the module is registered, so a later run sees if it was replaced there.
-            parent, name = self.model, ""
-            if path:
-                parent_path, _, name = path.rpartition(".")
-                parent = submodule(self.model, parent_path)
-            cache[key] = (module, saved, forward, parent, name)
+            cache[key] = entry
 
     def _rewrap(self, entry: tuple | None) -> bool:
         """Install a wrapper made by an earlier run, if it still wraps what the module has now

@@ -29,6 +29,7 @@ from intervention.args import ArgError, decode, decode_list, ref_id
 from intervention.errors import Cancelled, ExecutionError, InterventionError
 from intervention.hints import tuple_habit
 from intervention.ir import Node, TraceIR
+from intervention.order import out_of_order
 from intervention.values import (
     Rows,
     Shape,
@@ -739,18 +740,40 @@ class Recording:
     fused into their reads (`ReadSaveStep`), so only a program whose saves cannot fail (no
     saved-bytes cap) uses it. Any other node is compiled by `_compile_node` as it is recorded;
     one that fails to compile leaves the recording `broken` (the program then compiles the
-    IR, raising the error at the node's line as ever)."""
+    IR, raising the error at the node's line as ever).
 
-    __slots__ = ("broken", "by_invoke", "events", "gradients", "refs", "tensors")
+    Given the rank of each module event in the model's order (`order.ranks_by_kind`), it checks
+    the order of module accesses as `order.check_order` would (`disorder`: its error, if any),
+    so validation need not walk the nodes again."""
 
-    def __init__(self, tensors: dict[str, torch.Tensor]):
-        """`tensors`: the recorder's client tensors (the program's), by blob name."""
+    __slots__ = ("broken", "by_invoke", "disorder", "events", "gradients", "last", "rank", "refs", "tensors")
+
+    def __init__(self, tensors: dict[str, torch.Tensor], rank: dict[str, dict[str, int]] | None = None):
+        """`tensors`: the recorder's client tensors (the program's), by blob name; `rank`: see
+        above (None: the order is not checked here)."""
         self.by_invoke: dict[int | None, list] = {}
         self.events: dict[str, frozenset[str]] = {}
         self.gradients: list[Step] = []
         self.tensors = tensors
         self.broken = False
         self.refs: tuple | None = None  # see _nested_refs, made when first needed
+        self.rank = rank
+        self.last: dict[int | None, int] = {}  # invoke -> rank of its latest first-call access
+        self.disorder: InterventionError | None = None
+
+    @property
+    def order_checked(self) -> bool:
+        """Whether `disorder` is `check_order`'s verdict on the trace (a broken recording stops
+        checking)."""
+        return self.rank is not None and not self.broken
+
+    def _order(self, path: str, kind: str, loc: Any, invoke: int | None) -> None:
+        """`check_order`'s step for an access of a module's first call."""
+        r = self.rank[kind].get(path)
+        if r is not None:
+            if r < self.last.get(invoke, -1) and self.disorder is None:
+                self.disorder = out_of_order(path, kind, loc)
+            self.last[invoke] = r
 
     def read(self, id: int, op: str, loc: Any, args: list, invoke: int | None) -> None:
         """A module read (`module.output`, `.input`, `.inputs`): args [path, call index]."""
@@ -765,6 +788,11 @@ class Recording:
         if steps is None:
             steps = self.by_invoke[invoke] = []
         steps.append(ReadStep(id, op, loc, (path, kind, args[1]), args))
+        rank = self.rank
+        if rank is not None and args[1] == 0 and (r := rank[kind].get(path)) is not None:  # `_order`, inline
+            if r < self.last.get(invoke, -1) and self.disorder is None:
+                self.disorder = out_of_order(path, kind, loc)
+            self.last[invoke] = r
 
     def save(self, id: int, ref: int, loc: Any, invoke: int | None) -> None:
         """`x.save()` of node `ref`: fused into the read of x when that is the step before."""
@@ -822,6 +850,8 @@ class Recording:
                 return
             if op in _GRADIENT_OPS:
                 self.gradients.append(step)
+            elif step.event is not None and self.rank is not None and step.event[2] == 0:  # a write
+                self._order(step.event[0], step.event[1], node.loc, node.invoke)
         steps = self.by_invoke.get(node.invoke)
         if steps is None:
             steps = self.by_invoke[node.invoke] = []
