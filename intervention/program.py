@@ -143,6 +143,10 @@ class Step:
         self.after: list = _NONE
 
 
+# Steps made while recording (`Recording`), one per recorded operation, are made with `_new(cls)`
+# and a store per slot, every slot the class's __init__ sets: calling the class costs a type call
+# and an __init__ frame on top (in CPython 3.11, ~40% of making one).
+_new = object.__new__
 _CPU = torch.device("cpu")  # made once: a device object costs more than a program's attributes
 _NONE: list = []  # shared empty `after`: never mutated, only replaced
 _NO_KWARGS: dict = {}  # shared empty keyword arguments: runners never mutate theirs
@@ -787,7 +791,14 @@ class Recording:
         steps = self.by_invoke.get(invoke)
         if steps is None:
             steps = self.by_invoke[invoke] = []
-        steps.append(ReadStep(id, op, loc, (path, kind, args[1]), args))
+        step = _new(ReadStep)  # `ReadStep(id, op, loc, (path, kind, args[1]), args)`: see _new
+        step.id = id
+        step.op = op
+        step.loc = loc
+        step.event = (path, kind, args[1])
+        step.args = args
+        step.after = _NONE
+        steps.append(step)
         rank = self.rank
         if rank is not None and args[1] == 0 and (r := rank[kind].get(path)) is not None:  # `_order`, inline
             if r < self.last.get(invoke, -1) and self.disorder is None:
@@ -816,7 +827,13 @@ class Recording:
             steps = self.by_invoke[invoke] = []
         elif other_id is None and target == id - 1 and type(last := steps[-1]) is ReadStep and last.id == target:
             # the edit of the value just read, by a scalar: one step
-            last.edit = Edit(id, loc, fn, index, op, other)
+            last.edit = edit = _new(Edit)  # `Edit(id, loc, fn, index, op, other)`: see _new
+            edit.id = id
+            edit.loc = loc
+            edit.fn = fn
+            edit.index = index
+            edit.op = op
+            edit.value = other
             last.__class__ = ReadEditStep
             return
         if other_id is None:
