@@ -9,12 +9,13 @@ each saved proxy its value (`resolve`).
 from __future__ import annotations
 
 import math
+import sys
 import threading
 from typing import Any, Protocol
 
 import torch
 
-from client_sdk.location import user_location
+from client_sdk.location import SITES, user_location
 from client_sdk.proxy import Proxy, TracingError
 from intervention import args as argcodec
 from intervention.ir import Location, Node, SessionIR, SessionStep, TraceIR
@@ -134,7 +135,9 @@ class Graph:
             self._closed(op, args)
         if self._pending is not None:
             self._flush(self._pending)
-        loc = user_location(3)  # user code -> Envoy.output -> record_encoded -> here
+        frame = _getframe(2)  # user code -> Envoy.output -> here: `user_location(3)`'s cached hit, inline
+        site = SITES.get((id(code := frame.f_code), frame.f_lasti))
+        loc = site[1] if site is not None and site[0] is code else user_location(3)
         node_id = self.next_id
         node = _new(Node)  # `Node(node_id, op, args, {}, tracer.invoke_index, loc)`: see _new
         node.id = node_id
@@ -165,7 +168,9 @@ class Graph:
             self._flush(self._pending)
         if proxy._lazy is not None:
             self._flush(proxy)
-        loc = user_location(3)  # user code -> Proxy.save -> record_save -> here
+        frame = _getframe(2)  # user code -> Proxy.save -> here: `user_location(3)`'s cached hit, inline
+        site = SITES.get((id(code := frame.f_code), frame.f_lasti))
+        loc = site[1] if site is not None and site[0] is code else user_location(3)
         node_id, ref = self.next_id, proxy._id
         node = _new(Node)  # `Node(node_id, "save", [{"$ref": ref}], {}, tracer.invoke_index, loc)`: see _new
         node.id = node_id
@@ -203,7 +208,9 @@ class Graph:
         proxy = _new(Proxy)  # `Proxy(self, None, loc)`: see _new
         proxy._graph = self
         proxy._id = None
-        proxy._loc = user_location(3)  # user code -> Proxy.__getitem__ -> here
+        frame = _getframe(2)  # user code -> Proxy.__getitem__ -> here: `user_location(3)`'s hit, inline
+        site = SITES.get((id(code := frame.f_code), frame.f_lasti))
+        proxy._loc = site[1] if site is not None and site[0] is code else user_location(3)
         proxy._state = "pending"
         proxy._value = None
         proxy._lazy = ("item", target, index, tracer.invoke_index, tracer, False)
@@ -219,7 +226,9 @@ class Graph:
         result = _new(Proxy)  # `Proxy(self, None, loc)`: see _new
         result._graph = self
         result._id = None
-        result._loc = user_location(3)  # user code -> Proxy.__iadd__ -> here
+        frame = _getframe(2)  # user code -> Proxy.__iadd__ -> here: `user_location(3)`'s hit, inline
+        site = SITES.get((id(code := frame.f_code), frame.f_lasti))
+        result._loc = site[1] if site is not None and site[0] is code else user_location(3)
         result._state = "pending"
         result._value = None
         result._lazy = ("op", op, proxy, other, lazy[3], lazy[4])
@@ -239,9 +248,26 @@ class Graph:
                 # The in-place op's location: the same statement as this setitem in `x[i] += v`
                 # (for `t = x[i]; t += v; x[i] = t` the `+=` line), and no third frame walk.
                 loc = pending._loc
+                to = type(other)
                 if tracer is not self.tracer or self.done:  # says why it cannot
                     self.record("augassign", [target, index, op, other], result=False, loc=loc)
-                else:  # `record`, inline: nothing is pending now, and this is no stop or call
+                elif (to is float or to is int) and index == _WHOLE and target._lazy is None and -_INF < other < _INF:
+                    # `x[:] += 0.5`, the commonest edit: its node inline (`record` and
+                    # `encode_list` as they would make it; NaN fails the bounds too). The index is
+                    # basic (see `subscript`): never a proxy, so == is safe.
+                    node_id, target_id = self.next_id, target._id
+                    node = _new(Node)  # see _new
+                    node.id = node_id
+                    node.op = "augassign"
+                    node.args = [{"$ref": target_id}, {"$slice": [None, None, None]}, op, other]
+                    node.kwargs = _NO_KWARGS
+                    node.invoke = tracer.invoke_index
+                    node.loc = loc
+                    tracer.ir.nodes.append(node)
+                    self.next_id = node_id + 1
+                    if tracer.recording is not None:
+                        tracer.recording.augassign(node_id, loc, target_id, index, op, other, None, True, node.invoke)
+                else:
                     self._record_augassign(tracer, target, index, op, other, loc)
                 # Both are views of target[index] now; used later, each records that subscript.
                 item._lazy = pending._lazy = ("item", target, index, invoke, tracer, True)
@@ -249,28 +275,11 @@ class Graph:
         self.record("setitem", [target, index, value], result=False, depth=4)
 
     def _record_augassign(self, tracer: OpenTrace, target: Proxy, index: Any, op: str, other: Any, loc: Location) -> None:
-        """The `augassign` node of `target[index] op= other`, the commonest edit. Its target is a
-        proxy of this graph, its index basic (see `subscript`), its op a name; for a local run
-        its step is compiled here too (`Recording.augassign`) when `other` is a scalar or a
-        proxy of this graph: the arguments are known, nothing to decode."""
-        to = type(other)
-        node_id = self.next_id
-        if (  # `x[:] += 0.5`: encoded inline, as `encode_list` would (NaN fails the bounds too)
-            (to is float or to is int) and index == _WHOLE and target._lazy is None and -_INF < other < _INF
-        ):  # (a basic index: ints, slices, tuples of them, never a proxy, so == is safe)
-            target_id = target._id
-            node = _new(Node)  # see _new
-            node.id = node_id
-            node.op = "augassign"
-            node.args = [{"$ref": target_id}, {"$slice": [None, None, None]}, op, other]
-            node.kwargs = _NO_KWARGS
-            node.invoke = tracer.invoke_index
-            node.loc = loc
-            tracer.ir.nodes.append(node)
-            self.next_id = node_id + 1
-            if tracer.recording is not None:
-                tracer.recording.augassign(node_id, loc, target_id, index, op, other, None, True, tracer.invoke_index)
-            return
+        """The `augassign` node of `target[index] op= other` (but `x[:] op= number`: see
+        `assign_item`). Its target is a proxy of this graph, its index basic (see `subscript`),
+        its op a name; for a local run its step is compiled here too (`Recording.augassign`)
+        when `other` is a scalar or a proxy of this graph: the arguments are known, nothing to
+        decode."""
         args = [target, index, op, other]
         try:
             encoded = argcodec.encode_list(args, self._store_tensor, self._ref_of, Proxy)
@@ -284,6 +293,7 @@ class Graph:
         if rec is None:
             return
         view = type(index) in _VIEW_INDEX  # (tuples too may be views: the engine checks those)
+        to = type(other)
         if to in _SCALARS:
             rec.augassign(node_id, loc, target._id, index, op, other, None, view, tracer.invoke_index)
         elif to is Proxy and other._graph is self:
@@ -429,6 +439,7 @@ _NO_KWARGS: dict = {}  # the kwargs of every node recorded without any: shared, 
 # `_new(cls)` and a store per slot, every slot: calling the class costs a type call and an
 # __init__ frame on top, ~1k instructions a node in CPython 3.11 (~40% of making one).
 _new = object.__new__
+_getframe = sys._getframe
 _WHOLE = slice(None)  # `x[:]`
 _VIEW_INDEX = frozenset({int, slice, type(None), type(Ellipsis)})  # x[i] of these is a view of x
 _BASIC = (int, slice, type(None), type(Ellipsis), str)

@@ -21,8 +21,12 @@ _OURS = tuple(
 # ours (a dict lookup beats a startswith over several prefixes); per call site — a code object
 # and the offset of the instruction calling out of it — the finished location (computing
 # `f_lineno` decodes the line table, and linecache costs two calls and a strip).
+# The recorder's hottest paths look SITES up themselves (`(id(code), f_lasti)` of the frame they
+# know to be the user's at the nearest, then `site[0] is code`), calling `user_location` only on a
+# miss: a call of it costs about as much as the lookup.
 _IS_OURS: dict[str, bool] = {}
-_SITES: dict[tuple[int, int], tuple[object, tuple[str, int, str]]] = {}
+SITES: dict[tuple[int, int], tuple[object, tuple[str, int, str]]] = {}
+_SITES = SITES
 
 
 def user_location(depth: int = 1) -> tuple[str, int, str]:
