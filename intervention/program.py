@@ -202,10 +202,11 @@ class ReadEditStep(ReadStep):
 
 class Edit:
     """The augassign `target[index] op= value` of a ReadEditStep, its target the value read:
-    `fn(target, index, op, value)`. Also what `last_write` names (its line) if the model fails
-    after it."""
+    `fn(target, index, op, value)`; `binary`: the operator itself when `fn` is
+    `_augassign_whole` (which the program runs inline), else None. Also what `last_write`
+    names (its line) if the model fails after it."""
 
-    __slots__ = ("fn", "id", "index", "loc", "op", "value")
+    __slots__ = ("binary", "fn", "id", "index", "loc", "op", "value")
 
     def __init__(self, id: int, loc: Any, fn: Callable, index: Any, op: str, value: Any):
         self.id = id
@@ -214,6 +215,7 @@ class Edit:
         self.index = index
         self.op = op
         self.value = value
+        self.binary = ops.BINARY[op] if fn is _augassign_whole else None
 
 
 class SaveStep:
@@ -402,8 +404,15 @@ class Program:
                         if self.cancel is not None and self.cancel.is_set():
                             raise Cancelled()
                         self.last_write = edit
+                        target = values[step.id]
                         try:
-                            values[edit.id] = edit.fn(values[step.id], edit.index, edit.op, edit.value)
+                            if edit.binary is not None and type(target) is torch.Tensor and target.dim():
+                                # `x[:] op= v` (`_augassign_whole`, inline): the commonest edit
+                                if (result := edit.binary(target, edit.value)) is not target:
+                                    target[edit.index] = result
+                                values[edit.id] = None
+                            else:
+                                values[edit.id] = edit.fn(target, edit.index, edit.op, edit.value)
                         except Exception as exc:
                             raise _failed(edit, exc) from exc
                 else:
@@ -834,6 +843,7 @@ class Recording:
             edit.index = index
             edit.op = op
             edit.value = other
+            edit.binary = ops.BINARY.get(op) if fn is _augassign_whole else None
             last.__class__ = ReadEditStep
             return
         if other_id is None:
