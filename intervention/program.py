@@ -338,49 +338,21 @@ class Program:
     def running(self) -> bool:
         return self.state is RUNNING
 
-    def advance(self, event: Event | None, il: Interleaver) -> None:
-        """Run every thread as far as it can at `event` (None: before or after the model).
-        Errors, stops and cancels end this program, never the caller."""
+    def advance(self, event: Event | None, il: Interleaver, thread: Thread | None = None) -> None:
+        """Run every thread as far as it can at `event` (None: before or after the model), or
+        only `thread`. Errors, stops and cancels end this program, never the caller.
+
+        One thread (a trace without invoke blocks, or with one): this call runs its steps itself
+        (no call per thread: this runs at every event a program waits for)."""
+        alone = thread is None
+        if alone:
+            if len(self.threads) != 1:
+                self._advance_threads(event, il)
+                return
+            thread = self.threads[0]
         if self.cancel is not None and self.cancel.is_set():
             self._end(CANCELLED, Cancelled())
             return
-        try:
-            if len(self.threads) == 1:
-                thread = self.threads[0]
-                self._run_thread(thread, event, il)
-                if thread.pos == len(thread.steps):
-                    self._end(DONE)  # nothing left to wait for: the model may stop early
-                return
-            moved = True
-            while moved:  # threads may unblock each other (a value another invoke computes)
-                moved = False
-                for thread in self.threads:
-                    pos = thread.pos
-                    self._run_thread(thread, event, il)
-                    moved = moved or thread.pos != pos
-            if all(t.pos == len(t.steps) for t in self.threads):
-                self._end(DONE)
-        except _Stop as stop:
-            self.stopped = stop.scope
-            self._end(STOPPED)
-        except Cancelled as exc:
-            self._end(CANCELLED, exc)
-        except InterventionError as exc:
-            self._end(FAILED, self._hinted(exc))
-
-    def _hinted(self, error: InterventionError) -> InterventionError:
-        """An IndexError from the tuple-output habit gets a hint saying what to write instead."""
-        if not error.message.startswith("IndexError") or error.location is None:
-            return error
-        values = self.values
-        hint = tuple_habit(self.trace, error.location, lambda read: isinstance(values.get(read.id), torch.Tensor))
-        if hint is None:
-            return error
-        hinted = ExecutionError(f"{error.message}\n{hint}", error.location, code=error.code)
-        hinted.__cause__ = error.__cause__  # the original exception: the shape check reads it
-        return hinted
-
-    def _run_thread(self, thread: Thread, event: Event | None, il: Interleaver) -> None:
         steps, values, max_bytes = thread.steps, self.values, self.max_bytes
         pos, n = thread.pos, len(steps)
         try:
@@ -443,8 +415,45 @@ class Program:
                     else:
                         self._compute(step)
                 pos += 1
+        except _Stop as stop:
+            self.stopped = stop.scope
+            self._end(STOPPED)
+        except Cancelled as exc:
+            self._end(CANCELLED, exc)
+        except InterventionError as exc:
+            self._end(FAILED, self._hinted(exc))
         finally:
             thread.pos = pos
+            if alone and pos == n and self.state is RUNNING:
+                self._end(DONE)  # nothing left to wait for: the model may stop early
+
+    def _advance_threads(self, event: Event | None, il: Interleaver) -> None:
+        """`advance` for several threads (invoke blocks, code outside them), which may unblock
+        each other (a value another invoke computes)."""
+        threads = self.threads
+        moved = True
+        while moved:
+            moved = False
+            for thread in threads:
+                pos = thread.pos
+                self.advance(event, il, thread)
+                if self.state is not RUNNING:
+                    return
+                moved = moved or thread.pos != pos
+        if all(t.pos == len(t.steps) for t in threads):
+            self._end(DONE)
+
+    def _hinted(self, error: InterventionError) -> InterventionError:
+        """An IndexError from the tuple-output habit gets a hint saying what to write instead."""
+        if not error.message.startswith("IndexError") or error.location is None:
+            return error
+        values = self.values
+        hint = tuple_habit(self.trace, error.location, lambda read: isinstance(values.get(read.id), torch.Tensor))
+        if hint is None:
+            return error
+        hinted = ExecutionError(f"{error.message}\n{hint}", error.location, code=error.code)
+        hinted.__cause__ = error.__cause__  # the original exception: the shape check reads it
+        return hinted
 
     def finish(self, il: Interleaver) -> None:
         """After the driver: a thread still waiting is an error (or the forward was cut short
