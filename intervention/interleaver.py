@@ -87,10 +87,9 @@ class Interleaver:
                 key = (path, kinds)
                 entry = found.get(key)
                 if entry is not None:  # `_rewrap`, inline: this runs for every module read
-                    module, saved, forward, parent, name = entry
-                    d = module.__dict__
-                    if d.get("forward", _MISSING) is saved and parent._modules.get(name) is module:
-                        restore.append(entry)  # (module, saved, ...): what __exit__ puts back
+                    d, saved, forward, registry, name, module = entry
+                    if d.get("forward", _MISSING) is saved and registry.get(name) is module:
+                        restore.append(entry)  # (its __dict__, saved, ...): what __exit__ puts back
                         d["forward"] = forward
                         continue
                 module = self._module_for(path)
@@ -108,11 +107,11 @@ class Interleaver:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for module, saved, _, _, _ in reversed(self._restore):  # (cache entries: see _wrap)
+        for d, saved, _, _, _, _ in reversed(self._restore):  # (cache entries: see _wrap)
             if saved is _MISSING:
-                module.__dict__.pop("forward", None)
+                d.pop("forward", None)
             else:
-                module.__dict__["forward"] = saved
+                d["forward"] = saved
         self._restore.clear()
         if self._port is not None:
             self._port.il = None
@@ -127,15 +126,18 @@ class Interleaver:
     ) -> None:
         # `generate` inspects the signature of `forward` to choose the arguments it passes
         forward.__wrapped__ = original
-        saved = module.__dict__.get("forward", _MISSING)
-        # Where the module is registered, so a later run sees if it was replaced there.
+        d = module.__dict__
+        saved = d.get("forward", _MISSING)
+        # Where the module is registered (its parent's `_modules`), so a later run sees if it was
+        # replaced there. The dicts themselves are kept: a module's attributes cost a __getattr__
+        # hook each (nn.Module defines one), and a run looks them up for every module it wraps.
         parent, name = self.model, ""
         if path:
             parent_path, _, name = path.rpartition(".")
             parent = submodule(self.model, parent_path)
-        entry = (module, saved, forward, parent, name)
-        self._restore.append(entry)  # what __exit__ puts back: `module.forward`, `saved`
-        module.__dict__["forward"] = forward
+        entry = (d, saved, forward, parent._modules, name, module)
+        self._restore.append(entry)  # what __exit__ puts back: `saved` as the `forward` in `d`
+        d["forward"] = forward
         if cache is not None:
             if len(cache) > 4096:  # bounded, whatever the traces touch
                 cache.clear()
@@ -147,9 +149,8 @@ class Interleaver:
         Making the wrappers and finding the modules cost more than a small trace's reads."""
         if entry is None:
             return False
-        module, saved, forward, parent, name = entry
-        d = module.__dict__
-        if d.get("forward", _MISSING) is not saved or (name and parent._modules.get(name) is not module):
+        d, saved, forward, registry, name, module = entry
+        if d.get("forward", _MISSING) is not saved or (name and registry.get(name) is not module):
             return False
         self._restore.append(entry)
         d["forward"] = forward
@@ -282,8 +283,9 @@ def submodule(model: torch.nn.Module, path: str) -> torch.nn.Module | None:
 
 class _Port:
     """Per model: the run its cached wrappers dispatch to (None between runs), and the wrappers
-    themselves — (path, input?, output?) or a block's id -> (module, the instance `forward` it
-    had, the wrapper). One run at a time uses them; a concurrent one makes its own."""
+    themselves — (path, its event kinds) or a block's id -> (the module's __dict__, the instance
+    `forward` it had, the wrapper, its parent's `_modules`, its name there, the module). One run
+    at a time uses them; a concurrent one makes its own."""
 
     __slots__ = ("il", "wrappers")
 
