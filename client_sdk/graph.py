@@ -136,8 +136,9 @@ class Graph:
         if self._pending is not None:
             self._flush(self._pending)
         frame = _getframe(2)  # user code -> Envoy.output -> here: `user_location(3)`'s cached hit, inline
-        site = SITES.get((id(code := frame.f_code), frame.f_lasti))
-        loc = site[1] if site is not None and site[0] is code else user_location(3)
+        site = SITES.get(id(code := frame.f_code))
+        if site is None or site[0] is not code or (loc := site[1].get(frame.f_lasti)) is None:
+            loc = user_location(3)
         node_id = self.next_id
         node = _new(Node)  # `Node(node_id, op, args, {}, tracer.invoke_index, loc)`: see _new
         node.id = node_id
@@ -169,8 +170,9 @@ class Graph:
         if proxy._lazy is not None:
             self._flush(proxy)
         frame = _getframe(2)  # user code -> Proxy.save -> here: `user_location(3)`'s cached hit, inline
-        site = SITES.get((id(code := frame.f_code), frame.f_lasti))
-        loc = site[1] if site is not None and site[0] is code else user_location(3)
+        site = SITES.get(id(code := frame.f_code))
+        if site is None or site[0] is not code or (loc := site[1].get(frame.f_lasti)) is None:
+            loc = user_location(3)
         node_id, ref = self.next_id, proxy._id
         node = _new(Node)  # `Node(node_id, "save", [{"$ref": ref}], {}, tracer.invoke_index, loc)`: see _new
         node.id = node_id
@@ -209,8 +211,10 @@ class Graph:
         proxy._graph = self
         proxy._id = None
         frame = _getframe(2)  # user code -> Proxy.__getitem__ -> here: `user_location(3)`'s hit, inline
-        site = SITES.get((id(code := frame.f_code), frame.f_lasti))
-        proxy._loc = site[1] if site is not None and site[0] is code else user_location(3)
+        site = SITES.get(id(code := frame.f_code))
+        if site is None or site[0] is not code or (loc := site[1].get(frame.f_lasti)) is None:
+            loc = user_location(3)
+        proxy._loc = loc
         proxy._state = "pending"
         proxy._value = None
         proxy._lazy = ("item", target, index, tracer.invoke_index, tracer, False)
@@ -227,8 +231,10 @@ class Graph:
         result._graph = self
         result._id = None
         frame = _getframe(2)  # user code -> Proxy.__iadd__ -> here: `user_location(3)`'s hit, inline
-        site = SITES.get((id(code := frame.f_code), frame.f_lasti))
-        result._loc = site[1] if site is not None and site[0] is code else user_location(3)
+        site = SITES.get(id(code := frame.f_code))
+        if site is None or site[0] is not code or (loc := site[1].get(frame.f_lasti)) is None:
+            loc = user_location(3)
+        result._loc = loc
         result._state = "pending"
         result._value = None
         result._lazy = ("op", op, proxy, other, lazy[3], lazy[4])
