@@ -223,37 +223,33 @@ class Graph:
         return proxy
 
     def record_inplace(self, op: str, proxy: Proxy, other: Any) -> Proxy:
-        """`proxy op= other`: deferred when `proxy` is a lazy subscript, else recorded."""
+        """`proxy op= other`: deferred when `proxy` is a lazy subscript, else recorded.
+
+        Deferred, its result is `proxy` itself, as torch's in-place ops return the tensor they
+        edit (so `t += v` leaves `t` the same object, as it would be outside a trace): one proxy
+        for the subscript and its in-place result. Its lazy entry then holds the op (with its
+        own line) and the subscript's entry: see `_flush` and `assign_item`."""
         lazy = proxy._lazy
         if lazy is None or lazy[0] != "item" or self._pending is not None or self.tracer is not lazy[4]:
             return self.record(op, [proxy, other])
-        result = _new(Proxy)  # `Proxy(self, None, loc)`: see _new
-        result._graph = self
-        result._id = None
         frame = _getframe(2)  # user code -> Proxy.__iadd__ -> here: `user_location(3)`'s hit, inline
         site = SITES.get(id(code := frame.f_code))
         if site is None or site[0] is not code or (loc := site[1].get(frame.f_lasti)) is None:
             loc = user_location(3)
-        result._loc = loc
-        result._state = "pending"
-        result._value = None
-        result._lazy = ("op", op, proxy, other, lazy[3], lazy[4])
-        self.proxies.append(result)
-        self._pending = result
-        return result
+        proxy._lazy = ("op", op, lazy, other, lazy[3], lazy[4], loc)
+        self._pending = proxy
+        return proxy
 
     def assign_item(self, target: Proxy, index: Any, value: Any) -> None:
         """`target[index] = value`: one `augassign` node when it completes `target[index] op= v`."""
         pending = self._pending
         if pending is not None and value is pending:
-            _, op, item, other, invoke, tracer = pending._lazy
-            lazy = item._lazy
-            if (lazy is not None and lazy[1] is target and lazy[0] == "item"
-                    and (lazy[2] is index or _same_index(lazy[2], index))):  # (`x[i] += v`: the same object)
+            _, op, lazy, other, invoke, tracer, loc = pending._lazy  # (`lazy`: its subscript's)
+            if lazy[1] is target and (lazy[2] is index or _same_index(lazy[2], index)):  # (`x[i] += v`: the same object)
                 self._pending = None
-                # The in-place op's location: the same statement as this setitem in `x[i] += v`
+                pending._lazy = lazy  # the subscript again, should `other` be it (`x[i] += x[i]`)
+                # `loc`: the in-place op's, the same statement as this setitem in `x[i] += v`
                 # (for `t = x[i]; t += v; x[i] = t` the `+=` line), and no third frame walk.
-                loc = pending._loc
                 to = type(other)
                 if tracer is not self.tracer or self.done:  # says why it cannot
                     self.record("augassign", [target, index, op, other], result=False, loc=loc)
@@ -275,8 +271,8 @@ class Graph:
                         tracer.recording.augassign(node_id, loc, target_id, index, op, other, None, True, node.invoke)
                 else:
                     self._record_augassign(tracer, target, index, op, other, loc)
-                # Both are views of target[index] now; used later, each records that subscript.
-                item._lazy = pending._lazy = ("item", target, index, invoke, tracer, True)
+                # A view of target[index] now; used later, it records that subscript.
+                pending._lazy = ("item", target, index, invoke, tracer, True)
                 return
         self.record("setitem", [target, index, value], result=False, depth=4)
 
@@ -324,13 +320,15 @@ class Graph:
         if proxy is self._pending:
             self._pending = None
         if lazy[0] == "item":
-            op, args, invoke, tracer = "getitem", [lazy[1], lazy[2]], lazy[3], lazy[4]
-        else:
-            op, args, invoke, tracer = lazy[1], [lazy[2], lazy[3]], lazy[4], lazy[5]
-        encoded = self.encode(args, proxy._loc)  # may record the lazy target first
+            op, args, invoke, tracer, loc = "getitem", [lazy[1], lazy[2]], lazy[3], lazy[4], proxy._loc
+        else:  # an in-place op on the subscript this proxy also is (record_inplace): that first
+            proxy._lazy = lazy[2]
+            self._flush(proxy)
+            op, args, invoke, tracer, loc = lazy[1], [proxy, lazy[3]], lazy[4], lazy[5], lazy[6]
+        encoded = self.encode(args, loc)  # may record the lazy target first
         if tracer is not self.tracer:  # used in a later trace: recorded there
             invoke = self.tracer.invoke_index
-        node = Node(self.next_id, op, encoded, _NO_KWARGS, invoke, proxy._loc)
+        node = Node(self.next_id, op, encoded, _NO_KWARGS, invoke, loc)
         self.next_id += 1
         self.tracer.ir.nodes.append(node)
         if self.tracer.recording is not None:

@@ -173,3 +173,36 @@ def test_an_edit_of_a_subscript_of_a_subscript_is_recorded_after_it(lm: Language
     nodes = graph.session_ir().traces[0].nodes
     assert [n.op for n in nodes] == ["module.output", "getitem", "augassign"]
     assert len({n.id for n in nodes}) == 3
+
+
+def test_an_in_place_op_on_a_subscript_is_that_subscript(lm: LanguageModel) -> None:
+    """`t += v` on a lazy subscript gives `t` itself back, as torch does for a tensor: the nodes,
+    values and lines are those of the three calls written out."""
+    def body():
+        with lm.trace(P1):
+            x = lm.model.layers[1].output
+            t = x[:, -1]
+            u = t
+            t += 1.0
+            assert t is u
+            t.save()
+
+    assert ops_of(body) == [["module.output", "getitem", "iadd", "save"]]
+    with lm.trace(P1):
+        x = lm.model.layers[1].output
+        t = x[:, -1]
+        t += t  # the operand is the subscript itself
+        x[:, -1] = t
+        logits = lm.lm_head.output.save()
+
+    def edit(o):
+        t = o[:, -1]
+        t += t
+        o[:, -1] = t
+
+    assert torch.equal(logits, hooked(lm, P1, 1, edit))
+    with pytest.raises(ExecutionError) as info, lm.trace(P1):
+        t = lm.model.layers[1].output[:, -1]
+        t += torch.ones(3)  # @bad-iadd: (1, 64) += (3,)
+        t.save()
+    assert "t += torch.ones(3)" in str(info.value)
