@@ -9,15 +9,18 @@ each saved proxy its value (`resolve`).
 from __future__ import annotations
 
 import math
+import sys
 import threading
 from typing import Any, Protocol
 
 import torch
 
-from client_sdk.location import user_location
+from client_sdk.location import SITES, user_location
 from client_sdk.proxy import Proxy, TracingError
 from intervention import args as argcodec
 from intervention.ir import Location, Node, SessionIR, SessionStep, TraceIR
+from intervention.order import ranks_by_kind
+from intervention.program import Recording
 from intervention.validate import CALL_OPS, check_node_alone
 
 _local = threading.local()
@@ -39,14 +42,16 @@ class OpenTrace(Protocol):
     invoke_index: int | None
     call_index: int
     model: Any
+    recording: Recording | None  # its steps compiled as recorded (local runs; see Graph.open)
 
 
 class Graph:
     """Everything one session records: traces, nodes, client tensors, saved proxies."""
 
-    def __init__(self, templates: bool = False) -> None:
-        """`templates`: the session runs in this process, so keep the engine's compiled form of
-        simple argument lists as they are recorded (`templates`), sparing it their decoding."""
+    def __init__(self, compiled: bool = False) -> None:
+        """`compiled`: the session runs in this process, so each trace is compiled for the engine
+        as it is recorded (`recordings`), sparing the engine a pass over its IR and the decoding
+        of the arguments the recorder knew already."""
         self.traces: list[TraceIR] = []
         self.steps: list[SessionStep] = []  # logs and stops in the session body, between traces
         self.tensors: dict[str, torch.Tensor] = {}
@@ -64,14 +69,24 @@ class Graph:
         # that waits to see whether Python's setitem of an augmented assignment follows.
         self._lazies: list[Proxy] = []
         self._pending: Proxy | None = None
-        # node id -> the engine's compiled arguments of an augassign node, known here already:
-        # (arguments with None where a reference goes, (index, node id) of each reference, the
-        # referenced ids, whether the index surely gives a view). See `_record_augassign`.
-        self.templates: dict[int, tuple] | None = {} if templates else None
+        # id(TraceIR) -> its steps, compiled as its nodes are recorded (intervention.program's
+        # Recording), for a session run in this process; None: nothing compiled here (remote).
+        self.recordings: dict[int, Recording] | None = {} if compiled else None
 
     @staticmethod
     def location_now() -> Location:
         return user_location()
+
+    def open(self, tracer: OpenTrace) -> None:
+        """`tracer`'s trace is recorded from now on (its IR is the last of `traces`)."""
+        self.traces.append(tracer.ir)
+        if self.recordings is not None:
+            # The model's module order, once known (recorded at its first run), is checked as
+            # nodes are recorded.
+            order = getattr(tracer.model, "known_module_order", None)
+            rank = ranks_by_kind(order) if order else None
+            tracer.recording = self.recordings[id(tracer.ir)] = Recording(self.tensors, rank)
+        self.tracer = tracer
 
     # -- recording -----------------------------------------------------------------------------
 
@@ -99,11 +114,13 @@ class Graph:
             encoded = argcodec.encode_list(args, self._store_tensor, self._ref_of, Proxy)
         except argcodec.ArgError:
             encoded = self.encode(args, loc)
-        node = Node(self.next_id, op, encoded, self.encode(kwargs, loc) if kwargs else {}, tracer.invoke_index, loc)
+        node = Node(self.next_id, op, encoded, self.encode(kwargs, loc) if kwargs else _NO_KWARGS, tracer.invoke_index, loc)
         if op in CALL_OPS:
             check_node_alone(node)  # a refused call fails here, at the user's line
         self.next_id += 1
         tracer.ir.nodes.append(node)
+        if tracer.recording is not None:
+            tracer.recording.add(node)
         if not result:
             return None
         proxy = Proxy(self, node.id, loc)
@@ -118,11 +135,28 @@ class Graph:
             self._closed(op, args)
         if self._pending is not None:
             self._flush(self._pending)
-        loc = user_location(3)  # user code -> Envoy.output -> record_encoded -> here
-        node = Node(self.next_id, op, args, {}, tracer.invoke_index, loc)
-        self.next_id += 1
+        frame = _getframe(2)  # user code -> Envoy.output -> here: `user_location(3)`'s cached hit, inline
+        site = SITES.get(id(code := frame.f_code))
+        if site is None or site[0] is not code or (loc := site[1].get(frame.f_lasti)) is None:
+            loc = user_location(3)
+        node_id = self.next_id
+        node = _new(Node)  # `Node(node_id, op, args, {}, tracer.invoke_index, loc)`: see _new
+        node.id = node_id
+        node.op = op
+        node.args = args
+        node.kwargs = _NO_KWARGS
+        node.invoke = tracer.invoke_index
+        node.loc = loc
         tracer.ir.nodes.append(node)
-        proxy = Proxy(self, node.id, loc)
+        self.next_id = node_id + 1
+        if tracer.recording is not None:
+            tracer.recording.read(node_id, op, loc, args, node.invoke)
+        proxy = _new(Proxy)  # `Proxy(self, node_id, loc)`
+        proxy._graph = self
+        proxy._id = node_id
+        proxy._loc = loc
+        proxy._state = "pending"
+        proxy._value = proxy._lazy = None
         self.proxies.append(proxy)
         return proxy
 
@@ -135,11 +169,23 @@ class Graph:
             self._flush(self._pending)
         if proxy._lazy is not None:
             self._flush(proxy)
-        loc = user_location(3)  # user code -> Proxy.save -> record_save -> here
-        node = Node(self.next_id, "save", [{"$ref": proxy._id}], {}, tracer.invoke_index, loc)
-        self.next_id += 1
+        frame = _getframe(2)  # user code -> Proxy.save -> here: `user_location(3)`'s cached hit, inline
+        site = SITES.get(id(code := frame.f_code))
+        if site is None or site[0] is not code or (loc := site[1].get(frame.f_lasti)) is None:
+            loc = user_location(3)
+        node_id, ref = self.next_id, proxy._id
+        node = _new(Node)  # `Node(node_id, "save", [{"$ref": ref}], {}, tracer.invoke_index, loc)`: see _new
+        node.id = node_id
+        node.op = "save"
+        node.args = [{"$ref": ref}]
+        node.kwargs = _NO_KWARGS
+        node.invoke = tracer.invoke_index
+        node.loc = loc
         tracer.ir.nodes.append(node)
-        self.saved[proxy._id] = proxy
+        self.next_id = node_id + 1
+        if tracer.recording is not None:
+            tracer.recording.save(node_id, ref, loc, node.invoke)
+        self.saved[ref] = proxy
 
     # -- lazy subscripts ---------------------------------------------------------------------
     #
@@ -154,86 +200,108 @@ class Graph:
     def subscript(self, target: Proxy, index: Any) -> Proxy:
         """`target[index]`: lazy for a basic index, recorded now otherwise."""
         tracer = self.tracer
-        if type(index) is slice:  # `_basic`, inline for the commonest index
-            basic = (type(index.start) in _PLAIN_INDEX and type(index.stop) in _PLAIN_INDEX
-                     and type(index.step) in _PLAIN_INDEX)
+        if type(index) is slice:  # `_basic`, inline for the commonest index (`[:]` the commonest)
+            basic = index == _WHOLE or (type(index.start) in _PLAIN_INDEX and type(index.stop) in _PLAIN_INDEX
+                                        and type(index.step) in _PLAIN_INDEX)
         else:
             basic = _basic(index)
         if tracer is None or self.done or not basic:
             return self.record("getitem", [target, index])
-        proxy = Proxy(self, None, user_location(3))  # user code -> Proxy.__getitem__ -> here
+        proxy = _new(Proxy)  # `Proxy(self, None, loc)`: see _new
+        proxy._graph = self
+        proxy._id = None
+        frame = _getframe(2)  # user code -> Proxy.__getitem__ -> here: `user_location(3)`'s hit, inline
+        site = SITES.get(id(code := frame.f_code))
+        if site is None or site[0] is not code or (loc := site[1].get(frame.f_lasti)) is None:
+            loc = user_location(3)
+        proxy._loc = loc
+        proxy._state = "pending"
+        proxy._value = None
         proxy._lazy = ("item", target, index, tracer.invoke_index, tracer, False)
         self.proxies.append(proxy)
         self._lazies.append(proxy)
         return proxy
 
     def record_inplace(self, op: str, proxy: Proxy, other: Any) -> Proxy:
-        """`proxy op= other`: deferred when `proxy` is a lazy subscript, else recorded."""
+        """`proxy op= other`: deferred when `proxy` is a lazy subscript, else recorded.
+
+        Deferred, its result is `proxy` itself, as torch's in-place ops return the tensor they
+        edit (so `t += v` leaves `t` the same object, as it would be outside a trace): one proxy
+        for the subscript and its in-place result. Its lazy entry then holds the op (with its
+        own line) and the subscript's entry: see `_flush` and `assign_item`."""
         lazy = proxy._lazy
         if lazy is None or lazy[0] != "item" or self._pending is not None or self.tracer is not lazy[4]:
             return self.record(op, [proxy, other])
-        result = Proxy(self, None, user_location(3))  # user code -> Proxy.__iadd__ -> here
-        result._lazy = ("op", op, proxy, other, lazy[3], lazy[4])
-        self.proxies.append(result)
-        self._pending = result
-        return result
+        frame = _getframe(2)  # user code -> Proxy.__iadd__ -> here: `user_location(3)`'s hit, inline
+        site = SITES.get(id(code := frame.f_code))
+        if site is None or site[0] is not code or (loc := site[1].get(frame.f_lasti)) is None:
+            loc = user_location(3)
+        proxy._lazy = ("op", op, lazy, other, lazy[3], lazy[4], loc)
+        self._pending = proxy
+        return proxy
 
     def assign_item(self, target: Proxy, index: Any, value: Any) -> None:
         """`target[index] = value`: one `augassign` node when it completes `target[index] op= v`."""
         pending = self._pending
         if pending is not None and value is pending:
-            _, op, item, other, invoke, tracer = pending._lazy
-            lazy = item._lazy
-            if lazy is not None and lazy[0] == "item" and lazy[1] is target and _same_index(lazy[2], index):
+            _, op, lazy, other, invoke, tracer, loc = pending._lazy  # (`lazy`: its subscript's)
+            if lazy[1] is target and (lazy[2] is index or _same_index(lazy[2], index)):  # (`x[i] += v`: the same object)
                 self._pending = None
-                # The in-place op's location: the same statement as this setitem in `x[i] += v`
+                pending._lazy = lazy  # the subscript again, should `other` be it (`x[i] += x[i]`)
+                # `loc`: the in-place op's, the same statement as this setitem in `x[i] += v`
                 # (for `t = x[i]; t += v; x[i] = t` the `+=` line), and no third frame walk.
-                loc = pending._loc
-                args = [target, index, op, other]
-                if tracer is not self.tracer or self.done:
-                    self.record("augassign", args, result=False, loc=loc)  # says why it cannot
-                else:  # `record`, inline: nothing is pending now, and this is no stop or call
-                    self._record_augassign(tracer, args, loc)
-                # Both are views of target[index] now; used later, each records that subscript.
-                item._lazy = pending._lazy = ("item", target, index, invoke, tracer, True)
+                to = type(other)
+                if tracer is not self.tracer or self.done:  # says why it cannot
+                    self.record("augassign", [target, index, op, other], result=False, loc=loc)
+                elif (to is float or to is int) and index == _WHOLE and target._lazy is None and -_INF < other < _INF:
+                    # `x[:] += 0.5`, the commonest edit: its node inline (`record` and
+                    # `encode_list` as they would make it; NaN fails the bounds too). The index is
+                    # basic (see `subscript`): never a proxy, so == is safe.
+                    node_id, target_id = self.next_id, target._id
+                    node = _new(Node)  # see _new
+                    node.id = node_id
+                    node.op = "augassign"
+                    node.args = [{"$ref": target_id}, {"$slice": [None, None, None]}, op, other]
+                    node.kwargs = _NO_KWARGS
+                    node.invoke = tracer.invoke_index
+                    node.loc = loc
+                    tracer.ir.nodes.append(node)
+                    self.next_id = node_id + 1
+                    if tracer.recording is not None:
+                        tracer.recording.augassign(node_id, loc, target_id, index, op, other, None, True, node.invoke)
+                else:
+                    self._record_augassign(tracer, target, index, op, other, loc)
+                # A view of target[index] now; used later, it records that subscript.
+                pending._lazy = ("item", target, index, invoke, tracer, True)
                 return
         self.record("setitem", [target, index, value], result=False, depth=4)
 
-    def _record_augassign(self, tracer: OpenTrace, args: list, loc: Location) -> None:
-        """The `augassign` node of `target[index] op= other`, the commonest edit. Its target is a
-        proxy of this graph, its index basic (see `subscript`), its op a name; for a local run
-        the engine's compiled arguments are kept too when `other` is a scalar or a proxy of
-        this graph, so they are not decoded again."""
-        target, index, op, other = args
-        to = type(other)
-        if (  # `x[:] += 0.5`: encoded inline, as `encode_list` would (NaN fails the bounds too)
-            (to is float or to is int) and type(index) is slice and index.start is None
-            and index.stop is None and index.step is None and target._lazy is None and -_INF < other < _INF
-        ):
-            target_id = target._id
-            tracer.ir.nodes.append(Node(self.next_id, "augassign", [{"$ref": target_id}, {"$slice": [None, None, None]}, op, other], {}, tracer.invoke_index, loc))
-            if self.templates is not None:
-                self.templates[self.next_id] = ([None, index, op, other], [(0, target_id)], [target_id], True)
-            self.next_id += 1
-            return
-        else:
-            try:
-                encoded = argcodec.encode_list(args, self._store_tensor, self._ref_of, Proxy)
-            except argcodec.ArgError:
-                encoded = self.encode(args, loc)
-        node_id = self.next_id
-        tracer.ir.nodes.append(Node(node_id, "augassign", encoded, {}, tracer.invoke_index, loc))
-        self.next_id += 1
-        templates = self.templates
-        if templates is None:
+    def _record_augassign(self, tracer: OpenTrace, target: Proxy, index: Any, op: str, other: Any, loc: Location) -> None:
+        """The `augassign` node of `target[index] op= other` (but `x[:] op= number`: see
+        `assign_item`). Its target is a proxy of this graph, its index basic (see `subscript`),
+        its op a name; for a local run its step is compiled here too (`Recording.augassign`)
+        when `other` is a scalar or a proxy of this graph: the arguments are known, nothing to
+        decode."""
+        args = [target, index, op, other]
+        try:
+            encoded = argcodec.encode_list(args, self._store_tensor, self._ref_of, Proxy)
+        except argcodec.ArgError:
+            encoded = self.encode(args, loc)
+        node_id = self.next_id  # (encoding records a lazy target or operand first)
+        node = Node(node_id, "augassign", encoded, _NO_KWARGS, tracer.invoke_index, loc)
+        tracer.ir.nodes.append(node)
+        self.next_id = node_id + 1
+        rec = tracer.recording
+        if rec is None:
             return
         view = type(index) in _VIEW_INDEX  # (tuples too may be views: the engine checks those)
-        if type(other) in _SCALARS:
-            templates[node_id] = ([None, index, op, other], [(0, target._id)], [target._id], view)
-        elif type(other) is Proxy and other._graph is self:
-            templates[node_id] = (
-                [None, index, op, None], [(0, target._id), (3, other._id)], [target._id, other._id], view
-            )
+        to = type(other)
+        if to in _SCALARS:
+            rec.augassign(node_id, loc, target._id, index, op, other, None, view, tracer.invoke_index)
+        elif to is Proxy and other._graph is self:
+            rec.augassign(node_id, loc, target._id, index, op, None, other._id, view, tracer.invoke_index)
+        else:
+            rec.add(node)
 
     def flush_lazies(self) -> None:
         """At the end of a trace: record what was deferred and not absorbed into an augassign,
@@ -252,15 +320,19 @@ class Graph:
         if proxy is self._pending:
             self._pending = None
         if lazy[0] == "item":
-            op, args, invoke, tracer = "getitem", [lazy[1], lazy[2]], lazy[3], lazy[4]
-        else:
-            op, args, invoke, tracer = lazy[1], [lazy[2], lazy[3]], lazy[4], lazy[5]
-        encoded = self.encode(args, proxy._loc)  # may record the lazy target first
+            op, args, invoke, tracer, loc = "getitem", [lazy[1], lazy[2]], lazy[3], lazy[4], proxy._loc
+        else:  # an in-place op on the subscript this proxy also is (record_inplace): that first
+            proxy._lazy = lazy[2]
+            self._flush(proxy)
+            op, args, invoke, tracer, loc = lazy[1], [proxy, lazy[3]], lazy[4], lazy[5], lazy[6]
+        encoded = self.encode(args, loc)  # may record the lazy target first
         if tracer is not self.tracer:  # used in a later trace: recorded there
             invoke = self.tracer.invoke_index
-        node = Node(self.next_id, op, encoded, {}, invoke, proxy._loc)
+        node = Node(self.next_id, op, encoded, _NO_KWARGS, invoke, loc)
         self.next_id += 1
         self.tracer.ir.nodes.append(node)
+        if self.tracer.recording is not None:
+            self.tracer.recording.add(node)
         proxy._id = node.id
 
     def record_step(self, op: str, args: list, loc: Location) -> None:
@@ -366,6 +438,13 @@ class Graph:
 
 _SCALARS = frozenset({int, float, str, bool, type(None)})
 _INF = math.inf
+_NO_KWARGS: dict = {}  # the kwargs of every node recorded without any: shared, never mutated
+# The hot paths (a node and a proxy per recorded operation) make Nodes and Proxies with
+# `_new(cls)` and a store per slot, every slot: calling the class costs a type call and an
+# __init__ frame on top, ~1k instructions a node in CPython 3.11 (~40% of making one).
+_new = object.__new__
+_getframe = sys._getframe
+_WHOLE = slice(None)  # `x[:]`
 _VIEW_INDEX = frozenset({int, slice, type(None), type(Ellipsis)})  # x[i] of these is a view of x
 _BASIC = (int, slice, type(None), type(Ellipsis), str)
 

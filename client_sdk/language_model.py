@@ -141,6 +141,11 @@ class LanguageModel:
         return self._module
 
     @property
+    def known_module_order(self) -> list[tuple[str, str]] | None:
+        """`module_order` if it has been recorded (or fetched) already, else None."""
+        return self._order
+
+    @property
     def module_order(self) -> list[tuple[str, str]]:
         """The order module events fire in (recorded once), to reject out-of-order reads early."""
         if self._order is None:

@@ -37,7 +37,11 @@ class LocalBackend:
         orders = {name: graph.models[name].module_order for name in used}
         # The cap on generation length protects a shared server; locally the user's machine is theirs.
         caps = dict.fromkeys(used, sys.maxsize)
-        validate_session(session, graph.tensors, paths, orders=orders, recorded=True, max_new_tokens=caps)
+        recordings = graph.recordings or {}
+        checked = {id(t): rec.disorder for t in session.traces
+                   if (rec := recordings.get(id(t))) is not None and rec.order_checked}
+        validate_session(session, graph.tensors, paths, orders=orders, recorded=True, max_new_tokens=caps,
+                         order_checked=checked)
 
         def load(name: str):
             model = graph.models[name]
@@ -45,7 +49,7 @@ class LocalBackend:
 
         outcome = run_session(
             plan_session(session), graph.tensors, load, on_log=lambda m: print(m, flush=True),
-            templates=graph.templates,
+            recorded=graph.recordings,
         )
         if outcome.error is not None:
             raise outcome.error

@@ -20,9 +20,15 @@ _OURS = tuple(
 # Every recorded operation walks a few frames, so both lookups are cached: per file, whether it is
 # ours (a dict lookup beats a startswith over several prefixes); per call site — a code object
 # and the offset of the instruction calling out of it — the finished location (computing
-# `f_lineno` decodes the line table, and linecache costs two calls and a strip).
+# `f_lineno` decodes the line table, and linecache costs two calls and a strip). Sites are kept
+# per code object: SITES[id(code)] = (code, {f_lasti: location}) — two lookups of ints, where a
+# (code id, offset) key cost a tuple made, hashed, compared and freed at every operation. The
+# code object itself is kept and checked (`is`): ids of dead ones recur.
+# The recorder's hottest paths look SITES up themselves (the frame they know to be the user's at
+# the nearest), calling `user_location` only on a miss: a call of it costs about as much.
 _IS_OURS: dict[str, bool] = {}
-_SITES: dict[tuple[int, int], tuple[object, tuple[str, int, str]]] = {}
+SITES: dict[int, tuple[object, dict[int, tuple[str, int, str]]]] = {}
+_MAX_SITES = 100_000  # a long notebook session: bounded (codes, and sites per code)
 
 
 def user_location(depth: int = 1) -> tuple[str, int, str]:
@@ -34,9 +40,9 @@ def user_location(depth: int = 1) -> tuple[str, int, str]:
     # The commonest case first: the frame `depth` up is a user call site seen before (only user
     # code's sites are ever cached, so a hit means no frame of ours is in between).
     code = frame.f_code
-    site = _SITES.get((id(code), frame.f_lasti))
-    if site is not None and site[0] is code:
-        return site[1]
+    site = SITES.get(id(code))
+    if site is not None and site[0] is code and (loc := site[1].get(frame.f_lasti)) is not None:
+        return loc
     while frame is not None:
         code = frame.f_code
         ours = _IS_OURS.get(code.co_filename)
@@ -47,13 +53,17 @@ def user_location(depth: int = 1) -> tuple[str, int, str]:
         frame = frame.f_back
     if frame is None:
         return ("<unknown>", 0, "")
-    key = (id(code), frame.f_lasti)
-    site = _SITES.get(key)
-    if site is not None and site[0] is code:  # the code object itself: ids of dead ones recur
-        return site[1]
-    if len(_SITES) > 100_000:  # a long notebook session: bound it
-        _SITES.clear()
-    file, line = code.co_filename, frame.f_lineno
-    loc = (file, line, linecache.getline(file, line).strip())
-    _SITES[key] = (code, loc)
+    site = SITES.get(id(code))
+    if site is None or site[0] is not code:
+        if len(SITES) > _MAX_SITES:
+            SITES.clear()
+        site = SITES[id(code)] = (code, {})
+    sites = site[1]
+    lasti = frame.f_lasti
+    loc = sites.get(lasti)
+    if loc is None:
+        if len(sites) > _MAX_SITES:
+            sites.clear()
+        file, line = code.co_filename, frame.f_lineno
+        loc = sites[lasti] = (file, line, linecache.getline(file, line).strip())
     return loc

@@ -24,6 +24,7 @@ from client_sdk.rebind import rebind_frame
 from client_sdk.scan import scan
 from intervention.errors import InterventionError
 from intervention.ir import Invoke, TraceIR
+from intervention.program import Recording
 
 
 class Session:
@@ -32,7 +33,7 @@ class Session:
 
     def __init__(self, remote: bool = False, blocking: bool = True, scan: bool | None = None):
         self.backend: Backend = backend_for(remote, blocking)
-        self.graph = Graph(templates=not self.backend.remote)
+        self.graph = Graph(compiled=not self.backend.remote)
         self.handle: RemoteHandle | None = None
         # Check shapes on meta tensors before running (client_sdk/scan.py); None: CONFIG.scan's
         # default, which checks remote sessions only.
@@ -106,6 +107,7 @@ class Tracer:
         self.session: Session | None = None  # the session this trace records into
         self.owns_session = False
         self.ir: TraceIR | None = None
+        self.recording: Recording | None = None  # its steps, compiled as recorded (local runs)
         self.scan: bool | None = None  # False: no shape check of this trace; see Session.scan
 
     @property
@@ -129,8 +131,7 @@ class Tracer:
                           kwargs=graph.encode(self.kwargs, loc), loc=loc)
         if self.input is not None:
             self.ir.invokes.append(Invoke(input=graph.encode(self.input, loc)))
-        graph.traces.append(self.ir)
-        graph.tracer = self
+        graph.open(self)
         if self.scan is False:
             session.unscanned.add(id(self.ir))
         return self

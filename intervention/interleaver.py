@@ -28,10 +28,11 @@ from typing import Any, Self
 import torch
 
 from intervention.errors import ExecutionError, ValidationError
-from intervention.program import RESULT_EVENT, RUNNING, Event, Program
+from intervention.program import BOTH_KINDS, RESULT_EVENT, RUNNING, Event, Program
 from intervention.values import Shape, first_device, to_device_of, write_rows
 
 _MISSING = object()
+_NO_CACHE: dict = {}  # looked up, never written: a run with wrappers of its own
 
 
 class Ended(Exception):
@@ -49,21 +50,26 @@ class Interleaver:
         self.inputs_replaced = False
         self.paused = False  # a module the user calls explicitly is not a model event
         self.skips: list | None = None  # (value, rows) given by module.skip for the call firing now
-        self._restore: list[tuple[torch.nn.Module, Any]] = []
+        self._restore: list[tuple] = []  # (module, its saved forward, ...): see _wrap
         self._port: _Port | None = None
 
     # -- lifetime ------------------------------------------------------------------------------
 
     def __enter__(self) -> Self:
         device = first_device(self.model)
-        wanted: dict[str, set[str]] = {}
+        wanted: dict[str, frozenset[str]] = {}
+        shared = False  # `wanted` is a program's own `events` (only read, never written)
         for program in self.programs:
             program.interleaver, program.device, program.plain = self, device, device.type == "cpu"
+            events = program.events
             if not wanted:
-                wanted = dict(program.events)  # one program (the common case): share its sets
-            else:
-                for path, kinds in program.events.items():
-                    wanted[path] = wanted.get(path, set()) | kinds
+                wanted, shared = events, True  # one program (the common case): its own
+                continue
+            if shared:
+                wanted, shared = dict(wanted), False
+            for path, kinds in events.items():  # (two kinds only: see program.KINDS)
+                old = wanted.get(path)
+                wanted[path] = kinds if old is None or old is kinds else BOTH_KINDS
         with _PORTS_LOCK:  # two threads running the same model must not both claim its port
             port = _PORTS.get(self.model)
             if port is None:
@@ -74,16 +80,16 @@ class Interleaver:
                 port, cache = _Port(), None
                 port.il = self
         try:
-            calls, restore = self.calls, self._restore
+            self.calls = dict.fromkeys(wanted, 0)
+            restore = self._restore
+            found = cache if cache is not None else _NO_CACHE
             for path, kinds in wanted.items():
-                calls[path] = 0
-                key = (path, "input" in kinds, "output" in kinds)
-                entry = cache.get(key) if cache is not None else None
+                key = (path, kinds)
+                entry = found.get(key)
                 if entry is not None:  # `_rewrap`, inline: this runs for every module read
-                    module, saved, forward, parent, name = entry
-                    d = module.__dict__
-                    if d.get("forward", _MISSING) is saved and parent._modules.get(name) is module:
-                        restore.append((module, saved))
+                    d, saved, forward, registry, name, module = entry
+                    if d.get("forward", _MISSING) is saved and registry.get(name) is module:
+                        restore.append(entry)  # (its __dict__, saved, ...): what __exit__ puts back
                         d["forward"] = forward
                         continue
                 module = self._module_for(path)
@@ -101,11 +107,11 @@ class Interleaver:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        for module, saved in reversed(self._restore):
+        for d, saved, _, _, _, _ in reversed(self._restore):  # (cache entries: see _wrap)
             if saved is _MISSING:
-                module.__dict__.pop("forward", None)
+                d.pop("forward", None)
             else:
-                module.__dict__["forward"] = saved
+                d["forward"] = saved
         self._restore.clear()
         if self._port is not None:
             self._port.il = None
@@ -120,18 +126,22 @@ class Interleaver:
     ) -> None:
         # `generate` inspects the signature of `forward` to choose the arguments it passes
         forward.__wrapped__ = original
-        saved = module.__dict__.get("forward", _MISSING)
-        self._restore.append((module, saved))
-        module.__dict__["forward"] = forward
+        d = module.__dict__
+        saved = d.get("forward", _MISSING)
+        # Where the module is registered (its parent's `_modules`), so a later run sees if it was
+        # replaced there. The dicts themselves are kept: a module's attributes cost a __getattr__
+        # hook each (nn.Module defines one), and a run looks them up for every module it wraps.
+        parent, name = self.model, ""
+        if path:
+            parent_path, _, name = path.rpartition(".")
+            parent = submodule(self.model, parent_path)
+        entry = (d, saved, forward, parent._modules, name, module)
+        self._restore.append(entry)  # what __exit__ puts back: `saved` as the `forward` in `d`
+        d["forward"] = forward
         if cache is not None:
             if len(cache) > 4096:  # bounded, whatever the traces touch
                 cache.clear()
-            # Where the module is registered, so a later run sees if it was replaced there.
-            parent, name = self.model, ""
-            if path:
-                parent_path, _, name = path.rpartition(".")
-                parent = submodule(self.model, parent_path)
-            cache[key] = (module, saved, forward, parent, name)
+            cache[key] = entry
 
     def _rewrap(self, entry: tuple | None) -> bool:
         """Install a wrapper made by an earlier run, if it still wraps what the module has now
@@ -139,11 +149,10 @@ class Interleaver:
         Making the wrappers and finding the modules cost more than a small trace's reads."""
         if entry is None:
             return False
-        module, saved, forward, parent, name = entry
-        d = module.__dict__
-        if d.get("forward", _MISSING) is not saved or (name and parent._modules.get(name) is not module):
+        d, saved, forward, registry, name, module = entry
+        if d.get("forward", _MISSING) is not saved or (name and registry.get(name) is not module):
             return False
-        self._restore.append((module, saved))
+        self._restore.append(entry)
         d["forward"] = forward
         return True
 
@@ -284,8 +293,9 @@ def submodule(model: torch.nn.Module, path: str) -> torch.nn.Module | None:
 
 class _Port:
     """Per model: the run its cached wrappers dispatch to (None between runs), and the wrappers
-    themselves — (path, input?, output?) or a block's id -> (module, the instance `forward` it
-    had, the wrapper). One run at a time uses them; a concurrent one makes its own."""
+    themselves — (path, its event kinds) or a block's id -> (the module's __dict__, the instance
+    `forward` it had, the wrapper, its parent's `_modules`, its name there, the module). One run
+    at a time uses them; a concurrent one makes its own."""
 
     __slots__ = ("il", "wrappers")
 

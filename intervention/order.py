@@ -49,7 +49,8 @@ def record_order(model: torch.nn.Module, tokenizer: Any) -> list[EventKey]:
 _RANKS: dict[int, tuple[list, dict]] = {}
 
 
-def _rank_of(order: list[EventKey]) -> dict[EventKey, int]:
+def rank_of(order: list[EventKey]) -> dict[EventKey, int]:
+    """Each event's place in `order`."""
     cached = _RANKS.get(id(order))
     if cached is None or cached[0] is not order or len(cached[1]) != len(order):
         if len(_RANKS) > 64:  # orders come from a handful of models: bound it all the same
@@ -58,9 +59,26 @@ def _rank_of(order: list[EventKey]) -> dict[EventKey, int]:
     return cached[1]
 
 
+def ranks_by_kind(order: list[EventKey]) -> dict[str, dict[str, int]]:
+    """`rank_of(order)` split by kind: "input" | "output" -> path -> rank (looked up without
+    making a key). Made once per order, like `rank_of`'s table."""
+    cached = _BY_KIND.get(id(order))
+    if cached is None or cached[0] is not order:
+        if len(_BY_KIND) > 64:
+            _BY_KIND.clear()
+        by_kind: dict[str, dict[str, int]] = {"input": {}, "output": {}}
+        for (path, kind), r in rank_of(order).items():
+            by_kind.setdefault(kind, {})[path] = r
+        cached = _BY_KIND[id(order)] = (order, by_kind)
+    return cached[1]
+
+
+_BY_KIND: dict[int, tuple[list, dict]] = {}
+
+
 def check_order(trace: TraceIR, order: list[EventKey]) -> None:
     """Raise if a thread (invoke) of `trace` reads modules against the recorded order."""
-    rank, kinds = _rank_of(order), _KIND
+    rank, kinds = rank_of(order), _KIND
     last: dict[int | None, int] = {}
     for node in trace.nodes:
         kind = kinds.get(node.op)
@@ -73,13 +91,18 @@ def check_order(trace: TraceIR, order: list[EventKey]) -> None:
         if r is None:
             continue
         if r < last.get(node.invoke, -1):
-            raise ValidationError(
-                f"'{node.args[0]}' {kind} is accessed after a module that runs later in the "
-                "forward pass: access modules in the order the model executes them",
-                node.loc,
-                code="out_of_order",
-            )
+            raise out_of_order(args[0], kind, node.loc)
         last[node.invoke] = r
+
+
+def out_of_order(path: str, kind: str, loc: Any) -> ValidationError:
+    """What `check_order` raises (also found while recording: intervention.program.Recording)."""
+    return ValidationError(
+        f"'{path}' {kind} is accessed after a module that runs later in the forward pass: access "
+        "modules in the order the model executes them",
+        loc,
+        code="out_of_order",
+    )
 
 
 # op -> the module event it waits for ("module.call" runs a module outside the forward: none)

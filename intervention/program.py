@@ -28,7 +28,8 @@ from intervention import ops
 from intervention.args import ArgError, decode, decode_list, ref_id
 from intervention.errors import Cancelled, ExecutionError, InterventionError
 from intervention.hints import tuple_habit
-from intervention.ir import TraceIR
+from intervention.ir import Node, TraceIR
+from intervention.order import out_of_order
 from intervention.values import (
     Rows,
     Shape,
@@ -90,6 +91,19 @@ class _Ref:
 EVENT_KIND = {
     op: "input" if op in ops.INPUT_OPS else "output" for op in ops.MODULE_READS | ops.MODULE_WRITES
 }
+# A program's `events` map a module path to one of these three sets, never another (so the
+# interleaver can key its cached wrappers on the set itself): see `add_event`.
+KINDS: dict[str, frozenset[str]] = {"input": frozenset({"input"}), "output": frozenset({"output"})}
+BOTH_KINDS = frozenset({"input", "output"})
+
+
+def add_event(events: dict[str, frozenset[str]], path: str, kind: str) -> None:
+    """Note that a step waits for `path`'s `kind` events."""
+    kinds = events.get(path)
+    if kinds is None:
+        events[path] = KINDS[kind]
+    elif kind not in kinds:
+        events[path] = BOTH_KINDS
 
 
 class Step:
@@ -103,6 +117,7 @@ class Step:
     __slots__ = ("after", "args", "event", "fn", "id", "kwargs", "loc", "nested", "op", "refs", "run",
                  "slots", "writes")
     saves = False  # see ReadSaveStep
+    edits = False  # see ReadEditStep
 
     def __init__(self, id: int, op: str, loc: Any, event: Event | None, refs: tuple[int, ...],
                  args: list, kwargs: dict, slots: tuple, nested: bool):
@@ -128,6 +143,10 @@ class Step:
         self.after: list = _NONE
 
 
+# Steps made while recording (`Recording`), one per recorded operation, are made with `_new(cls)`
+# and a store per slot, every slot the class's __init__ sets: calling the class costs a type call
+# and an __init__ frame on top (in CPython 3.11, ~40% of making one).
+_new = object.__new__
 _CPU = torch.device("cpu")  # made once: a device object costs more than a program's attributes
 _NONE: list = []  # shared empty `after`: never mutated, only replaced
 _NO_KWARGS: dict = {}  # shared empty keyword arguments: runners never mutate theirs
@@ -140,7 +159,7 @@ class ReadStep:
     has no references, nothing to bind, and writes nothing). Reads are most of the steps made,
     so each one costs five stores instead of thirteen."""
 
-    __slots__ = ("after", "args", "event", "id", "loc", "op")
+    __slots__ = ("after", "args", "edit", "event", "id", "loc", "op")  # edit: see ReadEditStep
     refs: tuple = ()
     kwargs: dict = {}  # noqa: RUF012 - never mutated
     slots: tuple = ()
@@ -148,6 +167,7 @@ class ReadStep:
     fn = None
     writes = False
     saves = False  # see ReadSaveStep
+    edits = False  # see ReadEditStep
 
     def __init__(self, id: int, op: str, loc: Any, event: Event, args: list):
         self.id = id
@@ -167,6 +187,35 @@ class ReadSaveStep(ReadStep):
 
     __slots__ = ()
     saves = True
+
+
+class ReadEditStep(ReadStep):
+    """A read whose very next node (same invoke) is an augassign of the value read with a
+    scalar — `module.output[:] += 0.5`, the commonest edit: the program runs the edit (`edit`,
+    an `Edit`, which keeps its own line for errors) on the value as soon as it is read, one
+    step instead of two. A ReadStep becomes one (`__class__` assignment, same slots) in
+    `Recording.augassign` (local runs)."""
+
+    __slots__ = ()
+    edits = True
+
+
+class Edit:
+    """The augassign `target[index] op= value` of a ReadEditStep, its target the value read:
+    `fn(target, index, op, value)`; `binary`: the operator itself when `fn` is
+    `_augassign_whole` (which the program runs inline), else None. Also what `last_write`
+    names (its line) if the model fails after it."""
+
+    __slots__ = ("binary", "fn", "id", "index", "loc", "op", "value")
+
+    def __init__(self, id: int, loc: Any, fn: Callable, index: Any, op: str, value: Any):
+        self.id = id
+        self.loc = loc
+        self.fn = fn
+        self.index = index
+        self.op = op
+        self.value = value
+        self.binary = ops.BINARY[op] if fn is _augassign_whole else None
 
 
 class SaveStep:
@@ -213,12 +262,11 @@ class Program:
         cancel: threading.Event | None = None,
         max_bytes: int | None = None,
         max_saved_bytes: int | None = None,
-        templates: dict[int, tuple] | None = None,
+        recorded: dict[int, Recording] | None = None,
     ):
-        """`templates`: node id -> (argument template, its reference slots, the referenced ids,
-        whether an augassign's index surely gives a view), for nodes whose arguments the recorder
-        in this process knew as Python values already (local runs: client_sdk's
-        Graph.templates); those are not decoded from their JSON again."""
+        """`recorded`: id(trace) -> its `Recording`, the steps compiled while the recorder in
+        this process recorded its nodes (local runs: client_sdk's Graph.recordings); a trace
+        found there is not compiled from its IR again. Taken out (used once)."""
         self.trace = trace
         self.tensors = tensors or {}
         self.keep = keep
@@ -242,17 +290,24 @@ class Program:
         self.device = _CPU  # the model's; set by the interleaver that runs it
         self.plain = True  # the model is on the CPU: client tensors need no moving
         self.interleaver: Interleaver | None = None
-        # module path -> the event kinds some step waits for ("input", "output")
-        self.events: dict[str, set[str]] = {}
+        # module path -> the event kinds some step waits for ("input", "output"): see KINDS
+        self.events: dict[str, frozenset[str]] = {}
         # Gradients: node id -> (the tensor whose .grad holds its gradient, rows), for the values
         # some `grad` node asks for; the driver runs with grad mode on when any backward is there.
         self.grad_sources: dict[int, tuple[torch.Tensor, Rows]] = {}
-        self.invoke_threads, self.body, self.needs_grad = _compile(
-            trace, self.tensors, self.events, templates, fuse_saves=max_saved_bytes is None
-        )
+        rec = recorded.pop(id(trace), None) if recorded else None
+        if rec is not None and not rec.broken and max_saved_bytes is None:  # (it fused saves)
+            self.events = rec.events
+            self.invoke_threads, self.body, self.needs_grad = _threads(trace, rec.by_invoke, rec.gradients)
+        else:
+            self.invoke_threads, self.body, self.needs_grad = _compile(
+                trace, self.tensors, self.events, fuse_saves=max_saved_bytes is None
+            )
         invokes = trace.invokes
-        if self.body is None and not (len(invokes) > 1 or (invokes and invokes[0].cache)):
-            self.threads = self.invoke_threads  # one invoke (`trace(prompt)`): the common case
+        if not self.invoke_threads and self.body is not None:
+            self.threads = [self.body]  # no invoke blocks (`trace(prompt)`): the common case
+        elif self.body is None and not (len(invokes) > 1 or (invokes and invokes[0].cache)):
+            self.threads = self.invoke_threads  # one invoke
         else:
             caches = [t for t in self.invoke_threads if invokes[t.invoke].cache] if invokes else []
             self.threads = [*(t for t in self.invoke_threads if t not in caches), *([self.body] if self.body else []), *caches]
@@ -283,49 +338,21 @@ class Program:
     def running(self) -> bool:
         return self.state is RUNNING
 
-    def advance(self, event: Event | None, il: Interleaver) -> None:
-        """Run every thread as far as it can at `event` (None: before or after the model).
-        Errors, stops and cancels end this program, never the caller."""
+    def advance(self, event: Event | None, il: Interleaver, thread: Thread | None = None) -> None:
+        """Run every thread as far as it can at `event` (None: before or after the model), or
+        only `thread`. Errors, stops and cancels end this program, never the caller.
+
+        One thread (a trace without invoke blocks, or with one): this call runs its steps itself
+        (no call per thread: this runs at every event a program waits for)."""
+        alone = thread is None
+        if alone:
+            if len(self.threads) != 1:
+                self._advance_threads(event, il)
+                return
+            thread = self.threads[0]
         if self.cancel is not None and self.cancel.is_set():
             self._end(CANCELLED, Cancelled())
             return
-        try:
-            if len(self.threads) == 1:
-                thread = self.threads[0]
-                self._run_thread(thread, event, il)
-                if thread.pos == len(thread.steps):
-                    self._end(DONE)  # nothing left to wait for: the model may stop early
-                return
-            moved = True
-            while moved:  # threads may unblock each other (a value another invoke computes)
-                moved = False
-                for thread in self.threads:
-                    pos = thread.pos
-                    self._run_thread(thread, event, il)
-                    moved = moved or thread.pos != pos
-            if all(t.pos == len(t.steps) for t in self.threads):
-                self._end(DONE)
-        except _Stop as stop:
-            self.stopped = stop.scope
-            self._end(STOPPED)
-        except Cancelled as exc:
-            self._end(CANCELLED, exc)
-        except InterventionError as exc:
-            self._end(FAILED, self._hinted(exc))
-
-    def _hinted(self, error: InterventionError) -> InterventionError:
-        """An IndexError from the tuple-output habit gets a hint saying what to write instead."""
-        if not error.message.startswith("IndexError") or error.location is None:
-            return error
-        values = self.values
-        hint = tuple_habit(self.trace, error.location, lambda read: isinstance(values.get(read.id), torch.Tensor))
-        if hint is None:
-            return error
-        hinted = ExecutionError(f"{error.message}\n{hint}", error.location, code=error.code)
-        hinted.__cause__ = error.__cause__  # the original exception: the shape check reads it
-        return hinted
-
-    def _run_thread(self, thread: Thread, event: Event | None, il: Interleaver) -> None:
         steps, values, max_bytes = thread.steps, self.values, self.max_bytes
         pos, n = thread.pos, len(steps)
         try:
@@ -344,6 +371,22 @@ class Program:
                         self._module_step(step, thread.rows, il)
                     if step.saves:  # a ReadSaveStep: its save, too
                         self.saved.append(step.id)
+                    elif step.edits:  # a ReadEditStep: its edit, too (`_compute`, shortened)
+                        edit = step.edit
+                        if self.cancel is not None and self.cancel.is_set():
+                            raise Cancelled()
+                        self.last_write = edit
+                        target = values[step.id]
+                        try:
+                            if edit.binary is not None and type(target) is torch.Tensor and target.dim():
+                                # `x[:] op= v` (`_augassign_whole`, inline): the commonest edit
+                                if (result := edit.binary(target, edit.value)) is not target:
+                                    target[edit.index] = result
+                                values[edit.id] = None
+                            else:
+                                values[edit.id] = edit.fn(target, edit.index, edit.op, edit.value)
+                        except Exception as exc:
+                            raise _failed(edit, exc) from exc
                 else:
                     for r in step.refs:
                         if r not in values:
@@ -372,8 +415,45 @@ class Program:
                     else:
                         self._compute(step)
                 pos += 1
+        except _Stop as stop:
+            self.stopped = stop.scope
+            self._end(STOPPED)
+        except Cancelled as exc:
+            self._end(CANCELLED, exc)
+        except InterventionError as exc:
+            self._end(FAILED, self._hinted(exc))
         finally:
             thread.pos = pos
+            if alone and pos == n and self.state is RUNNING:
+                self._end(DONE)  # nothing left to wait for: the model may stop early
+
+    def _advance_threads(self, event: Event | None, il: Interleaver) -> None:
+        """`advance` for several threads (invoke blocks, code outside them), which may unblock
+        each other (a value another invoke computes)."""
+        threads = self.threads
+        moved = True
+        while moved:
+            moved = False
+            for thread in threads:
+                pos = thread.pos
+                self.advance(event, il, thread)
+                if self.state is not RUNNING:
+                    return
+                moved = moved or thread.pos != pos
+        if all(t.pos == len(t.steps) for t in threads):
+            self._end(DONE)
+
+    def _hinted(self, error: InterventionError) -> InterventionError:
+        """An IndexError from the tuple-output habit gets a hint saying what to write instead."""
+        if not error.message.startswith("IndexError") or error.location is None:
+            return error
+        values = self.values
+        hint = tuple_habit(self.trace, error.location, lambda read: isinstance(values.get(read.id), torch.Tensor))
+        if hint is None:
+            return error
+        hinted = ExecutionError(f"{error.message}\n{hint}", error.location, code=error.code)
+        hinted.__cause__ = error.__cause__  # the original exception: the shape check reads it
+        return hinted
 
     def finish(self, il: Interleaver) -> None:
         """After the driver: a thread still waiting is an error (or the forward was cut short
@@ -565,34 +645,29 @@ GRAD_READ = "module.output+grad"  # internal: a module.output read whose gradien
 
 
 def _compile(
-    trace: TraceIR, tensors: dict[str, torch.Tensor], events: dict[str, set[str]],
-    templates: dict[int, tuple] | None = None, fuse_saves: bool = False,
+    trace: TraceIR, tensors: dict[str, torch.Tensor], events: dict[str, frozenset[str]], fuse_saves: bool = False,
 ) -> tuple[list[Thread], Thread | None, bool]:
     """Threads (one per invoke with code), the body (code outside invokes), and whether a
     backward is among the steps (the driver then runs with grad mode on). `fuse_saves`: saves
-    cannot fail (no cap on saved bytes), so a read and its save right after become one step."""
+    cannot fail (no cap on saved bytes), so a read and its save right after become one step.
+    (`Recording` makes the same steps while a trace is recorded, node by node.)"""
     by_invoke: dict[int | None, list[Step]] = {}
-    nested: list[int] = []  # the current node's references inside containers or kwargs
     gradients: list[Step] = []  # its backward and grad steps, if any
-
-    def ref(i: int) -> _Ref:
-        nested.append(i)
-        return _Ref(i)
-
+    nested, ref = _nested_refs()
     reads, event_kind = ops.MODULE_READS, EVENT_KIND  # locals: this loop runs for every node
     for node in trace.nodes:
         op = node.op
-        kind = event_kind.get(op)
         if op == "result":  # no module to wrap: the engine fires it after the driver's call
             step = ReadStep(node.id, op, node.loc, RESULT_EVENT, [])
         elif op in reads:  # the most common nodes: constant arguments, nothing to decode
             a = node.args
+            kind = event_kind[op]
             step = ReadStep(node.id, op, node.loc, (a[0], kind, a[1]), a)
-            kinds = events.get(a[0])
+            kinds = events.get(a[0])  # `add_event`, inline
             if kinds is None:
-                events[a[0]] = {kind}
-            else:
-                kinds.add(kind)
+                events[a[0]] = KINDS[kind]
+            elif kind not in kinds:
+                events[a[0]] = BOTH_KINDS
         elif op == "save" and (r := ref_id(node.args[0])) is not None:  # the next commonest
             if fuse_saves and r == node.id - 1:
                 # `x.save()` right after the read of x, in the same thread (no node between, so
@@ -603,41 +678,70 @@ def _compile(
                     last.__class__ = ReadSaveStep
                     continue
             step = SaveStep(node.id, node.loc, (r,))
-        elif templates and (template := templates.get(node.id)) is not None:
-            # recorded in this process (an augassign): its arguments are known, nothing to decode
-            args, slots, refs, view = template
-            step = Step(node.id, op, node.loc, None, refs, args, _NO_KWARGS, slots, False)
-            if view and op == "augassign":
-                step.fn = _augassign_whole if args[1] == _WHOLE else _augassign_view
         else:
-            if nested:
-                nested.clear()
-            try:
-                slots = []
-                args = decode_list(node.args, ref, tensors, slots)
-                kwargs = decode({"$dict": node.kwargs}, ref, tensors) if node.kwargs else {}
-            except ArgError as exc:
-                raise ExecutionError(str(exc), node.loc) from None
-            event = None
-            if kind is not None:
-                event = (args[0], kind, args[1])
-                events.setdefault(args[0], set()).add(kind)
-            refs = []
-            for slot in slots:
-                refs.append(slot[1])
-            refs.extend(nested)
-            step = Step(node.id, op, node.loc, event, refs, args, kwargs, slots, bool(nested))
-            if op == "augassign" and len(args) == 4 and len(slots) == 1 and slots[0][0] == 0 and _is_view_index(args[1]):
-                # a constant basic index: known now to give a view
-                step.fn = _augassign_whole if args[1] == _WHOLE else _augassign_view
+            step = _compile_node(node, tensors, events, nested, ref)
             if op in _GRADIENT_OPS:  # rare: noted here so other traces pay no extra pass
                 gradients.append(step)
         steps = by_invoke.get(node.invoke)
         if steps is None:
             steps = by_invoke[node.invoke] = []
         steps.append(step)
+    return _threads(trace, by_invoke, gradients)
+
+
+def _nested_refs() -> tuple[list[int], Callable[[int], _Ref]]:
+    """For `_compile_node`: a list, and the decoder's callback for references inside containers
+    or keyword arguments, which notes them there. Made once per trace, not per node."""
+    nested: list[int] = []
+
+    def ref(i: int) -> _Ref:
+        nested.append(i)
+        return _Ref(i)
+
+    return nested, ref
+
+
+def _compile_node(
+    node: Node, tensors: dict[str, torch.Tensor], events: dict[str, frozenset[str]], nested: list[int],
+    ref: Callable[[int], _Ref],
+) -> Step:
+    """The step of any node but a read or a plain save: its arguments decoded into a template.
+    `nested`, `ref`: see `_nested_refs`."""
+    if nested:
+        nested.clear()
+    op = node.op
+    try:
+        slots: list = []
+        args = decode_list(node.args, ref, tensors, slots)
+        kwargs = decode({"$dict": node.kwargs}, ref, tensors) if node.kwargs else {}
+    except ArgError as exc:
+        raise ExecutionError(str(exc), node.loc) from None
+    event = None
+    kind = EVENT_KIND.get(op)
+    if kind is not None:
+        event = (args[0], kind, args[1])
+        add_event(events, args[0], kind)
+    refs = []
+    for slot in slots:
+        refs.append(slot[1])
+    refs.extend(nested)
+    step = Step(node.id, op, node.loc, event, refs, args, kwargs, slots, bool(nested))
+    if op == "augassign" and len(args) == 4 and len(slots) == 1 and slots[0][0] == 0 and _is_view_index(args[1]):
+        # a constant basic index: known now to give a view
+        step.fn = _augassign_whole if args[1] == _WHOLE else _augassign_view
+    return step
+
+
+def _threads(
+    trace: TraceIR, by_invoke: dict[int | None, list[Step]], gradients: list[Step]
+) -> tuple[list[Thread], Thread | None, bool]:
+    """The threads of compiled steps (see `_compile`)."""
+    backward = False
     if gradients:
         _track_grads(gradients, by_invoke)
+        backward = any(s.op == "backward" for s in gradients)
+    if len(by_invoke) == 1 and None in by_invoke:  # `trace(prompt)`'s code: the common case
+        return [], Thread(by_invoke[None]), backward
     threads = [Thread(by_invoke[i], i) for i in sorted(k for k in by_invoke if k is not None)]
     body = None
     if None in by_invoke:
@@ -646,7 +750,148 @@ def _compile(
         waits = [t for t in threads if t.invoke >= len(trace.invokes) or not trace.invokes[t.invoke].cache]
         for step in body.steps if waits else ():  # no invoke threads: nothing to wait for
             step.after = [(t, n) for t in waits if (n := sum(1 for x in t.steps if x.id < step.id))]
-    return threads, body, any(s.op == "backward" for s in gradients)
+    return threads, body, backward
+
+
+class Recording:
+    """One trace compiled while it is recorded, in this process (local runs: client_sdk's
+    Graph): the steps `_compile` would make from its IR afterwards, made with each node instead.
+    The recorder knows the arguments of its commonest nodes as Python values already (a read's
+    path and call, a save's reference, an augassign's operands), so those are neither encoded
+    for the engine nor decoded again, and no second pass over the nodes is made. Saves are
+    fused into their reads (`ReadSaveStep`), so only a program whose saves cannot fail (no
+    saved-bytes cap) uses it. Any other node is compiled by `_compile_node` as it is recorded;
+    one that fails to compile leaves the recording `broken` (the program then compiles the
+    IR, raising the error at the node's line as ever).
+
+    Given the rank of each module event in the model's order (`order.ranks_by_kind`), it checks
+    the order of module accesses as `order.check_order` would (`disorder`: its error, if any),
+    so validation need not walk the nodes again."""
+
+    __slots__ = ("broken", "by_invoke", "disorder", "events", "gradients", "last", "rank", "refs", "tensors")
+
+    def __init__(self, tensors: dict[str, torch.Tensor], rank: dict[str, dict[str, int]] | None = None):
+        """`tensors`: the recorder's client tensors (the program's), by blob name; `rank`: see
+        above (None: the order is not checked here)."""
+        self.by_invoke: dict[int | None, list] = {}
+        self.events: dict[str, frozenset[str]] = {}
+        self.gradients: list[Step] = []
+        self.tensors = tensors
+        self.broken = False
+        self.refs: tuple | None = None  # see _nested_refs, made when first needed
+        self.rank = rank
+        self.last: dict[int | None, int] = {}  # invoke -> rank of its latest first-call access
+        self.disorder: InterventionError | None = None
+
+    @property
+    def order_checked(self) -> bool:
+        """Whether `disorder` is `check_order`'s verdict on the trace (a broken recording stops
+        checking)."""
+        return self.rank is not None and not self.broken
+
+    def _order(self, path: str, kind: str, loc: Any, invoke: int | None) -> None:
+        """`check_order`'s step for an access of a module's first call."""
+        r = self.rank[kind].get(path)
+        if r is not None:
+            if r < self.last.get(invoke, -1) and self.disorder is None:
+                self.disorder = out_of_order(path, kind, loc)
+            self.last[invoke] = r
+
+    def read(self, id: int, op: str, loc: Any, args: list, invoke: int | None) -> None:
+        """A module read (`module.output`, `.input`, `.inputs`): args [path, call index]."""
+        kind = EVENT_KIND[op]
+        path = args[0]
+        kinds = self.events.get(path)  # `add_event`, inline
+        if kinds is None:
+            self.events[path] = KINDS[kind]
+        elif kind not in kinds:
+            self.events[path] = BOTH_KINDS
+        steps = self.by_invoke.get(invoke)
+        if steps is None:
+            steps = self.by_invoke[invoke] = []
+        step = _new(ReadStep)  # `ReadStep(id, op, loc, (path, kind, args[1]), args)`: see _new
+        step.id = id
+        step.op = op
+        step.loc = loc
+        step.event = (path, kind, args[1])
+        step.args = args
+        step.after = _NONE
+        steps.append(step)
+        rank = self.rank
+        if rank is not None and args[1] == 0 and (r := rank[kind].get(path)) is not None:  # `_order`, inline
+            if r < self.last.get(invoke, -1) and self.disorder is None:
+                self.disorder = out_of_order(path, kind, loc)
+            self.last[invoke] = r
+
+    def save(self, id: int, ref: int, loc: Any, invoke: int | None) -> None:
+        """`x.save()` of node `ref`: fused into the read of x when that is the step before."""
+        steps = self.by_invoke.get(invoke)
+        if steps is None:
+            steps = self.by_invoke[invoke] = []
+        elif ref == id - 1 and type(last := steps[-1]) is ReadStep and last.id == ref:
+            last.__class__ = ReadSaveStep
+            return
+        steps.append(SaveStep(id, loc, (ref,)))
+
+    def augassign(
+        self, id: int, loc: Any, target: int, index: Any, op: str, other: Any, other_id: int | None, view: bool,
+        invoke: int | None,
+    ) -> None:
+        """`target[index] op= other`: node `target`'s value, `other` a scalar or (`other_id`) a
+        node's value; `view`: the index surely gives a view of a tensor."""
+        fn = (_augassign_whole if index == _WHOLE else _augassign_view) if view else _augassign
+        steps = self.by_invoke.get(invoke)
+        if steps is None:
+            steps = self.by_invoke[invoke] = []
+        elif other_id is None and target == id - 1 and type(last := steps[-1]) is ReadStep and last.id == target:
+            # the edit of the value just read, by a scalar: one step
+            last.edit = edit = _new(Edit)  # `Edit(id, loc, fn, index, op, other)`: see _new
+            edit.id = id
+            edit.loc = loc
+            edit.fn = fn
+            edit.index = index
+            edit.op = op
+            edit.value = other
+            edit.binary = ops.BINARY.get(op) if fn is _augassign_whole else None
+            last.__class__ = ReadEditStep
+            return
+        if other_id is None:
+            step = Step(id, "augassign", loc, None, [target], [None, index, op, other], _NO_KWARGS, [(0, target)], False)
+        else:
+            step = Step(id, "augassign", loc, None, [target, other_id], [None, index, op, None], _NO_KWARGS,
+                        [(0, target), (3, other_id)], False)
+        step.fn = fn
+        steps.append(step)
+
+    def add(self, node: Node) -> None:
+        """Any other node, compiled as `_compile` would."""
+        if self.broken:
+            return
+        op = node.op
+        if op == "result":
+            step = ReadStep(node.id, op, node.loc, RESULT_EVENT, [])
+        elif op == "save" and (r := ref_id(node.args[0])) is not None:
+            self.save(node.id, r, node.loc, node.invoke)
+            return
+        elif op in ops.MODULE_READS:
+            self.read(node.id, op, node.loc, node.args, node.invoke)
+            return
+        else:
+            if self.refs is None:
+                self.refs = _nested_refs()
+            try:
+                step = _compile_node(node, self.tensors, self.events, *self.refs)
+            except Exception:  # noqa: BLE001 - the program compiles the IR and says why
+                self.broken = True
+                return
+            if op in _GRADIENT_OPS:
+                self.gradients.append(step)
+            elif step.event is not None and self.rank is not None and step.event[2] == 0:  # a write
+                self._order(step.event[0], step.event[1], node.loc, node.invoke)
+        steps = self.by_invoke.get(node.invoke)
+        if steps is None:
+            steps = self.by_invoke[node.invoke] = []
+        steps.append(step)
 
 
 _GRADIENT_OPS = frozenset({"grad", "backward"})

@@ -23,7 +23,7 @@ from intervention.args import decode, no_refs
 from intervention.engine import run_forward
 from intervention.errors import InterventionError
 from intervention.plan import Segment, SessionPlan
-from intervention.program import Program, ProgramResult, log_message
+from intervention.program import Program, ProgramResult, Recording, log_message
 
 
 @dataclass
@@ -59,13 +59,13 @@ class TraceWork:
         cancel: Any = None,
         max_trace_bytes: int | None = None,
         max_saved_bytes: int | None = None,
-        templates: dict[int, tuple] | None = None,
+        recorded: dict[int, Recording] | None = None,
     ) -> Program:
         """This trace compiled as an engine program (raises its InterventionError). Alone here
         (run_segment) or beside other requests' programs (the model deployment's batches)."""
         return Program(self.trace, tensors=tensors, externals=self.values, keep=self.keep, on_log=on_log,
                        cancel=cancel, max_bytes=max_trace_bytes, max_saved_bytes=max_saved_bytes,
-                       templates=templates)
+                       recorded=recorded)
 
 
 class SegmentLoop:
@@ -158,11 +158,11 @@ def run_segment(
     cancel: Any = None,
     max_trace_bytes: int | None = None,
     max_saved_bytes: int | None = None,
-    templates: dict[int, tuple] | None = None,
+    recorded: dict[int, Recording] | None = None,
 ) -> Outcome:
     """Run a segment's traces in this process, one forward each; each trace's computed tensors
     may hold at most `max_trace_bytes`, and all the values its traces save `max_saved_bytes`
-    (see Program; None: unbounded, as in local runs). `templates`: see Program."""
+    (see Program; None: unbounded, as in local runs). `recorded`: see Program."""
     loop = SegmentLoop(segment, imports)
     saved = 0
     while (work := loop.next_trace()) is not None:
@@ -171,7 +171,7 @@ def run_segment(
         try:
             program = work.program(tensors, on_log=on_log, cancel=cancel, max_trace_bytes=max_trace_bytes,
                                    max_saved_bytes=None if max_saved_bytes is None else max_saved_bytes - saved,
-                                   templates=templates)
+                                   recorded=recorded)
         except InterventionError as err:
             loop.record_trace(ProgramResult(error=err))
             continue
@@ -186,14 +186,14 @@ def run_session(
     tensors: dict[str, torch.Tensor],
     load: Callable[[str], tuple[torch.nn.Module, Any]],
     on_log: Callable[[str], None] = print,
-    templates: dict[int, tuple] | None = None,
+    recorded: dict[int, Recording] | None = None,
 ) -> Outcome:
-    """Run a whole session in this process (`load(name)` -> (module, tokenizer)); `templates`:
+    """Run a whole session in this process (`load(name)` -> (module, tokenizer)); `recorded`:
     see Program."""
     loop = SessionLoop(plan, on_log, tensors)
     while (item := loop.next_segment()) is not None:
         segment, imports = item
         model, tokenizer = load(segment.model)
         loop.record_segment(run_segment(model, tokenizer, segment, imports, tensors, on_log=on_log,
-                                        templates=templates))
+                                        recorded=recorded))
     return loop.outcome

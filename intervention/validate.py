@@ -71,6 +71,7 @@ def validate_session(
     recorded: bool = False,
     max_new_tokens: dict[str, int] | None = None,
     inputs: dict[str, InputBounds] | None = None,
+    order_checked: dict[int, ValidationError | None] | None = None,
 ) -> None:
     """`models` maps each served model name to its module paths; `orders`, where known, to the
     order its modules run in (see order.py), so out-of-order reads fail before any forward;
@@ -79,7 +80,9 @@ def validate_session(
     `recorded`: the session comes from this process's own recorder, which builds every node
     well-formed and runs `check_node_alone` as it records, so the per-node checks are skipped
     (a server always validates everything: what it receives is untrusted). `inputs`, where known:
-    each model's InputBounds, so bad token ids and too long inputs fail here, not in a replica."""
+    each model's InputBounds, so bad token ids and too long inputs fail here, not in a replica.
+    `order_checked`: id(trace) -> the order error found while it was recorded (None: none), for
+    traces whose order the recorder checked already (intervention.program.Recording)."""
     if session.version != IR_VERSION:
         raise ValidationError(f"IR version {session.version} is not supported (this server speaks {IR_VERSION})")
     if not session.traces and not session.steps:
@@ -109,7 +112,11 @@ def validate_session(
         if trace.kind == "generate":
             _check_generate(trace, (max_new_tokens or {}).get(trace.model, DEFAULT_MAX_NEW_TOKENS))
         if orders and trace.model in orders:
-            check_order(trace, orders[trace.model])
+            if order_checked is not None and id(trace) in order_checked:
+                if (error := order_checked[id(trace)]) is not None:
+                    raise error
+            else:
+                check_order(trace, orders[trace.model])
         if inputs and trace.model in inputs:
             check_inputs(trace, tensors, inputs[trace.model])
     _check_steps(session.steps, len(session.traces), tensors)

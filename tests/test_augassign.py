@@ -128,3 +128,81 @@ def test_a_subscript_written_before_a_stop_is_computed(lm: LanguageModel) -> Non
         with lm.trace(P2):
             out = (hs * 1).save()
     assert out.shape == (1, 64)
+
+
+def test_an_edit_of_the_value_just_read_fails_at_its_own_line(lm: LanguageModel) -> None:
+    """Locally a read and the scalar edit right after it run as one step: a failing edit still
+    names its own line, not the read's."""
+    with pytest.raises(ExecutionError) as info, lm.trace(P1):
+        h = lm.model.layers[1].output
+        h[5] += 1.0  # a batch of one: no row 5
+    assert "IndexError" in str(info.value) and "h[5] += 1.0" in str(info.value)
+
+
+def test_edits_of_values_just_read_in_invokes_see_their_rows(lm: LanguageModel) -> None:
+    with lm.trace() as tracer:
+        with tracer.invoke(P1):
+            lm.model.layers[1].output[:] += 0.5
+            a = lm.lm_head.output.save()
+        with tracer.invoke(P2):
+            lm.model.layers[1].output[:, -1] *= 2.0
+            b = lm.lm_head.output.save()
+    with lm.trace(P1):
+        lm.model.layers[1].output[:] += 0.5
+        alone_a = lm.lm_head.output.save()
+    with lm.trace(P2):
+        lm.model.layers[1].output[:, -1] *= 2.0
+        alone_b = lm.lm_head.output.save()
+    torch.testing.assert_close(a[:, -1], alone_a[:, -1])
+    torch.testing.assert_close(b[:, -1], alone_b[:, -1])
+
+
+def test_an_edit_of_a_subscript_of_a_subscript_is_recorded_after_it(lm: LanguageModel) -> None:
+    """`x[:, -1][0] += v`: the inner subscript is recorded first (a node of its own), then the edit."""
+    with lm.trace(P1):
+        x = lm.model.layers[1].output
+        x[:, -1][0] += 1.0
+        logits = lm.lm_head.output.save()
+
+    def edit(o):
+        o[:, -1][0] += 1.0
+
+    assert torch.equal(logits, hooked(lm, P1, 1, edit))
+    with tracing.recording() as graph, lm.trace(P1):
+        lm.model.layers[1].output[:, -1][0] += 1.0
+    nodes = graph.session_ir().traces[0].nodes
+    assert [n.op for n in nodes] == ["module.output", "getitem", "augassign"]
+    assert len({n.id for n in nodes}) == 3
+
+
+def test_an_in_place_op_on_a_subscript_is_that_subscript(lm: LanguageModel) -> None:
+    """`t += v` on a lazy subscript gives `t` itself back, as torch does for a tensor: the nodes,
+    values and lines are those of the three calls written out."""
+    def body():
+        with lm.trace(P1):
+            x = lm.model.layers[1].output
+            t = x[:, -1]
+            u = t
+            t += 1.0
+            assert t is u
+            t.save()
+
+    assert ops_of(body) == [["module.output", "getitem", "iadd", "save"]]
+    with lm.trace(P1):
+        x = lm.model.layers[1].output
+        t = x[:, -1]
+        t += t  # the operand is the subscript itself
+        x[:, -1] = t
+        logits = lm.lm_head.output.save()
+
+    def edit(o):
+        t = o[:, -1]
+        t += t
+        o[:, -1] = t
+
+    assert torch.equal(logits, hooked(lm, P1, 1, edit))
+    with pytest.raises(ExecutionError) as info, lm.trace(P1):
+        t = lm.model.layers[1].output[:, -1]
+        t += torch.ones(3)  # @bad-iadd: (1, 64) += (3,)
+        t.save()
+    assert "t += torch.ones(3)" in str(info.value)

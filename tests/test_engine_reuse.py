@@ -128,8 +128,11 @@ def test_local_augassign_templates_equal_the_decoded_ir(lm: LanguageModel) -> No
         lm.lm_head.output.save()
     (trace,) = graph.session_ir().traces
     augassigns = [n.id for n in trace.nodes if n.op == "augassign"]
-    assert len(augassigns) == 4 and set(augassigns) <= set(graph.templates or {})  # what a local run uses
-    program = Program(trace, tensors=graph.tensors)  # no templates: compiled from the IR's JSON alone
+    recording = (graph.recordings or {})[id(trace)]  # what a local run uses: steps made while recording
+    steps = [s for steps in recording.by_invoke.values() for s in steps]
+    compiled = {s.id for s in steps} | {s.edit.id for s in steps if s.edits}  # (an edit of a read: one step)
+    assert len(augassigns) == 4 and set(augassigns) <= compiled and not recording.broken
+    program = Program(trace, tensors=graph.tensors)  # no recording: compiled from the IR's JSON alone
     run_programs(lm.local_module, [program], ForwardDriver.for_programs(lm.tokenizer, [program]))
     result = program.result()
     assert result.error is None

@@ -276,6 +276,25 @@ def test_out_of_order_write(model: LanguageModel) -> None:
     assert_at(info.value, "out-of-order-write")
 
 
+def test_out_of_order_found_while_recording_runs_nothing(model: LanguageModel, capsys) -> None:
+    """Once the model's order is known, local traces are checked as they are recorded: still a
+    validation error at the late line, before any trace of the session runs."""
+    assert model.module_order  # known from now on
+    with watch_activations(model.local_module) as refs, pytest.raises(ValidationError) as info, model.session():
+        with model.trace(P):
+            client_sdk.log("first trace ran")
+            model.lm_head.output.save()
+        with model.trace(P) as tracer:
+            with tracer.invoke(P):
+                model.model.layers[1].output[:] += 1
+            with tracer.invoke(P):
+                model.model.layers[2].output.save()
+                model.model.layers[0].output[:, -1] = 0  # @recorded-out-of-order
+    assert refs == [] and "first trace ran" not in capsys.readouterr().out
+    assert info.value.code == "out_of_order"
+    assert_at(info.value, "recorded-out-of-order")
+
+
 def test_shape_mismatch_on_assignment(model: LanguageModel) -> None:
     # scan=False: the error at model time, from the engine (the shape check would find it first)
     with watch_activations(model.local_module) as refs:

@@ -232,3 +232,42 @@ def test_recorded_ir(model: LanguageModel) -> None:
     assert all(n.loc[0] == __file__ for n in trace.nodes)
     assert trace.nodes[0].loc[2] == "h = model.model.layers[1].output"
     assert trace.nodes[6].args == ["trace"]
+
+
+def test_what_the_hot_paths_make_has_every_field(model: LanguageModel) -> None:
+    """The recorder makes nodes, proxies and steps without calling their classes (a cheaper
+    path): each still has every field its class's constructor would set."""
+    import dataclasses
+
+    from client_sdk import tracing
+    from intervention.ir import Node
+    from intervention.program import Edit, ReadStep
+
+    with tracing.recording() as graph, model.trace(P1):
+        model.model.layers[0].output.save()  # a read and its save
+        model.model.layers[1].output[:] += 1.0  # a read and its edit
+        h = model.model.layers[2].output
+        t = h[:, -1]  # lazy subscript
+        t += 2.0  # pending in-place op
+        h[:, -1] = t
+        model.lm_head.output  # noqa: B018 - a read alone
+    (trace,) = graph.session_ir().traces
+    for node in trace.nodes:
+        for f in dataclasses.fields(Node):
+            getattr(node, f.name)
+    proxies = [p for p in graph.proxies]
+    assert len(proxies) >= 5
+    for proxy in proxies:
+        for slot in Proxy.__slots__:
+            if slot != "__weakref__":
+                getattr(proxy, slot)
+    recording = graph.recordings[id(trace)]
+    steps = [s for steps in recording.by_invoke.values() for s in steps]
+    assert {type(s).__name__ for s in steps} >= {"ReadSaveStep", "ReadEditStep", "ReadStep"}
+    for step in steps:
+        for slot in ReadStep.__slots__:
+            if slot != "edit" or step.edits:
+                getattr(step, slot)
+        if step.edits:
+            for slot in Edit.__slots__:
+                getattr(step.edit, slot)
