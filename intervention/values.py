@@ -86,7 +86,9 @@ def materialize(value: Any) -> Any:
     activations (a saved `h[:, -1]` must not keep all of `h` alive)."""
     if isinstance(value, torch.Tensor):
         value = value.detach()  # a tensor of its own: the model's activation object is not kept
-        return value.clone() if value._base is not None else value
+        # (detach drops `_base`: a view is known by a storage larger than its own elements)
+        pins_more = value.untyped_storage().nbytes() > value.numel() * value.element_size()
+        return value.clone() if pins_more else value
     if isinstance(value, ModelOutput):
         return value
     if type(value) in (tuple, list):

@@ -195,3 +195,14 @@ def test_an_unknown_module_fails_only_its_program(lm: LanguageModel) -> None:
     got_bad, got_good = run(lm, (bad_trace, {}), good)
     assert isinstance(got_bad.error, ValidationError) and got_bad.error.code == "unknown_module"
     assert_same(got_good, alone(lm, good))
+
+
+def test_a_saved_view_does_not_keep_its_whole_activation(tiny_llama_path) -> None:
+    """`h[:, -1].save()` keeps its own elements, not all of `h` (a copy of the view)."""
+    lm = LanguageModel(str(tiny_llama_path))
+    with lm.trace("The Eiffel Tower is in the city of"):
+        h = lm.model.layers[0].output
+        last = h[:, -1].save()
+        whole = h.save()
+    assert last.untyped_storage().nbytes() == last.numel() * last.element_size()
+    torch.testing.assert_close(last, whole[:, -1])
