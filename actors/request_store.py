@@ -34,7 +34,10 @@ from intervention.events import CANCELLED, COMPLETED, ERROR, LOG, TERMINAL
 
 STORE_NAME = "raysight-requests"
 NAMESPACE = "raysight"
-FETCH_GRACE_S = 60.0
+# A fetched result stays this long: a result handed over inline (a blocking stream's COMPLETED,
+# counted as fetched when the request ends) may not have reached a client whose connection broke;
+# it reconnects for up to two minutes (client_sdk) and then downloads it.
+FETCH_GRACE_S = 300.0
 HEARTBEAT_S = 3.0  # how often a process that runs requests renews its lease on them (actors/supervisor.py)
 LEASE_S = 15.0  # a runner silent this long is dead: its open requests are orphans
 UNCLAIMED_S = 60.0  # an accepted request no runner has started within this is an orphan (covers a runner restart)
