@@ -30,7 +30,7 @@ import ray
 from ray.exceptions import ActorUnschedulableError, RayActorError
 
 from actors.state_db import DEFAULT_STATE_DIR, Row, StateDB
-from intervention.events import CANCELLED, COMPLETED, ERROR, LOG, TERMINAL
+from intervention.events import CANCELLED, COMPLETED, ERROR, LOG, STATUS, TERMINAL
 
 STORE_NAME = "raysight-requests"
 NAMESPACE = "raysight"
@@ -76,6 +76,10 @@ class RequestStore:
         self.ttl = result_ttl_s
         self.started = time.time()  # runner leases restart their count with the store
         self.conditions: dict[str, tuple[asyncio.Condition, list[int]]] = {}
+        # Open request -> index of its latest event that is news (not a status): what wakes a
+        # reader that waits `until_news`. In memory only: after a restart such a reader wakes at
+        # its timeout instead (a blocking stream's status interval).
+        self.news_at: dict[str, int] = {}
         self.tasks: list[asyncio.Task] = []
 
     def ping(self) -> str:
@@ -194,6 +198,10 @@ class RequestStore:
                     f"[raysight] log quota reached (limits.max_log_bytes_per_user = {row.max_log_bytes} "
                     "bytes): this request's later logs are dropped")}
         self.db.append(row, kind, data, order, log_bytes=log_bytes, result_bytes=result_bytes)
+        if kind in TERMINAL:
+            self.news_at.pop(request_id, None)
+        elif kind not in STATUS:
+            self.news_at[request_id] = row.n_events  # the index it was recorded at
         await self._notify(request_id)
 
     async def request_cancel(self, request_id: str, owner: str) -> str | None:
@@ -259,21 +267,29 @@ class RequestStore:
 
     async def events(
         self, request_id: str, owner: str, after: int, timeout_s: float, inline_limit: int = 0,
-        until_end: bool = False,
+        until_end: bool = False, until_news: bool = False,
     ) -> list[dict] | None:
         """Events from index `after` on, waiting up to `timeout_s` for at least one (with
-        `until_end`, for the request's end: a blocking client's first chunk, see the ingress).
+        `until_end`, for the request's end: a blocking client's first chunk, see the ingress;
+        with `until_news`, for one that is not a status, or the end: a blocking stream between
+        two status updates).
 
         With `inline_limit`, a COMPLETED event carries a result of at most that many bytes
         itself (it then counts as fetched): one round trip less for small results."""
         row = self._owned(request_id, owner)
         if row is None:
             return None
-        waits = row.state not in TERMINAL and (until_end or row.n_events <= after)
+        waits = row.state not in TERMINAL and (until_end or until_news or row.n_events <= after)
+        if until_news and self.news_at.get(request_id, -1) >= after:
+            waits = False
         if waits and timeout_s > 0:
             def news() -> bool:
                 now = self.db.get(request_id)
-                return now is None or now.state in TERMINAL or (not until_end and now.n_events > after)
+                if now is None or now.state in TERMINAL:
+                    return True
+                if until_news:
+                    return self.news_at.get(request_id, -1) >= after
+                return not until_end and now.n_events > after
 
             await self._wait(request_id, news, timeout_s)
             row = self.db.get(request_id)

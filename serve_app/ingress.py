@@ -468,11 +468,14 @@ class Ingress:
                 yield _chunk(held, blocking)
                 held, first, deadline = [], False, _next_status_time(blocking, held)
                 continue
+            # While holding the first chunk, one call waits for the end; within a status interval
+            # (statuses held, or one sent less than STATUS_INTERVAL_S ago) one call waits for
+            # news or the end: not one call per batch of status.
+            quiet = blocking and not first and left > 0
             try:
-                # While holding, one call waits for the end (the first chunk) or for news (later
-                # statuses) until the hold's end: not one call per batch.
                 batch = await self.store.call("events", request_id, user, after,
-                                              left if held else SSE_HEARTBEAT_S, inline_limit, bool(held) and first)
+                                              left if held or quiet else SSE_HEARTBEAT_S, inline_limit,
+                                              bool(held) and first, quiet)
             except StoreUnavailable:
                 batch = None  # the client resumes with Last-Event-ID
             if batch is None:
@@ -480,8 +483,8 @@ class Ingress:
                     yield _chunk(held, blocking)
                 return
             if not batch:
-                if held:
-                    continue  # the hold is over: what is held goes now
+                if held or quiet:
+                    continue  # the hold (or the status interval) is over: what is held goes now
                 # Nothing new: a request that has ended has nothing more to send (a client
                 # resuming after its last event gets an empty stream, not heartbeats forever).
                 try:
