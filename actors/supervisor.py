@@ -30,7 +30,7 @@ from intervention.events import CANCELLED, COMPLETED, ERROR
 from intervention.ir import TraceIR
 
 # What a request's work returns: the terminal event's kind and data, and the result bytes.
-Outcome = tuple[str, dict[str, Any], "bytes | None"]
+Outcome = tuple[str, dict[str, Any], bytes | None]
 
 
 class Lease:
@@ -64,6 +64,8 @@ class Lease:
 
 
 class Supervisor:
+    """Runs this process's requests to their end (see the module's docstring)."""
+
     def __init__(self, store: StoreClient):
         self.store = store
         self.lease = Lease(store)
