@@ -177,10 +177,9 @@ class RequestStore:
             else:
                 self.db.write_result(request_id, result)
         await self._add(request_id, kind, data, result_bytes=None if result is None else len(result))
-        row = self.db.get(request_id)
         if kind == COMPLETED and result is not None and len(result) <= inline_limit:
-            self.db.mark_fetched(row)
-        return {"id": row.n_events - 1, "event": kind, "data": data}
+            self.db.mark_fetched(self.db.get(request_id))  # as recorded: with its result bytes
+        return {"id": row.n_events, "event": kind, "data": data}  # recorded at the next index
 
     async def _add(self, request_id: str, kind: str, data: dict, order: tuple[str, int] | None = None,
                    result_bytes: int | None = None) -> None:

@@ -70,10 +70,9 @@ def queued(client, rid: str) -> dict:
     return data
 
 
-def test_two_users_share_a_forward_and_get_what_they_get_alone(alice, bob, llama) -> None:
-    bodies = {"a1": (alice, probe_body(llama, P1, 1.0)), "a2": (alice, probe_body(llama, P2, 0.0)),
-              "b1": (bob, probe_body(llama, P3, -2.0)), "b2": (bob, probe_body(llama, "Paris", 0.5)),
-              "grab": (bob, grabby_body(llama))}
+def submit_behind_a_blocker(alice, llama, bodies: dict) -> dict[str, str]:
+    """Submit `bodies` ({name: (client, body)}) while a heavy trace holds the replica, each
+    QUEUED, then cancel the heavy one: the next batch takes them all. Their ids by name."""
     blocker = hold_replica(alice, llama)
     ids = {}
     for name, (client, body) in bodies.items():
@@ -81,6 +80,14 @@ def test_two_users_share_a_forward_and_get_what_they_get_alone(alice, bob, llama
         queued(client, ids[name])
     alice.cancel(blocker)
     assert alice.end(blocker)[0] == "CANCELLED"
+    return ids
+
+
+def test_two_users_share_a_forward_and_get_what_they_get_alone(alice, bob, llama) -> None:
+    bodies = {"a1": (alice, probe_body(llama, P1, 1.0)), "a2": (alice, probe_body(llama, P2, 0.0)),
+              "b1": (bob, probe_body(llama, P3, -2.0)), "b2": (bob, probe_body(llama, "Paris", 0.5)),
+              "grab": (bob, grabby_body(llama))}
+    ids = submit_behind_a_blocker(alice, llama, bodies)
     events = {name: list(client.events(ids[name])) for name, (client, _) in bodies.items()}
 
     # One forward for all five, two users' requests in it.
@@ -122,13 +129,7 @@ def test_generations_that_end_at_different_steps_share_a_generate(alice, bob, ll
     (tokens,) = [v for v in saves(alice, free).values() if v.dtype == torch.long]
     eos = int(tokens[0, -5])  # P1's second new token (of 6): P1 ends after 2 steps
     bodies = {"short": (alice, generation_body(llama, P1, eos)), "long": (bob, generation_body(llama, P3, eos))}
-    blocker = hold_replica(alice, llama)
-    ids = {}
-    for name, (client, body) in bodies.items():
-        ids[name] = client.submit(body)
-        queued(client, ids[name])
-    alice.cancel(blocker)
-    assert alice.end(blocker)[0] == "CANCELLED"
+    ids = submit_behind_a_blocker(alice, llama, bodies)
     runs = {name: running(list(client.events(ids[name]))) for name, (client, _) in bodies.items()}
     assert runs["short"]["batch"] == runs["long"]["batch"] and runs["short"]["batch_size"] == 2, runs
     got = {name: saves(client, ids[name]) for name, (client, _) in bodies.items()}
