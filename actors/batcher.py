@@ -5,16 +5,20 @@ Each request's `run_segment` hands its traces here one at a time (its next one a
 one's result, so a session's traces keep their order and may join different batches). A single
 worker task takes the next batch — the first trace in fair order and the compatible ones behind
 it, within the model's limits — and runs it in the forward thread, one batch at a time. When the
-replica was idle it first waits up to `batch_wait_ms` for more traces to join. Per-request things
-stay with each program: its cancel flag, byte budgets and events.
+replica was idle it first waits up to `batch_wait_ms` for more traces to join, if any may come:
+when a request it serves has no trace waiting (a session between two traces) or its last batch
+held several programs (requests are arriving together). A replica that serves one request at a
+time starts its trace at once: waiting would only add latency. Per-request things stay with each
+program: its cancel flag, byte budgets and events.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any
@@ -57,6 +61,8 @@ class Batcher:
         self.queue = FairQueue()
         self.running = 0  # programs in the batch running now
         self.batches = 0  # batches started so far (the last one's number)
+        self.serving = 0  # requests in progress here (`with batcher.request():`), waiting or not
+        self.last_size = 0  # programs in the last batch
         self.sizes: Counter[int] = Counter()  # programs per batch -> how many batches had that many
         self._wake: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
@@ -64,6 +70,16 @@ class Batcher:
     def stats(self) -> dict[str, Any]:
         return {"waiting": len(self.queue), "running": self.running, "batches": self.batches,
                 "batch_sizes": {str(k): v for k, v in sorted(self.sizes.items())}}
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[None]:
+        """Count a request in progress while its traces come here, one after another: one
+        between two traces may send the next soon, worth the idle replica's short wait."""
+        self.serving += 1
+        try:
+            yield
+        finally:
+            self.serving -= 1
 
     async def run(self, user: str, program: Program, on_start: Callable[[int, int], None],
                   on_queued: Callable[[int], None]) -> ProgramResult:
@@ -102,6 +118,7 @@ class Batcher:
             self.queue.take(batch)
             self.batches += 1
             self.sizes[len(batch)] += 1
+            self.last_size = len(batch)
             self.running = len(batch)
             jobs: list[Job] = [w.payload for w in batch]
             for job in jobs:
@@ -122,9 +139,11 @@ class Batcher:
                     job.done.set_result(result)
 
     async def _gather(self) -> None:
-        """Wait up to batch_wait_ms while the waiting traces do not fill a batch."""
+        """Wait up to batch_wait_ms while the waiting traces do not fill a batch, if more may come
+        (see the module's docstring). Each request has at most one trace waiting at a time."""
         wait = self.limits.batch_wait_ms / 1000
-        if wait <= 0:
+        more_may_come = self.last_size > 1 or self.serving > len(self.queue)
+        if wait <= 0 or not more_may_come:
             return
         deadline = asyncio.get_running_loop().time() + wait
         while sum(w.rows for w in self.queue.order()) < self.limits.max_batch_size:

@@ -102,8 +102,9 @@ class ModelDeployment:
         batches: list[int] = []
         try:
             values = await asyncio.gather(*imports.values())
-            outcome, _ = await self._segment(segment, n_traces, tensors, dict(zip(imports, values, strict=True)),
-                                             self.max_saved_bytes - saved_before, user, events, batches)
+            with self.batcher.request():
+                outcome, _ = await self._segment(segment, n_traces, tensors, dict(zip(imports, values, strict=True)),
+                                                 self.max_saved_bytes - saved_before, user, events, batches)
         finally:
             await events.flush()  # LOG events land before the caller reports the end
         if outcome.error is not None:
@@ -135,12 +136,13 @@ class ModelDeployment:
         plan = plan_session(session)
         loop = SessionLoop(plan, on_log=lambda message: self._log(events, message), tensors=tensors)
         saved = 0
-        while (item := loop.next_segment()) is not None:
-            segment, imports = item
-            outcome, size = await self._segment(segment, plan.n_traces, tensors, imports,
-                                                self.max_saved_bytes - saved, user, events, [])
-            saved += size
-            loop.record_segment(outcome)
+        with self.batcher.request():
+            while (item := loop.next_segment()) is not None:
+                segment, imports = item
+                outcome, size = await self._segment(segment, plan.n_traces, tensors, imports,
+                                                    self.max_saved_bytes - saved, user, events, [])
+                saved += size
+                loop.record_segment(outcome)
         outcome = loop.outcome
         if outcome.error is not None:
             return ERROR, _error(outcome), None
