@@ -25,15 +25,23 @@ POLL_S = 0.5  # between two looks at /readyz and Serve's status (each costs the 
 PROXY_HEALTH_CHECK_PERIOD_S = "1"
 
 
-def _own_haproxy_files() -> list[str]:
-    """Serve's HAProxy ingress (opt-in: RAY_SERVE_ENABLE_HA_PROXY=1; docs/operator.md) binds its
-    stats and metrics frontends to fixed ports (8404, 9101) and keeps its files under
-    /tmp/haproxy-serve, so a second instance on the machine fails to start. Unless the operator
-    chose them, give this instance free ports and a folder of its own. Returns the variables set
-    (Ray's processes take them at ray.init; a `raysight serve` started from this process later must
-    not inherit them)."""
+def _haproxy_env() -> list[str]:
+    """Serve's HAProxy ingress is on unless the operator turned it off
+    (RAY_SERVE_ENABLE_HA_PROXY=0; docs/operator.md): HAProxy hands each connection to the ingress
+    replica, which serves HTTP itself, instead of Serve's Python proxy actor relaying every
+    request and chunk over an actor call (about 5 ms and 6 ms of CPU less per request:
+    docs/BENCHMARKS.md). Its binary is `raysight-haproxy` (serve_app/haproxy_shim.py), which keeps
+    HAProxy's stats and metrics pages on 127.0.0.1. Those, and Serve's Python proxy kept as
+    HAProxy's fallback, bind fixed ports (8404, 9101, 8500, 9500) and HAProxy keeps its files
+    under /tmp/haproxy-serve, so a second instance on the machine would fail to start: unless the
+    operator chose them, this instance gets free ports and a folder of its own.
+    Returns the variables set (Ray's processes take them at ray.init; a `raysight serve` started
+    from this process later must not inherit them)."""
     import socket
     import tempfile
+
+    if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY", "1") != "1":
+        return []
 
     def free_port() -> int:
         with socket.socket() as s:
@@ -43,8 +51,13 @@ def _own_haproxy_files() -> list[str]:
     # Short: Serve adds a 56-character folder, and HAProxy's socket paths are capped at 97.
     folder = tempfile.mkdtemp(prefix="rshp-", dir="/tmp")
     own = {
+        "RAY_SERVE_ENABLE_HA_PROXY": "1",
+        "RAY_SERVE_HAPROXY_BINARY_PATH": _shim_path(),
         "RAY_SERVE_HAPROXY_STATS_PORT": str(free_port()),
         "RAY_SERVE_HAPROXY_METRICS_PORT": str(free_port()),
+        # Serve's Python proxy stays as HAProxy's fallback server, on fixed ports too.
+        "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT": str(free_port()),
+        "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT": str(free_port()),
         "RAY_SERVE_HAPROXY_CONFIG_FILE_LOC": f"{folder}/haproxy.cfg",
         "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{folder}/admin.sock",
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": folder,
@@ -53,6 +66,16 @@ def _own_haproxy_files() -> list[str]:
     added = [k for k in own if k not in os.environ]
     os.environ.update({k: own[k] for k in added})
     return added
+
+
+def _shim_path() -> str:
+    """The `raysight-haproxy` program installed with this package (next to this Python)."""
+    path = os.path.join(os.path.dirname(sys.executable), "raysight-haproxy")
+    if not os.access(path, os.X_OK):
+        raise preflight.PreflightError(
+            f"{path} is missing: reinstall raysight (pip install -e .), or set RAY_SERVE_ENABLE_HA_PROXY=0"
+        )
+    return path
 
 
 class StartError(RuntimeError):
@@ -79,7 +102,7 @@ def start(
     prepare_state_dir(config.resolved_state_dir())
     # Without this Ray registers the node on eth0, not 127.0.0.1 (see ENV.md).
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    added = _own_haproxy_files() if os.environ.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else []
+    added = _haproxy_env()
     os.environ.setdefault("RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S", PROXY_HEALTH_CHECK_PERIOD_S)
     import ray
     from ray import serve

@@ -8,6 +8,7 @@ the model named, no ready line, Ctrl-C while it waits).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
@@ -232,6 +233,41 @@ def test_ready_line_comes_once_readyz_says_ready(servers: dict[str, Server]) -> 
     assert store["name"] == "store" and store["ok"] is True
     assert [(m["name"], m["ready"], m["replicas"] >= 1) for m in check["models"]] == [("llama", True, True)]
     assert httpx.get(f"{server.url}/healthz").json() == {"status": "ok"}
+
+
+def test_every_port_it_opens_is_on_127_0_0_1(servers: dict[str, Server]) -> None:
+    """HTTP (HAProxy), HAProxy's stats and metrics pages (which Serve binds on every interface:
+    raysight-haproxy rebinds them), the ingress replica's own HTTP server and Ray's processes."""
+    import ipaddress
+
+    import psutil
+
+    server = servers["ready"]
+    server.out.wait_line(lambda ln: ln.startswith("raysight is ready at"))
+    processes = [psutil.Process(server.proc.pid), *psutil.Process(server.proc.pid).children(recursive=True)]
+    listening = {}
+    for process in processes:
+        with contextlib.suppress(psutil.Error):
+            for conn in process.net_connections(kind="inet"):
+                if conn.status == psutil.CONN_LISTEN:
+                    ip = ipaddress.ip_address(conn.laddr.ip)
+                    ip = getattr(ip, "ipv4_mapped", None) or ip  # ::ffff:127.0.0.1 is 127.0.0.1
+                    listening[f"{ip}:{conn.laddr.port}"] = process.name()
+    assert "haproxy" in listening.values(), listening  # HAProxy is the default ingress
+    assert f"127.0.0.1:{server.url.rsplit(':', 1)[1]}" in listening, listening
+    # Serve's replicas each bind their inter-deployment gRPC server to [::]:0, hard-coded
+    # (ray/serve/_private/replica.py), HAProxy or not: docs/operator.md says to firewall nodes.
+    serves_own = {a for a, n in listening.items() if a.startswith(":::") and "ServeReplica" in n}
+    assert {a: n for a, n in listening.items() if not a.startswith("127.0.0.1:") and a not in serves_own} == {}
+
+
+def test_haproxy_shim_rebinds_only_the_stats_and_metrics_frontends() -> None:
+    from serve_app.haproxy_shim import rebind
+
+    config = "frontend prometheus\n    bind :9101\nfrontend http_frontend\n    bind *:8000\nlisten stats\n  bind *:8404\n"
+    assert rebind(config, ["8404", "9101"], "127.0.0.1") == (
+        "frontend prometheus\n    bind 127.0.0.1:9101\nfrontend http_frontend\n    bind *:8000\n"
+        "listen stats\n  bind 127.0.0.1:8404\n")
 
 
 def test_readyz_is_503_naming_the_model_without_a_replica(servers: dict[str, Server]) -> None:

