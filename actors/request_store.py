@@ -432,7 +432,35 @@ class StoreClient:
             delay = min(delay * 2, 1.0)
             self.refresh()
 
+    def start(self, method: str, *args: Any) -> StartedCall:
+        """Start a call (idempotent, as all are) whose answer is awaited later, here or in another
+        process this one hands it to (its ObjectRef travels with a Ray call)."""
+        try:
+            ref = getattr(self.handle, method).remote(*args)
+        except Exception:  # noqa: BLE001 - a broken handle: the answer makes the call with retries
+            ref = None
+        return StartedCall(ref, method, args)
+
     def refresh(self) -> None:
         # The GCS may be briefly unreachable too: keep the old handle, the next try retries.
         with contextlib.suppress(Exception):
             self.handle = get_store(self.spec)
+
+
+@dataclass(frozen=True)
+class StartedCall:
+    """A store call already on its way (`StoreClient.start`)."""
+
+    ref: Any  # ray.ObjectRef, or None when it could not be sent
+    method: str
+    args: tuple
+
+    async def answer(self, store: StoreClient) -> Any:
+        """Its answer; when the store died meanwhile, the call again through `store` (retrying
+        until the store is back: StoreUnavailable after STORE_RETRY_S)."""
+        if self.ref is not None:
+            try:
+                return await self.ref
+            except (RayActorError, ActorUnschedulableError):
+                pass
+        return await store.call(self.method, *self.args)

@@ -14,7 +14,11 @@ one process fewer). Either way the same rules hold, and they live here:
   waits for them anyway, still holds them; a cancel requested meanwhile is seen at the claim;
 - a cancel (DELETE, through the store) or the time limit cancels the work, which stops its forward;
 - the outcome is recorded once, with the events still waiting to be sent (`EventSender.settle`)
-  in the same store call.
+  in the same store call;
+- a request may start before the store has admitted it (the ingress sends the admit call and the
+  request together: `admission`); nothing about it is recorded, and it is not claimed, before
+  the store's answer, and a refused one ends without a trace (the ingress cancels it, and it
+  answers 429).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from collections.abc import Awaitable, Iterator
 from typing import Any
 
 from actors.event_sender import EventSender
-from actors.request_store import HEARTBEAT_S, StoreClient, StoreUnavailable
+from actors.request_store import HEARTBEAT_S, StartedCall, StoreClient, StoreUnavailable
 from intervention.errors import location_dict
 from intervention.events import CANCELLED, COMPLETED, ERROR, STATUS_HOLD_S
 from intervention.ir import TraceIR
@@ -78,16 +82,22 @@ class Supervisor:
         self.lease = Lease(store)
 
     async def run(self, request_id: str, work: Awaitable[Outcome], timeout_s: float, *,
-                  events: EventSender | None = None, inline_limit: int = 0) -> dict[str, Any] | None:
+                  events: EventSender | None = None, inline_limit: int = 0,
+                  admission: StartedCall | None = None) -> dict[str, Any] | None:
         """Run `work` for `request_id` until it ends, is cancelled or passes `timeout_s`, and record
-        its end. Returns the end as recorded — {"event", "data", "id" (its index in the request's
-        event log), "result" (the result bytes when COMPLETED and at most `inline_limit` bytes: the
-        store counts them as fetched), "news" (whether `events` sent anything but status)} — or
-        None when the request had already ended elsewhere."""
+        its end. `admission`: the store's admit call for it, when that was still on its way as the
+        work was sent. Returns the end as recorded — {"event", "data", "id" (its index in the
+        request's event log), "result" (the result bytes when COMPLETED and at most `inline_limit`
+        bytes: the store counts them as fetched), "news" (whether `events` sent anything but
+        status)} — or None when the request had ended elsewhere or was not admitted."""
         with self.lease.holding():
-            end = await self._outcome(request_id, work, timeout_s)
-            if end is None:
-                return None
+            admitted = asyncio.ensure_future(self._admitted(admission))
+            try:
+                end = await self._outcome(request_id, work, timeout_s, admitted)
+                if end is None or not await admitted:
+                    return None
+            finally:
+                admitted.cancel()  # a no-op once answered
             kind, data, result = end
             pending = await events.settle() if events is not None else []
             recorded = await self.store.call("finish", request_id, kind, data, result, pending, inline_limit)
@@ -97,11 +107,20 @@ class Supervisor:
         inline = recorded["event"] == COMPLETED and result is not None and len(result) <= inline_limit
         return {**recorded, "result": result if inline else None, "news": events is not None and events.news}
 
-    async def _outcome(self, request_id: str, work: Awaitable[Outcome], timeout_s: float) -> Outcome | None:
+    async def _admitted(self, admission: StartedCall | None) -> bool:
+        return admission is None or await admission.answer(self.store) is None
+
+    async def _outcome(self, request_id: str, work: Awaitable[Outcome], timeout_s: float,
+                       admitted: Awaitable[bool]) -> Outcome | None:
         started = time.perf_counter()
         task = asyncio.ensure_future(work)
-        cancel = asyncio.ensure_future(self._cancelled(request_id))
-        done, _ = await asyncio.wait({task, cancel}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        cancel = asyncio.ensure_future(self._cancelled(request_id, admitted))
+        try:
+            done, _ = await asyncio.wait({task, cancel}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:  # the caller gave up on it (e.g. the store refused it): stop the work
+            task.cancel()
+            cancel.cancel()
+            raise
         if task in done:
             cancel.cancel()
             kind, data, result = task.result()
@@ -115,10 +134,13 @@ class Supervisor:
         message = f"the request ran longer than its time limit of {timeout_s:g} s and was stopped"
         return ERROR, {"code": "timeout", "message": message, "location": None}, None
 
-    async def _cancelled(self, request_id: str) -> bool:
-        """True once a cancel is requested; False once the request has ended elsewhere."""
+    async def _cancelled(self, request_id: str, admitted: Awaitable[bool]) -> bool:
+        """True once a cancel is requested; False once the request has ended elsewhere (or was
+        not admitted)."""
         await asyncio.sleep(CLAIM_AFTER_S)
         try:
+            if not await admitted:
+                return False
             return await self.store.call("watch", request_id, self.lease.id)
         except StoreUnavailable:
             await asyncio.Event().wait()  # without a store only the time limit stops the work

@@ -15,6 +15,7 @@ import math
 import time
 import uuid
 import weakref
+from collections import Counter
 from functools import partial
 from typing import Any
 
@@ -23,7 +24,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
-from actors.request_store import Quota, StoreClient, StoreSpec, StoreUnavailable
+from actors.request_store import Quota, StartedCall, StoreClient, StoreSpec, StoreUnavailable
 from actors.supervisor import Lease, replica_failure
 from intervention.errors import InterventionError
 from intervention.events import (
@@ -167,6 +168,7 @@ class Ingress:
         self.orders: dict[str, list[tuple[str, str]]] = {}
         self.inputs: dict[str, InputBounds] = {}
         self.watchers: set[asyncio.Task] = set()
+        self.running: Counter[str] = Counter()  # user -> her requests this replica runs (`_start_run`)
         self.streams: dict[str, int] = {}  # user -> event streams open on this replica
         lim = self.config.limits
         self.limits = Limits(max_traces=lim.max_traces, max_nodes=lim.max_nodes, max_tensor_bytes=lim.max_request_bytes)
@@ -252,22 +254,24 @@ class Ingress:
         streaming = "text/event-stream" in request.headers.get("accept", "")
         if streaming and not self._stream_slot(user):
             raise self._too_many_streams()
+        inline = INLINE_RESULT_BYTES if streaming else 0
+        run = partial(self._start_run, request_id, session, tensors, timeout, user, inline)
+        watcher = None
         try:
-            refused = await self._store("admit", request_id, user, len(session.traces), self.quota, self.lease.id)
+            admission = self.store.start("admit", request_id, user, len(session.traces), self.quota, self.lease.id)
+            # A session on one model leaves with its admit call while this ingress's own count says
+            # the user is below her limit (so a refusal is rare): its replica waits for the store's
+            # answer before it records anything (actors/supervisor.py), and a refusal cancels it.
+            if len({t.model for t in session.traces}) == 1 and self.running[user] + 1 < cap:
+                watcher = run(admission)
+            refused = await self._answer(admission)
             if refused is not None:
                 raise ApiError(refused["status"], refused["code"], refused["message"])
-            # The session runs apart from this HTTP request: Serve cancels the handle calls a
-            # request made when its client disconnects (a blocking client's Ctrl-C, a dropped
-            # stream that the client would resume by id), which would leave the request RUNNING
-            # for good. In a fresh context the call is no child of this request; DELETE and the
-            # time limit end it.
-            inline = INLINE_RESULT_BYTES if streaming else 0
-            watcher = asyncio.get_running_loop().create_task(
-                self._watch(request_id, session, tensors, timeout, user, inline), context=contextvars.Context()
-            )
-            self.watchers.add(watcher)
-            watcher.add_done_callback(self.watchers.discard)
+            if watcher is None:
+                watcher = run(None)
         except BaseException:
+            if watcher is not None:  # not admitted (or the store is gone): it must not run
+                watcher.cancel()
             if streaming:  # no stream comes of it: give the slot back
                 self._release_slot(user)
             raise
@@ -276,8 +280,30 @@ class Ingress:
             return _event_stream(self._stream(user, events), status_code=202, request_id=request_id)
         return JSONResponse({"id": request_id}, status_code=202)
 
+    def _start_run(self, request_id: str, session: SessionIR, tensors: dict, timeout: float, user: str,
+                   inline_limit: int, admission: StartedCall | None) -> asyncio.Task:
+        """Start running the request (`_watch`), apart from this HTTP request: Serve cancels the
+        handle calls a request made when its client disconnects (a blocking client's Ctrl-C, a
+        dropped stream that the client would resume by id), which would leave the request RUNNING
+        for good. In a fresh context the call is no child of this request; DELETE and the time
+        limit end it."""
+        watcher = asyncio.get_running_loop().create_task(
+            self._watch(request_id, session, tensors, timeout, user, inline_limit, admission),
+            context=contextvars.Context())
+        self.watchers.add(watcher)
+        self.running[user] += 1
+
+        def done(task: asyncio.Task) -> None:
+            self.watchers.discard(task)
+            self.running[user] -= 1
+            if not self.running[user]:
+                del self.running[user]
+
+        watcher.add_done_callback(done)
+        return watcher
+
     async def _watch(self, request_id: str, session: SessionIR, tensors: dict, timeout: float, user: str,
-                     inline_limit: int) -> dict | None:
+                     inline_limit: int, admission: StartedCall | None = None) -> dict | None:
         """Run the request to its end: a session on one model straight on that model's replica, one
         across models on a session runner. Returns its end when a blocking stream may send it as
         it is (see `_sse`), else None."""
@@ -285,19 +311,19 @@ class Ingress:
         with self.lease.holding():  # until a runner claims it (and again while a retry waits for one)
             if len(models) == 1:
                 return await self._run_direct(request_id, models.pop(), session, tensors, timeout, user,
-                                              inline_limit)
+                                              inline_limit, admission)
             await self._run_on_runner(request_id, (request_id, session, tensors, timeout, user))
             return None
 
     async def _run_direct(self, request_id: str, model: str, session: SessionIR, tensors: dict, timeout: float,
-                          user: str, inline_limit: int) -> dict | None:
+                          user: str, inline_limit: int, admission: StartedCall | None) -> dict | None:
         """The model's replica runs the session and records its end (the request survives this
         ingress); if the replica dies, once more on another (traces have no side effects) before
-        the request ends in ERROR."""
+        the request ends in ERROR. `admission`: the store's admit call, if it may still be on its way."""
         for attempt in (1, 2):
             try:
                 end = await self.models[model].run_session.remote(request_id, session, tensors, timeout, user,
-                                                                 inline_limit)
+                                                                 inline_limit, admission)
                 return end if attempt == 1 and end is not None and not end["news"] else None
             except Exception as exc:  # noqa: BLE001 - the replica failed
                 failure = exc
@@ -343,8 +369,11 @@ class Ingress:
 
     async def _store(self, method: str, *args: Any) -> Any:
         """A store call from a route: a store that stays down is a 503, not a 500."""
+        return await self._answer(self.store.start(method, *args))
+
+    async def _answer(self, call: StartedCall) -> Any:
         try:
-            return await self.store.call(method, *args)
+            return await call.answer(self.store)
         except StoreUnavailable as exc:
             raise ApiError(503, "store_unavailable", f"{exc}; retry shortly") from None
 

@@ -23,6 +23,7 @@ from remote_helpers import (
     record,
     slow_session,
     slow_traces,
+    unfinished_requests,
     wait_model_ready,
 )
 
@@ -274,6 +275,34 @@ def test_ingress_restart_does_not_lose_an_accepted_request(cluster, alice, llama
     assert any(
         isinstance(v, torch.Tensor) and torch.equal(v, logits) for v in followed["values"].values()
     )
+
+
+def test_a_request_the_store_refuses_after_an_ingress_restart_never_holds_the_replica(cluster, alice, llama) -> None:
+    """A session on one model leaves the ingress with its admit call while the ingress's own count
+    says its user is below her limit. A restarted ingress counts none of the requests its
+    predecessor admitted, so it sends one more of hers off; the store, which counts them all,
+    refuses it: a 429, nothing of it is recorded, and the run that had set out is stopped: with
+    her three requests cancelled, the replica is idle at once, though the refused session would
+    hold it for most of a minute."""
+    running = [alice.submit(slow_session(llama, 60)) for _ in range(3)]  # her limit: 3
+    for rid in running:
+        alice.wait_for(rid, lambda k, d: k == "RUNNING")  # claimed by the replica: outlives the ingress
+    killed = kill_replica("Ingress")
+    wait_replaced("Ingress", killed)
+    _wait_ingress(cluster.url, cluster.keys["alice"], running[0])
+
+    r = alice.http.post("/v1/requests", content=slow_session(llama, 60, size=2048),
+                        headers={"Content-Type": "application/octet-stream"})
+    assert r.status_code == 429 and r.json()["code"] == "too_many_requests", r.text
+    assert sorted(rid for rid, owner, _ in unfinished_requests() if owner == "alice") == sorted(running)
+    for rid in running:
+        alice.cancel(rid)
+        assert alice.end(rid)[0] == "CANCELLED"
+    deadline = time.monotonic() + 30.0  # bounded poll: no event says a replica went idle
+    while (load := next(m for m in alice.http.get("/v1/models").json() if m["name"] == "llama")) and (
+            load["running"] or load["queue_length"]):
+        assert time.monotonic() < deadline, f"the replica is still busy: {load}"
+        time.sleep(0.2)
 
 
 # -- last: secrets -------------------------------------------------------------------------------------
