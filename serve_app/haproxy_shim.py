@@ -5,8 +5,9 @@ stats and Prometheus frontends listen on every interface (`bind *:8404`, `bind :
 `raysight serve` listens on 127.0.0.1 only. Serve runs the binary named by
 RAY_SERVE_HAPROXY_BINARY_PATH as `BINARY -db -f CONFIG [...]`, for each start and graceful
 reload, after writing CONFIG; the launcher names this program. It rebinds those two frontends
-to RAYSIGHT_HAPROXY_ADMIN_HOST (default 127.0.0.1) in CONFIG, then becomes the real binary with
-the same arguments (same pid, same command line: Serve finds its processes by it).
+to RAYSIGHT_HAPROXY_ADMIN_HOST (default 127.0.0.1) in CONFIG, sends paths no route matches to
+Serve's Python proxy rather than answering 404 (`route_unknown_to`), then becomes the real binary
+with the same arguments (same pid, same command line: Serve finds its processes by it).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import re
 import sys
 
 ADMIN_HOST_ENV = "RAYSIGHT_HAPROXY_ADMIN_HOST"
+# Set by the launcher, which binds Serve's Python proxy (HAProxy's fallback) to 127.0.0.1 there.
+FALLBACK_PORT_ENV = "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT"
 # Serve's defaults for the two ports (ray.serve._private.constants), when the variables are unset.
 PORT_ENVS = {"RAY_SERVE_HAPROXY_STATS_PORT": "8404", "RAY_SERVE_HAPROXY_METRICS_PORT": "9101"}
 
@@ -26,6 +29,16 @@ def rebind(config: str, ports: list[str], host: str) -> str:
     for port in ports:
         config = re.sub(rf"(?m)^(\s*bind\s+)\*?:{port}\b", rf"\g<1>{host}:{port}", config)
     return config
+
+
+def route_unknown_to(config: str, fallback: str) -> str:
+    """`config` with its `default_backend` (paths no route matches: a 404 from HAProxy itself)
+    sending them to Serve's Python proxy at `fallback` (host:port) instead. A new HAProxy starts
+    with no routes and learns them about half a second later (measured: every request answered
+    404 for 0.6 s after haproxy was restarted); meanwhile the Python proxy routes them, and a path
+    nothing serves still gets its 404, from it."""
+    return re.sub(r"(?m)^(backend default_backend\n)\s*http-request return status 404[^\n]*$",
+                  rf"\g<1>    server serve-python-proxy {fallback}", config)
 
 
 def _config_path(args: list[str]) -> str | None:
@@ -47,8 +60,11 @@ def main() -> None:
             fcntl.flock(lock.fileno(), fcntl.LOCK_EX)
             with open(path) as f:
                 text = f.read()
+            text = rebind(text, ports, host)
+            if fallback_port := os.environ.get(FALLBACK_PORT_ENV):
+                text = route_unknown_to(text, f"127.0.0.1:{fallback_port}")
             with open(path, "w") as f:
-                f.write(rebind(text, ports, host))
+                f.write(text)
     os.environ.pop("RAY_SERVE_HAPROXY_BINARY_PATH", None)  # names this program: the bundled binary
     binary = get_haproxy_binary()
     os.execv(binary, [binary, *args])

@@ -12,6 +12,7 @@ test waits for HTTP to be back before it returns.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -36,15 +37,25 @@ pytestmark = pytest.mark.usefixtures("remote_client", "no_leftover_requests")
 BOUND_S = 90.0  # bound on a recovery on a loaded 2-core box (it normally takes a few seconds)
 
 
-def proxy_pid(process: str) -> int:
-    """The pid of this cluster's `process` ("haproxy", or the "HAProxyManager" actor): found among
-    this Ray driver's descendants, so no other cluster on the machine is touched."""
-    found = [
-        p.pid for p in psutil.Process().children(recursive=True)
-        if p.name() == process or (process != "haproxy" and f"ray::{process}" in " ".join(p.cmdline()))
-    ]
-    assert len(found) == 1, (process, found)
-    return found[0]
+def live(process: str) -> list[psutil.Process]:
+    """This cluster's live `process`es ("haproxy", or the "HAProxyManager" actor), oldest first:
+    found among this Ray driver's descendants, so no other cluster on the machine is touched.
+    After a reload an old haproxy may still drain its connections beside the new one."""
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):  # gone, or a zombie (a killed one not reaped yet)
+            if p.status() != psutil.STATUS_ZOMBIE and (
+                    p.name() == process or f"ray::{process}" in " ".join(p.cmdline())):
+                found.append(p)
+    return sorted(found, key=lambda p: p.create_time())
+
+
+def wait_gone(pids: set[int]) -> None:
+    """Bounded poll until none of `pids` is a live process (a manager takes its haproxy with it)."""
+    deadline = time.monotonic() + BOUND_S
+    while pids & {p.pid for name in ("haproxy", "HAProxyManager") for p in live(name)}:
+        assert time.monotonic() < deadline, f"{pids} still alive {BOUND_S:g} s after the kill"
+        time.sleep(0.1)
 
 
 def wait_answering(url: str) -> float:
@@ -84,11 +95,13 @@ def test_proxy_killed_mid_request_loses_nothing(process, cluster, alice, llama, 
         time.sleep(0.05)
     (other,) = others
 
-    old, old_haproxy = proxy_pid(process), proxy_pid("haproxy")
-    os.kill(old, signal.SIGKILL)
+    killed = live(process)[-1].pid  # the haproxy that listens now (the newest), or the manager
+    gone = {killed} | ({p.pid for p in live("haproxy")} if process == "HAProxyManager" else set())
+    os.kill(killed, signal.SIGKILL)
+    wait_gone(gone)
     took = wait_answering(cluster.url)
     assert took < BOUND_S
-    assert proxy_pid(process) != old and proxy_pid("haproxy") != old_haproxy  # new processes answer
+    assert live("haproxy") and live(process)[-1].pid != killed  # new processes answer
 
     # every accepted request ends; the followed one completes and its result is there
     for rid in (followed, other):
