@@ -37,11 +37,11 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # keep Ray on 1
 USER = "bench"
 # Keys written by benchmarks that run on their own (each with its command in BENCHMARKS.md):
 # bench/scan_cost.py, generate_overhead.py, gradient_memory.py, generate_remote.py, instructions.py,
-# batching.py, scale.py, soak.py, remote_overhead.py (its HAProxy variant).
+# batching.py, scale.py, soak.py, remote_overhead.py (its variant on Serve's Python proxy).
 STANDALONE = ("scan_cpu_ms_", "generate_overhead_ratio_vs_nnsight", "gradient_peak_memory_ratio",
               "autoscale_up_s", "autoscale_down_s", "cross_node_extra_ms",
               "generate_remote_vs_local_ratio_smollm2", "engine_instructions", "batching_", "soak",
-              "remote_cpu_overhead_ms_haproxy", "remote_fixed_overhead_ms_haproxy")
+              "remote_cpu_overhead_ms_python_proxy", "remote_fixed_overhead_ms_python_proxy")
 SMOL, TINY, TINY_B = "smollm2-135m", "tiny-llama", "tiny-llama-b"
 
 # key, what, model, unit, bar ("<=" or ">=", value), goal
