@@ -23,6 +23,7 @@ POLL_S = 0.5  # between two looks at /readyz and Serve's status (each costs the 
 # proxy answers within seconds; a check is one cheap actor call. Read by the controller, so it is
 # set before Ray starts (cluster.yaml sets it for `ray start`).
 PROXY_HEALTH_CHECK_PERIOD_S = "1"
+INGRESS_DRAIN_S = 2.0  # see _haproxy_env
 
 
 def _haproxy_env() -> list[str]:
@@ -62,6 +63,10 @@ def _haproxy_env() -> list[str]:
         "RAY_SERVE_HAPROXY_SOCKET_PATH": f"{folder}/admin.sock",
         "RAY_SERVE_HAPROXY_SERVER_STATE_BASE": folder,
         "RAY_SERVE_HAPROXY_SERVER_STATE_FILE": f"{folder}/server-state",
+        # A stopping ingress replica stays up this long so that HAProxy stops sending it
+        # connections (Serve's default, 30 s, made every stop of `raysight serve` 30 s longer;
+        # HAProxy learns of a replica leaving within a second).
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(INGRESS_DRAIN_S),
     }
     added = [k for k in own if k not in os.environ]
     os.environ.update({k: own[k] for k in added})
