@@ -1,4 +1,4 @@
-"""`raysight-haproxy`: Serve's HAProxy binary, with its stats and metrics pages on one interface.
+"""`raysight-haproxy`: Serve's HAProxy binary, its admin pages on 127.0.0.1, no 404 while it starts.
 
 Serve's HAProxy ingress (the default of `raysight serve`: docs/operator.md) writes a config whose
 stats and Prometheus frontends listen on every interface (`bind *:8404`, `bind :9101`), where

@@ -270,6 +270,17 @@ def test_haproxy_shim_rebinds_only_the_stats_and_metrics_frontends() -> None:
         "listen stats\n  bind 127.0.0.1:8404\n")
 
 
+def test_haproxy_shim_sends_paths_without_a_route_to_serves_python_proxy() -> None:
+    from serve_app.haproxy_shim import route_unknown_to
+
+    config = ("    default_backend default_backend\nbackend default_backend\n"
+              "    http-request return status 404 content-type text/plain lf-string \"Path not found\"\n"
+              "backend http-raysight\n    server a 127.0.0.1:30000 check\n")
+    assert route_unknown_to(config, "127.0.0.1:8500") == (
+        "    default_backend default_backend\nbackend default_backend\n"
+        "    server serve-python-proxy 127.0.0.1:8500\nbackend http-raysight\n    server a 127.0.0.1:30000 check\n")
+
+
 def test_readyz_is_503_naming_the_model_without_a_replica(servers: dict[str, Server]) -> None:
     server = servers["never"]
     body = _poll_readyz_until(server, lambda b: _ready_models(b) == {"llama": True, "needs-gpus": False})
