@@ -266,19 +266,18 @@ class RequestStore:
 
     async def events(
         self, request_id: str, owner: str, after: int, timeout_s: float, inline_limit: int = 0,
-        until_end: bool = False, until_news: bool = False,
+        until_news: bool = False,
     ) -> list[dict] | None:
         """Events from index `after` on, waiting up to `timeout_s` for at least one (with
-        `until_end`, for the request's end: a blocking client's first chunk, see the ingress;
-        with `until_news`, for one that is not a status, or the end: a blocking stream between
-        two status updates).
+        `until_news`, for one that is not a status, or the end: a blocking stream between two
+        status updates, see the ingress).
 
         With `inline_limit`, a COMPLETED event carries a result of at most that many bytes
         itself (it then counts as fetched): one round trip less for small results."""
         row = self._owned(request_id, owner)
         if row is None:
             return None
-        waits = row.state not in TERMINAL and (until_end or until_news or row.n_events <= after)
+        waits = row.state not in TERMINAL and (until_news or row.n_events <= after)
         if until_news and self.news_at.get(request_id, -1) >= after:
             waits = False
         if waits and timeout_s > 0:
@@ -288,7 +287,7 @@ class RequestStore:
                     return True
                 if until_news:
                     return self.news_at.get(request_id, -1) >= after
-                return not until_end and now.n_events > after
+                return now.n_events > after
 
             await self._wait(request_id, news, timeout_s)
             row = self.db.get(request_id)

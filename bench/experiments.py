@@ -21,6 +21,7 @@ import torch
 import client_sdk
 from bench.probe import Probe
 from bench.stats import paired, percentile, summary
+from intervention.events import REQUEST_ID_HEADER
 from intervention.wire import decode_result
 
 P1 = "The Eiffel Tower is in the city of"
@@ -278,18 +279,16 @@ def _one_request(client: httpx.Client, body: bytes) -> tuple[float, str | None]:
     """POST a session, read its event stream to COMPLETED, decode the inline result.
     Returns (seconds, request id)."""
     t0 = time.perf_counter()
-    rid = None
     headers = {"Content-Type": "application/octet-stream", "Accept": "text/event-stream"}
     with client.stream("POST", "/v1/requests", content=body, headers=headers) as response:
         if response.status_code >= 400:
             response.read()
             raise RuntimeError(f"HTTP {response.status_code}: {response.text[:300]}")
+        rid = response.headers.get(REQUEST_ID_HEADER)  # the stream starts after RECEIVED
         kind = None
         for line in response.iter_lines():
             if line.startswith("event:"):
                 kind = line[6:].strip()
-            elif line.startswith("data:") and kind == "RECEIVED":
-                rid = json.loads(line[5:]).get("id")
             elif line.startswith("data:") and kind in ("COMPLETED", "ERROR", "CANCELLED"):
                 data = json.loads(line[5:])
                 if kind != "COMPLETED":

@@ -420,12 +420,12 @@ def _bytes_prose(res: dict) -> str:
         f"{comp['http_status_and_headers']:,} of HTTP status line and headers, "
         f"{run['bytes']:,} of {run['count']} RUNNING progress events, {done['bytes']:,} for COMPLETED "
         f"with the inline result (base64), and "
-        f"{comp['total'] - comp['http_status_and_headers'] - run['bytes'] - done['bytes']:,} for "
-        f"RECEIVED and QUEUED; its intermediates are {inter:,.0f} bytes (15 last-token hidden "
+        f"{comp['total'] - comp['http_status_and_headers'] - run['bytes'] - done['bytes']:,} for other "
+        f"events; its intermediates are {inter:,.0f} bytes (15 last-token hidden "
         f"states of 576 float32). The received bytes do not grow with the model's hidden size, the "
-        f"intermediates do; the per-trace progress events are what grows with the number of traces, "
-        f"and the first thing to trim if this ratio matters (coalesce them, or drop the model name "
-        f"each one repeats).\n"
+        f"intermediates do. The stream is a status line: RECEIVED is its header (the request's id), "
+        f"status goes at most once a second, the first a second after RECEIVED, so a session that "
+        f"ends within a second sends no progress at all (docs/ARCHITECTURE.md).\n"
     )
 
 

@@ -53,7 +53,7 @@ def encode_result(saves: dict[int, Any], info: dict[str, Any] | None = None) -> 
         return name
 
     values = {str(k): argcodec.encode(_plain(v), store, lambda v: None) for k, v in saves.items()}
-    return _pack(tensors, {RESULT_KEY: json.dumps({"values": values, **(info or {})})})
+    return _pack(tensors, {RESULT_KEY: json.dumps({"values": values, **(info or {})}, separators=(",", ":"))})
 
 
 def decode_result(data: bytes) -> tuple[dict[int, Any], dict[str, Any]]:

@@ -29,7 +29,6 @@ from actors.supervisor import Lease, replica_failure
 from intervention.errors import InterventionError
 from intervention.events import (
     ERROR,
-    RECEIVED,
     REQUEST_ID_HEADER,
     RETRYING,
     STATUS,
@@ -91,18 +90,22 @@ def _event_stream(events, status_code: int = 200, request_id: str | None = None)
     """`request_id`: a submit's stream names its request in a header too (REQUEST_ID_HEADER),
     which reaches the client with the status line, before the first event: a connection that
     breaks before then still leaves the client the id of a request the server accepted."""
-    headers = {"Cache-Control": "no-cache"}
+    # No charset: an event stream is always UTF-8 (Starlette would add "; charset=utf-8").
+    headers = {"Cache-Control": "no-cache", "Content-Type": "text/event-stream"}
     if request_id is not None:
         headers[REQUEST_ID_HEADER] = request_id
-    return StreamingResponse(events, status_code=status_code, media_type="text/event-stream", headers=headers)
+    return StreamingResponse(events, status_code=status_code, headers=headers)
 
 
-def _next_status_time(blocking: bool, sent: list[tuple[int, dict]]) -> float:
+def _next_status_time(blocking: bool, sent: list[tuple[int, dict]], deadline: float) -> float:
     """When a stream that just sent `sent` may next send status alone: a blocking client's status
-    line changes at most every STATUS_INTERVAL_S (its first status, news and the end go at once);
-    other streams send every batch."""
-    had_status = any(event["event"] in STATUS for _, event in sent)
-    return time.monotonic() + (STATUS_INTERVAL_S if blocking and had_status else 0.0)
+    line changes at most every STATUS_INTERVAL_S (a chunk of news alone leaves the time as it
+    was, `deadline`); other streams send every batch."""
+    if not blocking:
+        return 0.0
+    if any(event["event"] in STATUS for _, event in sent):
+        return time.monotonic() + STATUS_INTERVAL_S
+    return deadline
 
 
 async def _end_within(run: asyncio.Task, timeout_s: float) -> dict | None:
@@ -225,8 +228,8 @@ class Ingress:
         """Submit a session (a safetensors body) -> 202 {id}. Optional header
         `X-Raysight-Timeout`: seconds, capped by the server's limit.
 
-        With `Accept: text/event-stream` the answer is instead the request's event stream (its
-        first event, RECEIVED, carries the id) whose COMPLETED event carries a small result inline
+        With `Accept: text/event-stream` the answer is instead the request's event stream after
+        RECEIVED (its header REQUEST_ID_HEADER carries the id), whose COMPLETED event carries a small result inline
         (base64 `result`): a blocking client needs one round trip, not three."""
         user = self.keys.user_for(request)
         cap = self.config.limits.max_concurrent_per_user
@@ -276,7 +279,7 @@ class Ingress:
                 self._release_slot(user)
             raise
         if streaming:  # from here the stream holds the slot (see _stream)
-            events = self._sse(request_id, user, 0, INLINE_RESULT_BYTES, STATUS_HOLD_S, watcher)
+            events = self._sse(request_id, user, 0, INLINE_RESULT_BYTES, watcher)
             return _event_stream(self._stream(user, events), status_code=202, request_id=request_id)
         return JSONResponse({"id": request_id}, status_code=202)
 
@@ -465,46 +468,41 @@ class Ingress:
         weakref.finalize(stream, release)
         return stream
 
-    async def _sse(self, request_id: str, user: str, after: int, inline_limit: int = 0, hold_s: float = 0.0,
+    async def _sse(self, request_id: str, user: str, after: int, inline_limit: int = 0,
                    run: asyncio.Task | None = None):
         """The request's events from index `after` on, one chunk per batch the store gives.
 
-        With `hold_s` (a blocking client's POST stream, which starts at RECEIVED) the first chunk
-        waits up to `hold_s` for the events after RECEIVED, which the ingress writes itself (the
-        store's event 0 is RECEIVED {id}): a request that ends within it costs one chunk, and no
-        status event that the end makes stale (see `_chunk`); after it, status alone goes at most
-        every STATUS_INTERVAL_S (progress would otherwise outweigh the values a session keeps on the
-        cluster), news (LOG, RETRYING) and the end at once. When `run` (this ingress's task
-        running the request) ends within the hold with an end to send as it is, that end is the
-        chunk, without asking the store."""
+        With `run` (this ingress's task running the request: a blocking client's POST stream) the
+        stream starts after RECEIVED, whose data, the request's id, is the response's header
+        REQUEST_ID_HEADER, and it is a status line: status alone (QUEUED, RUNNING) goes at most
+        every STATUS_INTERVAL_S, the first time STATUS_INTERVAL_S after RECEIVED; news (LOG,
+        RETRYING) and the end go at once. Progress would otherwise outweigh the values a session
+        keeps on the cluster. A request that ends within STATUS_HOLD_S with an end to send as it
+        is gets that end as its one chunk, without asking the store."""
         held: list[tuple[int, dict]] = []
-        deadline = time.monotonic() + hold_s
-        if hold_s:
-            received = (0, {"event": RECEIVED, "data": {"id": request_id}})
-            end = await _end_within(run, hold_s) if run is not None else None
+        blocking = run is not None
+        deadline = time.monotonic() + (STATUS_INTERVAL_S if blocking else 0.0)
+        if blocking:
+            end = await _end_within(run, STATUS_HOLD_S)
             if end is not None:
                 event = {"event": end["event"], "data": end["data"]}
                 if end["result"] is not None:
                     event["result"] = end["result"]
-                yield _chunk([received, (end["id"], event)], True)
+                yield _chunk([(end["id"], event)], True)
                 return
-            held.append(received)
-            after = 1
-        blocking, first = bool(hold_s), bool(hold_s)  # first: the first chunk is still held
+            after = 1  # past RECEIVED (the header)
         while True:
             left = deadline - time.monotonic()
             if held and left <= 0:
                 yield _chunk(held, blocking)
-                held, first, deadline = [], False, _next_status_time(blocking, held)
+                held, deadline = [], _next_status_time(blocking, held, deadline)
                 continue
-            # While holding the first chunk, one call waits for the end; within a status interval
-            # (statuses held, or one sent less than STATUS_INTERVAL_S ago) one call waits for
-            # news or the end: not one call per batch of status.
-            quiet = blocking and not first and left > 0
+            # Within a status interval (statuses held, or one sent less than STATUS_INTERVAL_S
+            # ago) one call waits for news or the end: not one call per batch of status.
+            quiet = blocking and left > 0
             try:
                 batch = await self.store.call("events", request_id, user, after,
-                                              left if held or quiet else SSE_HEARTBEAT_S, inline_limit,
-                                              bool(held) and first, quiet)
+                                              left if quiet else SSE_HEARTBEAT_S, inline_limit, quiet)
             except StoreUnavailable:
                 batch = None  # the client resumes with Last-Event-ID
             if batch is None:
@@ -512,8 +510,8 @@ class Ingress:
                     yield _chunk(held, blocking)
                 return
             if not batch:
-                if held or quiet:
-                    continue  # the hold (or the status interval) is over: what is held goes now
+                if quiet:
+                    continue  # the status interval is over: what is held goes now
                 # Nothing new: a request that has ended has nothing more to send (a client
                 # resuming after its last event gets an empty stream, not heartbeats forever).
                 try:
@@ -527,10 +525,10 @@ class Ingress:
             held += [(after + i, event) for i, event in enumerate(batch)]
             after += len(batch)
             ended = batch[-1]["event"] in TERMINAL  # the store records nothing after the end
-            news = not first and any(event["event"] not in STATUS for event in batch)
+            news = any(event["event"] not in STATUS for event in batch)
             if ended or news or time.monotonic() >= deadline:
                 yield _chunk(held, blocking)
-                held, first, deadline = [], False, _next_status_time(blocking, held)
+                held, deadline = [], _next_status_time(blocking, held, deadline)
             if ended:
                 return
 

@@ -1,6 +1,6 @@
 """The lean event path (issue 9, item 5): a replica's events reach the store in batches, and a
-blocking client's stream carries what it needs (RECEIVED, live status, LOG, the end) in few chunks,
-while the store's event log, which GET /events replays, keeps every event."""
+blocking client's stream carries what it needs (the id in its header, live status, LOG, the end) in
+few chunks, while the store's event log, which GET /events replays, keeps every event."""
 
 from __future__ import annotations
 
@@ -19,23 +19,23 @@ from remote_helpers import (
 
 from actors.event_sender import EventSender
 from actors.request_store import Quota, StoreClient, StoreSpec
-from intervention.events import LOG, REQUEST_ID_HEADER, RUNNING
+from intervention.events import LOG, REQUEST_ID_HEADER, RUNNING, STATUS_INTERVAL_S
 from intervention.wire import decode_result
 
 pytestmark = pytest.mark.usefixtures("remote_client", "no_leftover_requests")
 
 
-def _blocking_stream(url: str, key: str, body: bytes) -> list[tuple[str, dict]]:
-    """What `client_sdk`'s blocking run reads: POST with Accept: text/event-stream."""
+def _blocking_stream(url: str, key: str, body: bytes) -> tuple[str, list[tuple[str, dict]]]:
+    """What `client_sdk`'s blocking run reads: POST with Accept: text/event-stream. Returns the
+    request's id (the header that stands for RECEIVED) and the events."""
     headers = {"Authorization": f"Bearer {key}", "Accept": "text/event-stream",
                "Content-Type": "application/octet-stream"}
     with httpx.Client(base_url=url, timeout=httpx.Timeout(30.0, read=120.0)) as http, \
             http.stream("POST", "/v1/requests", content=body, headers=headers) as r:
         assert r.status_code == 202, r.read()
+        rid = r.headers[REQUEST_ID_HEADER]  # with the status line, before any (held) event
         events = list(sse_events(r.iter_lines()))
-        # the request's id came with the status line too, before any (held) event
-        assert events and r.headers.get(REQUEST_ID_HEADER) == events[0][1]["id"], (r.headers, events[:1])
-    return events
+    return rid, events
 
 
 def test_a_status_made_stale_by_a_later_event_is_left_out_of_a_chunk() -> None:
@@ -57,11 +57,11 @@ def test_a_status_made_stale_by_a_later_event_is_left_out_of_a_chunk() -> None:
 
 
 def test_a_quick_request_streams_its_id_and_its_end_and_the_store_keeps_every_event(cluster, alice, small_body) -> None:
-    events = _blocking_stream(cluster.url, cluster.keys["alice"], small_body)
+    rid, events = _blocking_stream(cluster.url, cluster.keys["alice"], small_body)
     kinds = [k for k, _ in events]
-    # (RUNNING is on the stream only when the request took longer than the hold: a slow machine)
-    assert kinds[0] == "RECEIVED" and kinds[-1] == "COMPLETED" and set(kinds) <= {"RECEIVED", RUNNING, "COMPLETED"}
-    rid = events[0][1]["id"]
+    # RECEIVED is the header (not repeated on the stream); RUNNING only when the request took
+    # longer than the status interval (a slow machine)
+    assert kinds[-1] == "COMPLETED" and set(kinds) <= {RUNNING, "COMPLETED"}, kinds
     values, _ = decode_result(base64.b64decode(events[-1][1]["result"]))
     assert len(values) == 1
     replay = [k for k, _ in alice.events(rid)]  # GET /events: the store's whole log
@@ -69,16 +69,17 @@ def test_a_quick_request_streams_its_id_and_its_end_and_the_store_keeps_every_ev
 
 
 def test_a_long_session_streams_live_status_and_the_log_keeps_every_trace(cluster, alice, llama) -> None:
-    n = 8
-    events = _blocking_stream(cluster.url, cluster.keys["alice"], slow_session(llama, n))
+    n = 30
+    rid, events = _blocking_stream(cluster.url, cluster.keys["alice"], slow_session(llama, n))
     kinds = [k for k, _ in events]
-    assert kinds[0] == "RECEIVED" and kinds[-1] == "COMPLETED", kinds
+    assert kinds[-1] == "COMPLETED" and "RECEIVED" not in kinds, kinds
+    elapsed = events[-1][1]["elapsed_s"]
+    assert elapsed > 2 * STATUS_INTERVAL_S, "the session must outlast two status intervals"
     live = [d["trace"] for k, d in events if k == RUNNING]
     assert live and live == sorted(live), events  # progress arrives while it runs, in order
-    # ... as a status line: at most one status a second (STATUS_INTERVAL_S), not one per trace
-    # (each of these traces takes a small fraction of a second)
-    assert len(live) < n, events
-    rid = events[0][1]["id"]
+    # ... as a status line: at most one status a second (STATUS_INTERVAL_S), the first a second
+    # after RECEIVED, not one per trace (each of these traces takes a small fraction of a second)
+    assert len(live) <= elapsed / STATUS_INTERVAL_S < n, events
     stored = [d["trace"] for k, d in _store_events(StoreClient(StoreSpec()), rid) if k == RUNNING]
     assert stored == list(range(1, n + 1)), stored  # the store's log has every trace's RUNNING
     assert alice.end(rid)[0] == "COMPLETED"  # and GET /events replays it to the end

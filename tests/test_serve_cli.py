@@ -261,6 +261,23 @@ def test_every_port_it_opens_is_on_127_0_0_1(servers: dict[str, Server]) -> None
     assert {a: n for a, n in listening.items() if not a.startswith("127.0.0.1:") and a not in serves_own} == {}
 
 
+def test_responses_carry_one_request_id_and_no_server_software(servers: dict[str, Server]) -> None:
+    server = servers["ready"]
+    server.out.wait_line(lambda ln: ln.startswith("raysight is ready at"))
+    for path in ("/healthz", "/v1/models"):  # (the second one: 401 without a key)
+        headers = httpx.get(f"{server.url}{path}").headers
+        assert "server" not in headers and "x-request-id" not in headers, (path, headers)
+
+
+def test_haproxy_shim_drops_the_response_headers_of_the_http_frontend_only() -> None:
+    from serve_app.haproxy_shim import drop_response_headers
+
+    config = "frontend prometheus\n    bind :9101\nfrontend http_frontend\n    bind *:8000\n    acl x\n"
+    assert drop_response_headers(config, ("server", "x-request-id")) == (
+        "frontend prometheus\n    bind :9101\nfrontend http_frontend\n    bind *:8000\n"
+        "    http-response del-header server\n    http-response del-header x-request-id\n    acl x\n")
+
+
 def test_haproxy_shim_rebinds_only_the_stats_and_metrics_frontends() -> None:
     from serve_app.haproxy_shim import rebind
 
