@@ -5,7 +5,9 @@ and a chunk through Serve's proxy, which for a short request is most of its cost
 a little (`STATUS_HOLD_S`) to travel together in one `add_events` call:
 
 - the sender's first events wait STATUS_HOLD_S: a request that finishes within it sends all its
-  events in the one batch `flush` sends (then the stream carries them with the end);
+  events in the one batch `flush` sends (then the stream carries them with the end); under a
+  Supervisor (`wait_for_claim`) they wait for the runner's claim, due at that time, or the end,
+  and travel with it: no call of their own;
 - later, an event after a quiet spell (nothing sent for STATUS_HOLD_S) goes at once, so a queued
   request's RUNNING is not late; otherwise it joins the batch that goes STATUS_HOLD_S after the
   last one, so a long session sends at most one batch per interval.
@@ -13,8 +15,9 @@ a little (`STATUS_HOLD_S`) to travel together in one `add_events` call:
 Events are numbered per sender: the store records them in number order however calls arrive and
 drops a number it has (a retry). `send` never waits and may be called from the forward thread;
 `flush` sends what waits and returns once the store has every event (retrying through the
-StoreClient, which finds a restarted store, when a call found it dead); `settle` instead hands what
-waits to the caller, which sends it with the request's end (actors/supervisor.py).
+StoreClient, which finds a restarted store, when a call found it dead); `take` and `settle` instead
+hand what waits to the caller, which sends it with the runner's claim or the request's end
+(actors/supervisor.py).
 """
 
 from __future__ import annotations
@@ -42,6 +45,7 @@ class EventSender:
         self.calls: set[asyncio.Task] = set()
         self.batches = 0  # store calls made (the tests check the batching)
         self.news = False  # whether anything but status (QUEUED, RUNNING) was sent
+        self.claim_due = False  # the first events wait for the runner's claim (`wait_for_claim`)
 
     def send(self, kind: str, data: dict[str, Any]) -> None:
         if kind not in STATUS:
@@ -68,10 +72,27 @@ class EventSender:
         pending, self.pending = self.pending, []
         return pending
 
+    def wait_for_claim(self) -> None:
+        """The first events wait for `take` (the runner's claim, which is due when they would go)
+        or `settle` (the end, if it comes first) instead of a call of their own."""
+        self.claim_due = True
+
+    def take(self) -> list[tuple[str, dict, tuple[str, int]]]:
+        """Hand over the events waiting to be sent, as if sent now: the caller sends them in a
+        store call it makes anyway (the runner's claim, actors/supervisor.py)."""
+        self.claim_due = False
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        taken, self.pending = self.pending, []
+        if taken:
+            self.last_sent = time.monotonic()
+        return taken
+
     def _add(self, event: tuple) -> None:
         self.pending.append(event)
-        if self.timer is not None:
-            return  # a batch is due: this event goes with it
+        if self.timer is not None or self.claim_due:
+            return  # a batch is due (or the claim): this event goes with it
         now = time.monotonic()
         if self.last_sent is None:
             delay = self.hold_s

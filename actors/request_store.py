@@ -214,11 +214,15 @@ class RequestStore:
             await self._notify(request_id)
         return row.state
 
-    async def watch(self, request_id: str, runner: str) -> bool:
+    async def watch(self, request_id: str, runner: str,
+                    events: list[tuple[str, dict[str, Any], tuple[str, int]]] = ()) -> bool:
         """A runner starts `request_id`: it holds the request's lease (renewed by `heartbeat`).
+        `events`: its events not sent yet (as `add_events` takes them), recorded first.
         Returns once a cancel is requested (True) or the request has ended (False)."""
         self._start_background()
         self.db.heartbeat(runner)
+        if events:
+            await self.add_events(request_id, events)
         if (row := self.db.get(request_id)) is None:
             return True
         self.db.set_runner(request_id, runner)

@@ -11,7 +11,8 @@ one process fewer). Either way the same rules hold, and they live here:
   replica (one starting, or at its limit) is not an orphan, however long it waits. A runner
   claims a request (and starts watching for its cancel) only once it has run CLAIM_AFTER_S: most
   requests end sooner, with one store call (`finish`) instead of two, while the ingress, which
-  waits for them anyway, still holds them; a cancel requested meanwhile is seen at the claim;
+  waits for them anyway, still holds them; a cancel requested meanwhile is seen at the claim,
+  which also carries the request's events waiting to be sent (due at the same time);
 - a cancel (DELETE, through the store) or the time limit cancels the work, which stops its forward;
 - the outcome is recorded once, with the events still waiting to be sent (`EventSender.settle`)
   in the same store call;
@@ -90,16 +91,21 @@ class Supervisor:
         request's event log), "result" (the result bytes when COMPLETED and at most `inline_limit`
         bytes: the store counts them as fetched), "news" (whether `events` sent anything but
         status)} — or None when the request had ended elsewhere or was not admitted."""
+        claimed: list = []  # events sent with the claim, which may not have reached the store
+        if events is not None:
+            events.wait_for_claim()
         with self.lease.holding():
             admitted = asyncio.ensure_future(self._admitted(admission))
             try:
-                end = await self._outcome(request_id, work, timeout_s, admitted)
+                end = await self._outcome(request_id, work, timeout_s, admitted, events, claimed)
                 if end is None or not await admitted:
                     return None
             finally:
                 admitted.cancel()  # a no-op once answered
             kind, data, result = end
-            pending = await events.settle() if events is not None else []
+            # Again with the end: a claim cut short by the end (a store that was down) never sent
+            # them, and the store drops what it has (events are numbered).
+            pending = claimed + (await events.settle() if events is not None else [])
             recorded = await self.store.call("finish", request_id, kind, data, result, pending, inline_limit)
         if recorded is None:
             return None
@@ -111,10 +117,10 @@ class Supervisor:
         return admission is None or await admission.answer(self.store) is None
 
     async def _outcome(self, request_id: str, work: Awaitable[Outcome], timeout_s: float,
-                       admitted: Awaitable[bool]) -> Outcome | None:
+                       admitted: Awaitable[bool], events: EventSender | None, claimed: list) -> Outcome | None:
         started = time.perf_counter()
         task = asyncio.ensure_future(work)
-        cancel = asyncio.ensure_future(self._cancelled(request_id, admitted))
+        cancel = asyncio.ensure_future(self._cancelled(request_id, admitted, events, claimed))
         try:
             done, _ = await asyncio.wait({task, cancel}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:  # the caller gave up on it (e.g. the store refused it): stop the work
@@ -134,14 +140,18 @@ class Supervisor:
         message = f"the request ran longer than its time limit of {timeout_s:g} s and was stopped"
         return ERROR, {"code": "timeout", "message": message, "location": None}, None
 
-    async def _cancelled(self, request_id: str, admitted: Awaitable[bool]) -> bool:
+    async def _cancelled(self, request_id: str, admitted: Awaitable[bool], events: EventSender | None,
+                         claimed: list) -> bool:
         """True once a cancel is requested; False once the request has ended elsewhere (or was
-        not admitted)."""
+        not admitted). The claim carries the events waiting to be sent (`claimed`): one store
+        call fewer for a request that runs longer than CLAIM_AFTER_S."""
         await asyncio.sleep(CLAIM_AFTER_S)
+        if events is not None:
+            claimed += events.take()  # from here on, the sender sends its own
         try:
             if not await admitted:
                 return False
-            return await self.store.call("watch", request_id, self.lease.id)
+            return await self.store.call("watch", request_id, self.lease.id, claimed)
         except StoreUnavailable:
             await asyncio.Event().wait()  # without a store only the time limit stops the work
             raise AssertionError("unreachable") from None

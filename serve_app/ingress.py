@@ -108,12 +108,24 @@ def _next_status_time(blocking: bool, sent: list[tuple[int, dict]], deadline: fl
     return deadline
 
 
-async def _end_within(run: asyncio.Task, timeout_s: float) -> dict | None:
-    """`run`'s end if it comes within `timeout_s` (None: not yet, or none to send as it is)."""
-    done, _ = await asyncio.wait({run}, timeout=timeout_s)
-    if not done or run.cancelled() or run.exception() is not None:
+async def _end_within(run: asyncio.Task, timeout_s: float, news: asyncio.Event) -> dict | None:
+    """`run`'s end if it comes within `timeout_s` and before `news` (None: not yet, news, or
+    none to send as it is)."""
+    noted = asyncio.ensure_future(news.wait())
+    try:
+        await asyncio.wait({run, noted}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        noted.cancel()
+    if not run.done() or run.cancelled() or run.exception() is not None:
         return None
     return run.result()
+
+
+def _news_only_from_here(session: SessionIR) -> bool:
+    """Whether the only news (LOG, RETRYING) a request may have is what this ingress writes: a
+    session on one model (this ingress retries it) that logs nothing."""
+    return (len({t.model for t in session.traces}) == 1 and not any(s.op == "log" for s in session.steps)
+            and not any(n.op == "log" for t in session.traces for n in t.nodes))
 
 
 def _count_tokens(files: dict[str, str]):
@@ -173,6 +185,7 @@ class Ingress:
         self.watchers: set[asyncio.Task] = set()
         self.running: Counter[str] = Counter()  # user -> her requests this replica runs (`_start_run`)
         self.streams: dict[str, int] = {}  # user -> event streams open on this replica
+        self.retrying: dict[str, asyncio.Event] = {}  # request -> set at RETRYING, while its stream waits for the end
         lim = self.config.limits
         self.limits = Limits(max_traces=lim.max_traces, max_nodes=lim.max_nodes, max_tensor_bytes=lim.max_request_bytes)
         self.max_new_tokens = {m.name: m.max_new_tokens for m in self.config.models}
@@ -279,7 +292,8 @@ class Ingress:
                 self._release_slot(user)
             raise
         if streaming:  # from here the stream holds the slot (see _stream)
-            events = self._sse(request_id, user, 0, INLINE_RESULT_BYTES, watcher)
+            end_wait = STATUS_INTERVAL_S if _news_only_from_here(session) else STATUS_HOLD_S
+            events = self._sse(request_id, user, 0, INLINE_RESULT_BYTES, watcher, end_wait)
             return _event_stream(self._stream(user, events), status_code=202, request_id=request_id)
         return JSONResponse({"id": request_id}, status_code=202)
 
@@ -360,6 +374,8 @@ class Ingress:
                 return False
             if attempt == 1:
                 await self.store.call("add_event", request_id, RETRYING, reason)
+                if (stream := self.retrying.get(request_id)) is not None:
+                    stream.set()  # news for its blocking stream, which waits for the end
             return True
         except StoreUnavailable:
             return False
@@ -469,7 +485,7 @@ class Ingress:
         return stream
 
     async def _sse(self, request_id: str, user: str, after: int, inline_limit: int = 0,
-                   run: asyncio.Task | None = None):
+                   run: asyncio.Task | None = None, end_wait: float = STATUS_HOLD_S):
         """The request's events from index `after` on, one chunk per batch the store gives.
 
         With `run` (this ingress's task running the request: a blocking client's POST stream) the
@@ -477,13 +493,20 @@ class Ingress:
         REQUEST_ID_HEADER, and it is a status line: status alone (QUEUED, RUNNING) goes at most
         every STATUS_INTERVAL_S, the first time STATUS_INTERVAL_S after RECEIVED; news (LOG,
         RETRYING) and the end go at once. Progress would otherwise outweigh the values a session
-        keeps on the cluster. A request that ends within STATUS_HOLD_S with an end to send as it
-        is gets that end as its one chunk, without asking the store."""
+        keeps on the cluster. A request that ends within `end_wait` with an end to send as it is
+        gets that end as its one chunk, taken from `run` without asking the store: up to
+        STATUS_INTERVAL_S when this ingress writes any news the request may have (RETRYING: it
+        ends the wait; see `_news_only_from_here`), so a request under load costs no store call
+        for its stream; else STATUS_HOLD_S."""
         held: list[tuple[int, dict]] = []
         blocking = run is not None
         deadline = time.monotonic() + (STATUS_INTERVAL_S if blocking else 0.0)
         if blocking:
-            end = await _end_within(run, STATUS_HOLD_S)
+            retrying = self.retrying[request_id] = asyncio.Event()
+            try:
+                end = await _end_within(run, end_wait, retrying)
+            finally:
+                del self.retrying[request_id]
             if end is not None:
                 event = {"event": end["event"], "data": end["data"]}
                 if end["result"] is not None:

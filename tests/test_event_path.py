@@ -13,10 +13,13 @@ import httpx
 import pytest
 from remote_helpers import (
     no_leftover_requests,  # noqa: F401 - a fixture used below
+    record,
     slow_session,
+    slow_traces,
     sse_events,
 )
 
+import client_sdk
 from actors.event_sender import EventSender
 from actors.request_store import Quota, StoreClient, StoreSpec
 from intervention.events import LOG, REQUEST_ID_HEADER, RUNNING, STATUS_INTERVAL_S
@@ -85,6 +88,30 @@ def test_a_long_session_streams_live_status_and_the_log_keeps_every_trace(cluste
     assert alice.end(rid)[0] == "COMPLETED"  # and GET /events replays it to the end
 
 
+def test_a_log_reaches_a_blocking_stream_while_the_session_still_runs(cluster, alice, llama) -> None:
+    """News goes at once, also within the first second (when status alone would wait)."""
+
+    def body():
+        with llama.trace("The Eiffel Tower is in the city of"):
+            client_sdk.log("early news")
+        slow_traces(llama, 30)
+
+    headers = {"Authorization": f"Bearer {cluster.keys['alice']}", "Accept": "text/event-stream",
+               "Content-Type": "application/octet-stream"}
+    with httpx.Client(base_url=cluster.url, timeout=httpx.Timeout(30.0, read=120.0)) as http, \
+            http.stream("POST", "/v1/requests", content=record(body), headers=headers) as r:
+        rid = r.headers[REQUEST_ID_HEADER]
+        events = sse_events(r.iter_lines())
+        before = []
+        for kind, data in events:  # (the status it makes current comes with it)
+            if kind == LOG:
+                break
+            before.append(kind)
+        assert data["message"] == "early news" and set(before) <= {RUNNING}, (before, data)
+        assert alice.status(rid)["state"] == RUNNING  # it came before the end
+        assert [k for k, _ in events][-1] == "COMPLETED"
+
+
 def _store_events(store: StoreClient, rid: str) -> list[tuple[str, dict]]:
     async def read():
         return await store.call("events", rid, "alice", 0, 0.0)
@@ -126,6 +153,32 @@ def test_events_sent_close_together_go_to_the_store_in_one_call_in_order(admitte
         ("RECEIVED", {"id": rid}), (RUNNING, {"trace": 1, "of": 3}), (LOG, {"message": "from the loop"}),
         (RUNNING, {"trace": 2, "of": 3}), (RUNNING, {"trace": 3, "of": 3}),
     ]
+
+
+def test_the_claim_carries_the_events_waiting_and_the_end_does_not_repeat_them(admitted) -> None:
+    """A request that runs past CLAIM_AFTER_S: its first events go to the store with the claim
+    (no call of their own), and the end, which sends them again in case the claim never arrived,
+    records each once."""
+    from actors.supervisor import CLAIM_AFTER_S, Supervisor
+
+    store, rid = admitted
+
+    async def run() -> tuple[EventSender, dict]:
+        sender = EventSender(store, rid)
+
+        async def work():
+            sender.send("QUEUED", {"position": 1})
+            sender.send(RUNNING, {"trace": 1, "of": 1})
+            await asyncio.sleep(CLAIM_AFTER_S * 4)
+            return "COMPLETED", {}, None
+
+        end = await Supervisor(store).run(rid, work(), 30.0, events=sender)
+        return sender, end
+
+    sender, end = asyncio.run(run())
+    assert sender.batches == 0  # no add_events call: they went with the claim
+    assert end["event"] == "COMPLETED"
+    assert [k for k, _ in _store_events(store, rid)] == ["RECEIVED", "QUEUED", RUNNING, "COMPLETED"]
 
 
 def test_an_event_after_a_quiet_spell_goes_at_once(admitted) -> None:

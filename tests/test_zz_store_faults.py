@@ -292,11 +292,11 @@ def test_a_reader_waiting_for_news_is_not_woken_by_status(own_store) -> None:
     the wait (it would cost a store call per status), a LOG does, and the answer has both."""
     quota = Quota(max_active=10, max_result_bytes=1 << 20, max_log_bytes=1 << 20)
     assert ray.get(own_store.admit.remote("r", "u", 1, quota)) is None
-    waiting = own_store.events.remote("r", "u", 1, 30.0, 0, False, True)
+    waiting = own_store.events.remote("r", "u", 1, 30.0, 0, True)
     ray.get(own_store.add_event.remote("r", "RUNNING", {"trace": 1, "of": 1}))
     ready, _ = ray.wait([waiting], timeout=0.5)
     assert not ready  # a status is not news
     ray.get(own_store.add_event.remote("r", "LOG", {"message": "news"}))
     assert [e["event"] for e in ray.get(waiting)] == ["RUNNING", "LOG"]
     # news already there: no wait at all
-    assert [e["event"] for e in ray.get(own_store.events.remote("r", "u", 1, 30.0, 0, False, True))] == ["RUNNING", "LOG"]
+    assert [e["event"] for e in ray.get(own_store.events.remote("r", "u", 1, 30.0, 0, True))] == ["RUNNING", "LOG"]
