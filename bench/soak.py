@@ -46,7 +46,8 @@ os.environ.setdefault("RAY_ADDRESS", "local")  # a cluster of its own, never one
 
 import httpx
 
-TERMINAL = ("COMPLETED", "ERROR", "CANCELLED")
+from intervention.events import REQUEST_ID_HEADER, TERMINAL
+
 APP = "raysight"
 USERS = {"alice": "soak-alice-0123", "bob": "soak-bob-4567", "carol": "soak-carol-8901"}
 # (kind, weight): what the clients send, drawn at random
@@ -177,17 +178,16 @@ def one_request(c: Client, user: str, kind: str, body: bytes, tally: Tally) -> b
         headers["Accept"] = "text/event-stream"
     rid = None
     try:
-        if kind == "stream":  # a blocking client: the id comes in the stream's first event
+        if kind == "stream":  # a blocking client: the id comes in a header, before any event
             with c.http.stream("POST", "/v1/requests", content=body, headers=headers) as r:
                 if r.status_code != 202:
                     r.read()
                     tally.refuse(f"{r.status_code}")
                     return False
+                rid = r.headers[REQUEST_ID_HEADER]
+                with tally.lock:
+                    tally.accepted[rid] = kind
                 for line in r.iter_lines():
-                    if line.startswith("data: ") and rid is None:
-                        rid = json.loads(line[6:])["id"]
-                        with tally.lock:
-                            tally.accepted[rid] = kind
                     if line.startswith("event: ") and line[7:] in TERMINAL:
                         break
         else:
