@@ -45,6 +45,7 @@ class EventSender:
         self.calls: set[asyncio.Task] = set()
         self.batches = 0  # store calls made (the tests check the batching)
         self.news = False  # whether anything but status (QUEUED, RUNNING) was sent
+        self.sent = 0  # events sent so far (each takes the request's next event index, bar LOGs past the quota)
         self.claim_due = False  # the first events wait for the runner's claim (`wait_for_claim`)
 
     def send(self, kind: str, data: dict[str, Any]) -> None:
@@ -91,6 +92,7 @@ class EventSender:
 
     def _add(self, event: tuple) -> None:
         self.pending.append(event)
+        self.sent += 1
         if self.timer is not None or self.claim_due:
             return  # a batch is due (or the claim): this event goes with it
         now = time.monotonic()

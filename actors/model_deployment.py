@@ -126,14 +126,15 @@ class ModelDeployment:
                           admission: StartedCall | None = None) -> dict[str, Any] | None:
         """Run a whole session whose traces all use this model, sent straight from the ingress
         (no session runner: one hop and one process fewer), and record its end in the request
-        store; values between its traces never leave this process. Returns the end as recorded
-        (actors/supervisor.py: a blocking client's stream sends it without asking the store),
-        or None when the request had ended elsewhere. `admission`: the store's admit call for it,
+        store; values between its traces never leave this process. Returns the end as the store
+        records it, mostly while it does ("recorded": that store call's ObjectRef; see
+        actors/supervisor.py: a blocking client's stream sends it without asking the store), or
+        None when the request had ended elsewhere. `admission`: the store's admit call for it,
         when the ingress sent the request before the answer came (actors/supervisor.py)."""
         events = EventSender(self.store, request_id)
         work = self._session(session, tensors, user, events)
         return await self.supervisor.run(request_id, work, timeout_s, events=events, inline_limit=inline_limit,
-                                         admission=admission)
+                                         admission=admission, answer_first=True)
 
     async def _session(self, session: SessionIR, tensors: dict, user: str, events: EventSender) -> Outcome:
         plan = plan_session(session)

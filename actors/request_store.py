@@ -158,7 +158,9 @@ class RequestStore:
         A result beyond its owner's quota of stored result bytes ends the request in ERROR instead.
         `events`: the sender's events not sent yet (as `add_events` takes them), recorded first.
         `inline_limit`: the caller hands a result of at most that many bytes to the client itself
-        (a blocking stream's COMPLETED), so it counts as fetched, as `events` counts one it inlines.
+        (a blocking stream's COMPLETED), so it counts as fetched, as `events` counts one it inlines,
+        and no quota refuses it (the quota bounds unfetched results; the caller may have handed it
+        over already: actors/supervisor.py).
         Returns the end as recorded, {"id": its index in the request's event log, "event", "data"},
         or None when the request had ended already."""
         if events:
@@ -166,7 +168,8 @@ class RequestStore:
         row = self.db.get(request_id)
         if row is None or row.state in TERMINAL:
             return None
-        if result is not None:
+        inline = kind == COMPLETED and result is not None and len(result) <= inline_limit
+        if result is not None and not inline:
             held = self.db.usage(row.owner).result_bytes
             if held + len(result) > row.max_result_bytes:
                 size, kind, result = len(result), ERROR, None
@@ -174,10 +177,10 @@ class RequestStore:
                     f"the result is {size} bytes; with your "
                     f"{held} bytes of unfetched results it exceeds the limit of {row.max_result_bytes} "
                     "(limits.max_result_bytes_per_user): fetch earlier results, or save less")}
-            else:
-                self.db.write_result(request_id, result)
+        if result is not None:
+            self.db.write_result(request_id, result)
         await self._add(request_id, kind, data, result_bytes=None if result is None else len(result))
-        if kind == COMPLETED and result is not None and len(result) <= inline_limit:
+        if inline:
             self.db.mark_fetched(self.db.get(request_id))  # as recorded: with its result bytes
         return {"id": row.n_events, "event": kind, "data": data}  # recorded at the next index
 

@@ -15,7 +15,11 @@ one process fewer). Either way the same rules hold, and they live here:
   which also carries the request's events waiting to be sent (due at the same time);
 - a cancel (DELETE, through the store) or the time limit cancels the work, which stops its forward;
 - the outcome is recorded once, with the events still waiting to be sent (`EventSender.settle`)
-  in the same store call;
+  in the same store call; a replica answers its ingress while that call is on its way
+  (`answer_first`), since a store round trip was a fifth of a short request's time: the end as
+  the store will record it (only a fault that let the store end the request as an orphan makes
+  them differ) and the call's ObjectRef, which the ingress waits for before it reads the request
+  or admits its owner's next one; the lease is held until the store has it;
 - a request may start before the store has admitted it (the ingress sends the admit call and the
   request together: `admission`); nothing about it is recorded, and it is not claimed, before
   the store's answer, and a refused one ends without a trace (the ingress cancels it, and it
@@ -57,13 +61,17 @@ class Lease:
 
     @contextlib.contextmanager
     def holding(self) -> Iterator[None]:
-        if self.renewals is None:
-            self.renewals = asyncio.ensure_future(self._renew())
-        self.held += 1
+        self.take()
         try:
             yield
         finally:
             self.held -= 1
+
+    def take(self) -> None:
+        """Hold one more request (until `held` goes down by one)."""
+        if self.renewals is None:
+            self.renewals = asyncio.ensure_future(self._renew())
+        self.held += 1
 
     async def _renew(self) -> None:
         while True:
@@ -81,16 +89,19 @@ class Supervisor:
     def __init__(self, store: StoreClient):
         self.store = store
         self.lease = Lease(store)
+        self.recordings: set[asyncio.Task] = set()  # ends answered before the store had them
 
     async def run(self, request_id: str, work: Awaitable[Outcome], timeout_s: float, *,
                   events: EventSender | None = None, inline_limit: int = 0,
-                  admission: StartedCall | None = None) -> dict[str, Any] | None:
+                  admission: StartedCall | None = None, answer_first: bool = False) -> dict[str, Any] | None:
         """Run `work` for `request_id` until it ends, is cancelled or passes `timeout_s`, and record
         its end. `admission`: the store's admit call for it, when that was still on its way as the
         work was sent. Returns the end as recorded — {"event", "data", "id" (its index in the
         request's event log), "result" (the result bytes when COMPLETED and at most `inline_limit`
         bytes: the store counts them as fetched), "news" (whether `events` sent anything but
-        status)} — or None when the request had ended elsewhere or was not admitted."""
+        status)} — or None when the request had ended elsewhere or was not admitted.
+        `answer_first` (needs `events`): return the end while the store records it, with the
+        store call's ObjectRef as "recorded" (the module's docstring)."""
         claimed: list = []  # events sent with the claim, which may not have reached the store
         if events is not None:
             events.wait_for_claim()
@@ -106,12 +117,39 @@ class Supervisor:
             # Again with the end: a claim cut short by the end (a store that was down) never sent
             # them, and the store drops what it has (events are numbered).
             pending = claimed + (await events.settle() if events is not None else [])
-            recorded = await self.store.call("finish", request_id, kind, data, result, pending, inline_limit)
+            args = (request_id, kind, data, result, pending, inline_limit)
+            inline = kind == COMPLETED and result is not None and len(result) <= inline_limit
+            if answer_first and events is not None and (result is None or inline):  # no quota can refuse it
+                finish = self.store.start("finish", *args)
+                if finish.ref is not None:  # else the store is down: wait for it below
+                    return self._answer_first(finish, events, inline)
+                recorded = await finish.answer(self.store)
+            else:
+                recorded = await self.store.call("finish", *args)
         if recorded is None:
             return None
         # The store may have recorded another end (a result over its owner's quota is an ERROR).
         inline = recorded["event"] == COMPLETED and result is not None and len(result) <= inline_limit
         return {**recorded, "result": result if inline else None, "news": events is not None and events.news}
+
+    def _answer_first(self, finish: StartedCall, events: EventSender, inline: bool) -> dict[str, Any]:
+        """The end `finish` is recording, as the store will record it, while it does (lease held)."""
+        _, kind, data, result, _, _ = finish.args
+        self.lease.take()  # now: the request must not look like an orphan while the call is out
+        recording = asyncio.ensure_future(self._record(finish))
+        self.recordings.add(recording)
+        recording.add_done_callback(self.recordings.discard)
+        # The store records RECEIVED, then each event of `events`, then the end.
+        return {"id": 1 + events.sent, "event": kind, "data": data, "result": result if inline else None,
+                "news": events.news, "recorded": finish.ref}
+
+    async def _record(self, finish: StartedCall) -> None:
+        try:
+            await finish.answer(self.store)
+        except StoreUnavailable:
+            pass  # the store ends it as an orphan once it is back
+        finally:
+            self.lease.held -= 1
 
     async def _admitted(self, admission: StartedCall | None) -> bool:
         return admission is None or await admission.answer(self.store) is None

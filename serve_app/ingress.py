@@ -44,6 +44,7 @@ from serve_app import errors, openapi, readiness
 from serve_app.auth import KeyRing
 from serve_app.config import AppConfig
 from serve_app.errors import ApiError
+from serve_app.recordings import Recordings
 from serve_app.replicas import model_loads
 from serve_app.schemas import Accepted, ModelInfo, ModelSummary, RequestStatus
 
@@ -186,6 +187,7 @@ class Ingress:
         self.running: Counter[str] = Counter()  # user -> her requests this replica runs (`_start_run`)
         self.streams: dict[str, int] = {}  # user -> event streams open on this replica
         self.retrying: dict[str, asyncio.Event] = {}  # request -> set at RETRYING, while its stream waits for the end
+        self.recordings = Recordings()  # ends a replica answered before the store had them
         lim = self.config.limits
         self.limits = Limits(max_traces=lim.max_traces, max_nodes=lim.max_nodes, max_tensor_bytes=lim.max_request_bytes)
         self.max_new_tokens = {m.name: m.max_new_tokens for m in self.config.models}
@@ -274,6 +276,7 @@ class Ingress:
         run = partial(self._start_run, request_id, session, tensors, timeout, user, inline)
         watcher = None
         try:
+            await self.recordings.of_owner(user)  # her requests that ended are not counted as running
             admission = self.store.start("admit", request_id, user, len(session.traces), self.quota, self.lease.id)
             # A session on one model leaves with its admit call while this ingress's own count says
             # the user is below her limit (so a refusal is rare): its replica waits for the store's
@@ -341,6 +344,8 @@ class Ingress:
             try:
                 end = await self.models[model].run_session.remote(request_id, session, tensors, timeout, user,
                                                                  inline_limit, admission)
+                if end is not None and end.get("recorded") is not None:  # the store is recording it
+                    self.recordings.add(request_id, user, end["recorded"])
                 return end if attempt == 1 and end is not None and not end["news"] else None
             except Exception as exc:  # noqa: BLE001 - the replica failed
                 failure = exc
@@ -425,6 +430,7 @@ class Ingress:
     @app.get("/v1/requests/{request_id}", response_model=RequestStatus, tags=["requests"])
     async def status(self, request_id: str, request: Request) -> dict:
         user = self.keys.user_for(request)
+        await self.recordings.of_request(request_id)
         status = await self._store("status", request_id, user)
         if status is None:
             raise _no_such_request(request_id)
@@ -435,6 +441,7 @@ class Ingress:
         """Server-sent events: RECEIVED, QUEUED{position}, RUNNING{trace, of}, LOG{message},
         COMPLETED, ERROR{code, message, location}, CANCELLED. Resume with `Last-Event-ID`."""
         user = self.keys.user_for(request)
+        await self.recordings.of_request(request_id)
         if await self._store("status", request_id, user) is None:  # ownership before anything else
             raise _no_such_request(request_id)
         after = _last_event_id(request) + 1
@@ -560,6 +567,7 @@ class Ingress:
     async def result(self, request_id: str, request: Request) -> Response:
         """The saved values as a safetensors file (kept until fetched or the TTL passes)."""
         user = self.keys.user_for(request)
+        await self.recordings.of_request(request_id)
         found = await self._store("result", request_id, user)
         if found is None:
             raise _no_such_request(request_id)
@@ -573,6 +581,7 @@ class Ingress:
     @app.delete("/v1/requests/{request_id}", status_code=202, tags=["requests"])
     async def cancel(self, request_id: str, request: Request) -> dict:
         user = self.keys.user_for(request)
+        await self.recordings.of_request(request_id)
         state = await self._store("request_cancel", request_id, user)
         if state is None:
             raise _no_such_request(request_id)

@@ -28,17 +28,18 @@ from intervention.wire import decode_result
 pytestmark = pytest.mark.usefixtures("remote_client", "no_leftover_requests")
 
 
-def _blocking_stream(url: str, key: str, body: bytes) -> tuple[str, list[tuple[str, dict]]]:
+def _blocking_stream(url: str, key: str, body: bytes) -> tuple[str, list[tuple[str, dict]], int]:
     """What `client_sdk`'s blocking run reads: POST with Accept: text/event-stream. Returns the
-    request's id (the header that stands for RECEIVED) and the events."""
+    request's id (the header that stands for RECEIVED), the events and the last event's id."""
     headers = {"Authorization": f"Bearer {key}", "Accept": "text/event-stream",
                "Content-Type": "application/octet-stream"}
     with httpx.Client(base_url=url, timeout=httpx.Timeout(30.0, read=120.0)) as http, \
             http.stream("POST", "/v1/requests", content=body, headers=headers) as r:
         assert r.status_code == 202, r.read()
         rid = r.headers[REQUEST_ID_HEADER]  # with the status line, before any (held) event
-        events = list(sse_events(r.iter_lines()))
-    return rid, events
+        lines = list(r.iter_lines())
+    ids = [int(line.removeprefix("id: ")) for line in lines if line.startswith("id: ")]
+    return rid, list(sse_events(iter(lines))), ids[-1]
 
 
 def test_a_status_made_stale_by_a_later_event_is_left_out_of_a_chunk() -> None:
@@ -60,7 +61,8 @@ def test_a_status_made_stale_by_a_later_event_is_left_out_of_a_chunk() -> None:
 
 
 def test_a_quick_request_streams_its_id_and_its_end_and_the_store_keeps_every_event(cluster, alice, small_body) -> None:
-    rid, events = _blocking_stream(cluster.url, cluster.keys["alice"], small_body)
+    rid, events, end_id = _blocking_stream(cluster.url, cluster.keys["alice"], small_body)
+    assert alice.status(rid)["state"] == "COMPLETED"  # the store has the end the stream sent
     kinds = [k for k, _ in events]
     # RECEIVED is the header (not repeated on the stream); RUNNING only when the request took
     # longer than the status interval (a slow machine)
@@ -69,11 +71,14 @@ def test_a_quick_request_streams_its_id_and_its_end_and_the_store_keeps_every_ev
     assert len(values) == 1
     replay = [k for k, _ in alice.events(rid)]  # GET /events: the store's whole log
     assert replay == ["RECEIVED", "RUNNING", "COMPLETED"], replay
+    # The replica sent the end before the store had recorded it, with the index the store gave it
+    # (a stream's ids are the store's indices): resuming after the one before it replays the end.
+    assert end_id == 2 and [k for k, _ in alice.events(rid, after=end_id - 1)] == ["COMPLETED"]
 
 
 def test_a_long_session_streams_live_status_and_the_log_keeps_every_trace(cluster, alice, llama) -> None:
     n = 30
-    rid, events = _blocking_stream(cluster.url, cluster.keys["alice"], slow_session(llama, n))
+    rid, events, _ = _blocking_stream(cluster.url, cluster.keys["alice"], slow_session(llama, n))
     kinds = [k for k, _ in events]
     assert kinds[-1] == "COMPLETED" and "RECEIVED" not in kinds, kinds
     elapsed = events[-1][1]["elapsed_s"]
@@ -179,6 +184,57 @@ def test_the_claim_carries_the_events_waiting_and_the_end_does_not_repeat_them(a
     assert sender.batches == 0  # no add_events call: they went with the claim
     assert end["event"] == "COMPLETED"
     assert [k for k, _ in _store_events(store, rid)] == ["RECEIVED", "QUEUED", RUNNING, "COMPLETED"]
+
+
+def test_a_replica_answers_while_the_store_records_the_end(admitted) -> None:
+    """`answer_first` (a replica's direct sessions): the end comes back while the store call that
+    records it is on its way, with the index the store gives it and the result inline; the
+    lease is held until the store has it."""
+    import ray
+
+    from actors.supervisor import Supervisor
+
+    store, rid = admitted
+
+    async def run() -> tuple[dict, bool, bool]:
+        sender = EventSender(store, rid)
+        supervisor = Supervisor(store)
+
+        async def work():
+            sender.send("QUEUED", {"position": 1})
+            sender.send(RUNNING, {"trace": 1, "of": 1})
+            return "COMPLETED", {"bytes": 2}, b"ab"
+
+        end = await supervisor.run(rid, work(), 30.0, events=sender, inline_limit=10, answer_first=True)
+        recording, held = bool(supervisor.recordings), supervisor.lease.held == 1
+        await asyncio.gather(*supervisor.recordings)
+        assert await end["recorded"] == {"id": 3, "event": "COMPLETED", "data": end["data"]}
+        return end, recording, held
+
+    end, recording, held = asyncio.run(run())
+    assert recording and held  # answered before the store had it
+    assert (end["id"], end["event"], end["result"]) == (3, "COMPLETED", b"ab")
+    assert [k for k, _ in _store_events(store, rid)] == ["RECEIVED", "QUEUED", RUNNING, "COMPLETED"]
+    assert isinstance(end["recorded"], ray.ObjectRef)
+
+
+def test_a_result_a_quota_may_refuse_is_recorded_before_the_answer(cluster) -> None:
+    """Only the store knows its owner's unfetched bytes: an end with a result that is not handed
+    over inline comes back as recorded (here over the quota: an ERROR), never answered first."""
+    from actors.supervisor import Supervisor
+
+    store, rid = StoreClient(StoreSpec()), uuid.uuid4().hex
+    quota = Quota(max_active=3, max_result_bytes=1, max_log_bytes=2**30)
+    assert asyncio.run(store.call("admit", rid, "alice", 1, quota)) is None
+
+    async def run() -> dict:
+        async def work():
+            return "COMPLETED", {"bytes": 2}, b"ab"
+
+        return await Supervisor(store).run(rid, work(), 30.0, events=EventSender(store, rid), answer_first=True)
+
+    end = asyncio.run(run())
+    assert end["event"] == "ERROR" and end["data"]["code"] == "result_quota" and "recorded" not in end
 
 
 def test_an_event_after_a_quiet_spell_goes_at_once(admitted) -> None:

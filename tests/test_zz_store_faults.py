@@ -271,7 +271,8 @@ def test_finish_records_the_waiting_events_first_and_returns_the_end(own_store) 
     """The process that ran a request records its end and the events it had not sent yet in one
     call (actors/supervisor.py); the answer is the end as recorded, with its event id, which a
     blocking stream sends without asking the store again; a result handed over inline counts as
-    fetched (it no longer holds its owner's result quota); a second end is not recorded."""
+    fetched (it no longer holds its owner's result quota, and no quota refuses it); a second end
+    is not recorded."""
     quota = Quota(max_active=10, max_result_bytes=100, max_log_bytes=1 << 20)
     assert ray.get(own_store.admit.remote("r", "u", 1, quota)) is None
     waiting = [("RUNNING", {"trace": 1, "of": 1}, ("sender", 0)), ("LOG", {"message": "hi"}, ("sender", 1))]
@@ -283,7 +284,11 @@ def test_finish_records_the_waiting_events_first_and_returns_the_end(own_store) 
     ray.get(own_store.finish.remote("r2", "COMPLETED", {"bytes": 60}, b"y" * 60))  # not inline: held
     assert ray.get(own_store.finish.remote("r2", "ERROR", {"code": "late"})) is None  # the first end wins
     assert ray.get(own_store.admit.remote("r3", "u", 1, quota)) is None  # 60 of 100 held
-    over = ray.get(own_store.finish.remote("r3", "COMPLETED", {"bytes": 60}, b"z" * 60, [], 100))
+    handed = ray.get(own_store.finish.remote("r3", "COMPLETED", {"bytes": 60}, b"z" * 60, [], 100))
+    assert handed["event"] == "COMPLETED"  # inline: fetched as it is recorded, so no quota refuses it
+    assert ray.get(own_store.result.remote("r3", "u")) == ("COMPLETED", b"z" * 60)
+    assert ray.get(own_store.admit.remote("r4", "u", 1, quota)) is None
+    over = ray.get(own_store.finish.remote("r4", "COMPLETED", {"bytes": 60}, b"w" * 60))
     assert over["event"] == "ERROR" and over["data"]["code"] == "result_quota"  # recorded as it was
 
 
