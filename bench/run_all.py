@@ -134,7 +134,7 @@ def _settings(quick: bool) -> dict:
                 "chain_rounds": 2, "chain_rounds_smol": 1, "download_reps": 2, "load_reps": 1,
                 "load_duration_s": 3.0, "load_reps_tiny": 1, "load_duration_tiny_s": 2.0, "http_floor_n": 20,
                 "cpu_sessions": 10, "cancel_rounds": 3}
-    return {"quick": False, "engine_rounds": None, "overhead_rounds": 40, "overhead_rounds_smol": 12,
+    return {"quick": False, "engine_rounds": None, "overhead_rounds": 40, "overhead_rounds_smol": 30,
             "chain_rounds": 10, "chain_rounds_smol": 4, "download_reps": 5, "load_reps": 3,
             "load_duration_s": 8.0, "load_reps_tiny": 2, "load_duration_tiny_s": 4.0, "http_floor_n": 100,
             "cpu_sessions": 60, "cancel_rounds": 10}

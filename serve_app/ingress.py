@@ -276,14 +276,19 @@ class Ingress:
         run = partial(self._start_run, request_id, session, tensors, timeout, user, inline)
         watcher = None
         try:
-            await self.recordings.of_owner(user)  # her requests that ended are not counted as running
-            admission = self.store.start("admit", request_id, user, len(session.traces), self.quota, self.lease.id)
+            admission = self._admit(request_id, user, len(session.traces))
             # A session on one model leaves with its admit call while this ingress's own count says
             # the user is below her limit (so a refusal is rare): its replica waits for the store's
             # answer before it records anything (actors/supervisor.py), and a refusal cancels it.
             if len({t.model for t in session.traces}) == 1 and self.running[user] + 1 < cap:
                 watcher = run(admission)
             refused = await self._answer(admission)
+            if refused is not None and refused["code"] == "too_many_requests" and await self.recordings.of_owner(user):
+                # Some of her requests had ended, but the store had not recorded it yet: again.
+                if watcher is not None:
+                    watcher.cancel()  # it holds the refused admission; it must not run with it
+                    watcher = None
+                refused = await self._answer(self._admit(request_id, user, len(session.traces)))
             if refused is not None:
                 raise ApiError(refused["status"], refused["code"], refused["message"])
             if watcher is None:
@@ -299,6 +304,9 @@ class Ingress:
             events = self._sse(request_id, user, 0, INLINE_RESULT_BYTES, watcher, end_wait)
             return _event_stream(self._stream(user, events), status_code=202, request_id=request_id)
         return JSONResponse({"id": request_id}, status_code=202)
+
+    def _admit(self, request_id: str, user: str, n_traces: int) -> StartedCall:
+        return self.store.start("admit", request_id, user, n_traces, self.quota, self.lease.id)
 
     def _start_run(self, request_id: str, session: SessionIR, tensors: dict, timeout: float, user: str,
                    inline_limit: int, admission: StartedCall | None) -> asyncio.Task:
