@@ -18,8 +18,8 @@ one process fewer). Either way the same rules hold, and they live here:
   in the same store call; a replica answers its ingress while that call is on its way
   (`answer_first`), since a store round trip was a fifth of a short request's time: the end as
   the store will record it (only a fault that let the store end the request as an orphan makes
-  them differ) and the call's ObjectRef, which the ingress waits for before it reads the request
-  or admits its owner's next one; the lease is held until the store has it;
+  them differ) and the call's ObjectRef, which the ingress keeps so that a read of the request
+  waits for the store's answer (serve_app/recordings.py); the lease is held until the store has it;
 - a request may start before the store has admitted it (the ingress sends the admit call and the
   request together: `admission`); nothing about it is recorded, and it is not claimed, before
   the store's answer, and a refused one ends without a trace (the ingress cancels it, and it
