@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import sys
@@ -149,7 +150,7 @@ class RemoteRequest:
                     if response.status_code >= 400:
                         response.read()
                         _raise_for(response)
-                    for event_id, kind, data in _parse_sse(response.iter_lines()):
+                    for event_id, kind, data in _events_of(response):
                         lost_at, pause = None, RECONNECT_PAUSE_S[0]
                         last_id = event_id
                         yield event_id, kind, data
@@ -291,7 +292,7 @@ def _submit_streaming(body: bytes) -> Iterator[tuple[str | None, str, dict]]:
                 _raise_for(response)
             if (request_id := response.headers.get(REQUEST_ID_HEADER)) is not None:
                 yield None, RECEIVED, {"id": request_id}  # accepted: known before the first event
-            yield from _parse_sse(response.iter_lines())
+            yield from _events_of(response)
     except httpx.ConnectError as exc:
         raise RemoteError(f"could not reach the raysight server at {CONFIG.host}: {exc}") from None
 
@@ -303,6 +304,19 @@ def _show(display: StatusLine, kind: str, data: dict) -> None:
         display.update(f"queued at {data.get('model', '')} (position {data['position']})")
     elif kind == RUNNING:
         display.update(f"running trace {data['trace']}/{data['of']} on {data['model']}")
+
+
+def _events_of(response: httpx.Response) -> Iterator[tuple[str | None, str, dict]]:
+    """The events of an SSE response. The server ends the stream after a terminal event; its end
+    is read before that event is handed on, so that the connection goes back to the pool instead
+    of being closed when the caller stops reading (a new TCP connection per blocking request)."""
+    lines = response.iter_lines()
+    for event in _parse_sse(lines):
+        if event[1] in TERMINAL:
+            with contextlib.suppress(httpx.HTTPError):  # a connection lost now loses nothing
+                for _ in lines:  # the chunked body's last chunk: there at once
+                    pass
+        yield event
 
 
 def _parse_sse(lines: Iterator[str]) -> Iterator[tuple[str | None, str, dict]]:

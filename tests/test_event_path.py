@@ -117,6 +117,24 @@ def test_a_log_reaches_a_blocking_stream_while_the_session_still_runs(cluster, a
         assert [k for k, _ in events][-1] == "COMPLETED"
 
 
+def test_a_blocking_run_gives_its_connection_back_to_the_pool(cluster, llama) -> None:
+    """The client reads a stream to its end after the terminal event, so its keep-alive connection
+    serves the next request (else each blocking run would cost a new TCP and TLS handshake)."""
+    from client_sdk.remote import _client
+
+    def run():
+        with llama.trace("The Eiffel Tower is in the city of", remote=True):
+            out = llama.lm_head.output.argmax(dim=-1).save()
+        return out
+
+    run()
+    pool = _client()._transport._pool
+    first = list(pool.connections)
+    run()
+    assert len(first) == 1 and first[0].is_idle(), first  # back in the pool, not closed
+    assert list(pool.connections) == first  # and used again
+
+
 def _store_events(store: StoreClient, rid: str) -> list[tuple[str, dict]]:
     async def read():
         return await store.call("events", rid, "alice", 0, 0.0)
