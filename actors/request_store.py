@@ -168,7 +168,7 @@ class RequestStore:
         row = self.db.get(request_id)
         if row is None or row.state in TERMINAL:
             return None
-        inline = kind == COMPLETED and result is not None and len(result) <= inline_limit
+        inline = handed_inline(kind, result, inline_limit)
         if result is not None and not inline:
             held = self.db.usage(row.owner).result_bytes
             if held + len(result) > row.max_result_bytes:
@@ -411,6 +411,13 @@ def get_store(spec: StoreSpec) -> Any:
         name=STORE_NAME, namespace=NAMESPACE, lifetime="detached", get_if_exists=True,
         max_restarts=-1, resources={"node:__internal_head__": 0.001},
     ).remote(spec.resolved_dir(), spec.result_ttl_s)
+
+
+def handed_inline(kind: str, result: bytes | None, inline_limit: int) -> bool:
+    """Whether the process that records this end hands its result to the client itself (a
+    blocking stream's COMPLETED carries results up to `inline_limit` bytes): such a result counts
+    as fetched once recorded, and no quota refuses it."""
+    return kind == COMPLETED and result is not None and len(result) <= inline_limit
 
 
 class StoreClient:

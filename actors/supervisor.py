@@ -36,9 +36,15 @@ from collections.abc import Awaitable, Iterator
 from typing import Any
 
 from actors.event_sender import EventSender
-from actors.request_store import HEARTBEAT_S, StartedCall, StoreClient, StoreUnavailable
+from actors.request_store import (
+    HEARTBEAT_S,
+    StartedCall,
+    StoreClient,
+    StoreUnavailable,
+    handed_inline,
+)
 from intervention.errors import location_dict
-from intervention.events import CANCELLED, COMPLETED, ERROR, STATUS_HOLD_S
+from intervention.events import CANCELLED, ERROR, STATUS_HOLD_S
 from intervention.ir import TraceIR
 
 # A runner claims a request this long after it starts it (module docstring): as long as its first
@@ -65,13 +71,16 @@ class Lease:
         try:
             yield
         finally:
-            self.held -= 1
+            self.release()
 
     def take(self) -> None:
-        """Hold one more request (until `held` goes down by one)."""
+        """Hold one more request (until `release`)."""
         if self.renewals is None:
             self.renewals = asyncio.ensure_future(self._renew())
         self.held += 1
+
+    def release(self) -> None:
+        self.held -= 1
 
     async def _renew(self) -> None:
         while True:
@@ -118,29 +127,29 @@ class Supervisor:
             # them, and the store drops what it has (events are numbered).
             pending = claimed + (await events.settle() if events is not None else [])
             args = (request_id, kind, data, result, pending, inline_limit)
-            inline = kind == COMPLETED and result is not None and len(result) <= inline_limit
+            inline = handed_inline(kind, result, inline_limit)
             if answer_first and events is not None and (result is None or inline):  # no quota can refuse it
                 finish = self.store.start("finish", *args)
                 if finish.ref is not None:  # else the store is down: wait for it below
-                    return self._answer_first(finish, events, inline)
+                    return self._answer_first(finish, events, kind, data, result if inline else None)
                 recorded = await finish.answer(self.store)
             else:
                 recorded = await self.store.call("finish", *args)
         if recorded is None:
             return None
         # The store may have recorded another end (a result over its owner's quota is an ERROR).
-        inline = recorded["event"] == COMPLETED and result is not None and len(result) <= inline_limit
+        inline = handed_inline(recorded["event"], result, inline_limit)
         return {**recorded, "result": result if inline else None, "news": events is not None and events.news}
 
-    def _answer_first(self, finish: StartedCall, events: EventSender, inline: bool) -> dict[str, Any]:
+    def _answer_first(self, finish: StartedCall, events: EventSender, kind: str, data: dict[str, Any],
+                      inline_result: bytes | None) -> dict[str, Any]:
         """The end `finish` is recording, as the store will record it, while it does (lease held)."""
-        _, kind, data, result, _, _ = finish.args
         self.lease.take()  # now: the request must not look like an orphan while the call is out
         recording = asyncio.ensure_future(self._record(finish))
         self.recordings.add(recording)
         recording.add_done_callback(self.recordings.discard)
         # The store records RECEIVED, then each event of `events`, then the end.
-        return {"id": 1 + events.sent, "event": kind, "data": data, "result": result if inline else None,
+        return {"id": 1 + events.sent, "event": kind, "data": data, "result": inline_result,
                 "news": events.news, "recorded": finish.ref}
 
     async def _record(self, finish: StartedCall) -> None:
@@ -149,7 +158,7 @@ class Supervisor:
         except StoreUnavailable:
             pass  # the store ends it as an orphan once it is back
         finally:
-            self.lease.held -= 1
+            self.lease.release()
 
     async def _admitted(self, admission: StartedCall | None) -> bool:
         return admission is None or await admission.answer(self.store) is None
