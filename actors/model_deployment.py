@@ -21,8 +21,9 @@ from ray import serve
 from actors.batcher import Batcher
 from actors.event_sender import EventSender
 from actors.model_loader import load_model, placement, tokenizer_files
-from actors.request_store import StartedCall, StoreClient, StoreSpec
+from actors.request_store import StoreClient, StoreSpec
 from actors.supervisor import Outcome, Supervisor
+from intervention import timeline
 from intervention.args import ArgError
 from intervention.batching import BATCH_WAIT_MS, MAX_BATCH_SIZE, MAX_BATCH_TOKENS, BatchLimits
 from intervention.errors import Cancelled, InterventionError, location_dict
@@ -122,19 +123,21 @@ class ModelDeployment:
         }
 
     async def run_session(self, request_id: str, session: SessionIR, tensors: dict, timeout_s: float,
-                          user: str = "", inline_limit: int = 0,
-                          admission: StartedCall | None = None) -> dict[str, Any] | None:
+                          user: str = "", inline_limit: int = 0) -> dict[str, Any] | None:
         """Run a whole session whose traces all use this model, sent straight from the ingress
         (no session runner: one hop and one process fewer), and record its end in the request
         store; values between its traces never leave this process. Returns the end as the store
-        records it, mostly while it does ("recorded": that store call's ObjectRef; see
-        actors/supervisor.py: a blocking client's stream sends it without asking the store), or
-        None when the request had ended elsewhere. `admission`: the store's admit call for it,
-        when the ingress sent the request before the answer came (actors/supervisor.py)."""
+        records it, mostly while it does ("recorded" False; see actors/supervisor.py: a blocking
+        client's stream sends it without asking the store), or None when the request had ended
+        elsewhere. The ingress may send it before the store has admitted it (the store holds
+        this replica's calls for it until then)."""
+        timeline.mark(request_id, "replica.start")
         events = EventSender(self.store, request_id)
         work = self._session(session, tensors, user, events)
-        return await self.supervisor.run(request_id, work, timeout_s, events=events, inline_limit=inline_limit,
-                                         admission=admission, answer_first=True)
+        end = await self.supervisor.run(request_id, work, timeout_s, events=events, inline_limit=inline_limit,
+                                        answer_first=True)
+        timeline.mark(request_id, "replica.answered")
+        return end
 
     async def _session(self, session: SessionIR, tensors: dict, user: str, events: EventSender) -> Outcome:
         plan = plan_session(session)

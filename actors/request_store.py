@@ -43,6 +43,10 @@ LEASE_S = 15.0  # a runner silent this long is dead: its open requests are orpha
 UNCLAIMED_S = 60.0  # an accepted request no runner has started within this is an orphan (covers a runner restart)
 ORPHAN_CHECK_S = 2.0
 STORE_RETRY_S = 30.0  # how long a caller waits for a dead store to come back before giving up
+# How long a runner's call waits for the admission of its request: the ingress sends the admit
+# call and the run together, and a run's first call may reach the store first (Ray does not
+# order calls from two callers); after a store restart both callers retry within a second or so.
+ADMIT_WAIT_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,9 @@ class RequestStore:
         # reader that waits `until_news`. In memory only: after a restart such a reader wakes at
         # its timeout instead (a blocking stream's status interval).
         self.news_at: dict[str, int] = {}
+        # Requests refused at admission lately (id -> when): a run that set out with the admit
+        # call (the ingress cancels it) finds its calls dropped at once (`_admitted`).
+        self.refused: dict[str, float] = {}
         self.tasks: list[asyncio.Task] = []
 
     def ping(self) -> str:
@@ -94,6 +101,17 @@ class RequestStore:
         `holder`: the lease that holds it until a runner claims it (the admitting ingress's).
         Idempotent (a caller retrying after a store restart gets the same answer)."""
         self._start_background()
+        refusal = self._admission(request_id, owner, n_traces, quota, holder)
+        now = time.monotonic()
+        while self.refused and now - next(iter(self.refused.values())) > ADMIT_WAIT_S:
+            del self.refused[next(iter(self.refused))]  # oldest first: no call waits for these any more
+        self.refused.pop(request_id, None)
+        if refusal is not None:
+            self.refused[request_id] = now
+        await self._notify(request_id)  # a runner's call that came first waits for this (`_admitted`)
+        return refusal
+
+    def _admission(self, request_id: str, owner: str, n_traces: int, quota: Quota, holder: str | None) -> dict | None:
         existing = self.db.get(request_id)
         if existing is not None:
             return None if existing.owner == owner else _refusal(429, "conflict", "request id in use")
@@ -148,6 +166,8 @@ class RequestStore:
         """Record several numbered events (kind, data, (source, n)) of one sender in one call: a
         replica batches its progress (actors/event_sender.py). Each is recorded as `add_event`
         records it, so order and de-duplication of retries are the same."""
+        if await self._admitted(request_id) is None:
+            return
         for kind, data, order in events:
             await self.add_event(request_id, kind, data, tuple(order))
 
@@ -162,10 +182,10 @@ class RequestStore:
         and no quota refuses it (the quota bounds unfetched results; the caller may have handed it
         over already: actors/supervisor.py).
         Returns the end as recorded, {"id": its index in the request's event log, "event", "data"},
-        or None when the request had ended already."""
+        or None when the request had ended already (or was never admitted)."""
         if events:
             await self.add_events(request_id, events)
-        row = self.db.get(request_id)
+        row = await self._admitted(request_id)
         if row is None or row.state in TERMINAL:
             return None
         inline = handed_inline(kind, result, inline_limit)
@@ -221,12 +241,13 @@ class RequestStore:
                     events: list[tuple[str, dict[str, Any], tuple[str, int]]] = ()) -> bool:
         """A runner starts `request_id`: it holds the request's lease (renewed by `heartbeat`).
         `events`: its events not sent yet (as `add_events` takes them), recorded first.
-        Returns once a cancel is requested (True) or the request has ended (False)."""
+        Returns once a cancel is requested (True) or the request has ended (False); True at once
+        for a request that was not admitted (its runner must stop)."""
         self._start_background()
         self.db.heartbeat(runner)
         if events:
             await self.add_events(request_id, events)
-        if (row := self.db.get(request_id)) is None:
+        if await self._admitted(request_id) is None:
             return True
         self.db.set_runner(request_id, runner)
 
@@ -327,6 +348,29 @@ class RequestStore:
 
     def pid(self) -> int:
         return os.getpid()
+
+    async def recorded(self, ends: list[tuple[str, int]], timeout_s: float) -> None:
+        """Return once each (request id, index) of `ends` is recorded (or its request has ended
+        or is gone), or after `timeout_s`: an ingress that sent a replica's answer before that
+        replica's `finish` arrived here waits for it before reading (serve_app/recordings.py)."""
+        deadline = time.monotonic() + timeout_s
+        for request_id, index in ends:
+            def there(request_id: str = request_id, index: int = index) -> bool:
+                row = self.db.get(request_id)
+                return row is None or row.n_events > index or row.state in TERMINAL
+
+            if not there():
+                await self._wait(request_id, there, max(0.0, deadline - time.monotonic()))
+
+    async def _admitted(self, request_id: str) -> Row | None:
+        """The request's row for a runner's call, or None if it was not admitted: the call may
+        arrive before the admission the ingress sent with the run (it waits up to ADMIT_WAIT_S)."""
+        def decided() -> bool:
+            return request_id in self.refused or self.db.get(request_id) is not None
+
+        if not decided():
+            await self._wait(request_id, decided, ADMIT_WAIT_S)
+        return None if request_id in self.refused else self.db.get(request_id)
 
     def _owned(self, request_id: str, owner: str) -> Row | None:
         row = self.db.get(request_id)

@@ -18,12 +18,14 @@ one process fewer). Either way the same rules hold, and they live here:
   in the same store call; a replica answers its ingress while that call is on its way
   (`answer_first`), since a store round trip was a fifth of a short request's time: the end as
   the store will record it (only a fault that let the store end the request as an orphan makes
-  them differ) and the call's ObjectRef, which the ingress keeps so that a read of the request
-  waits for the store's answer (serve_app/recordings.py); the lease is held until the store has it;
+  them differ), with its index in the request's event log, which the ingress keeps so that a
+  read of the request waits for it (serve_app/recordings.py); the lease is held until the store
+  has it. No ObjectRef travels with the answer, nor with the request: each one in a Serve call
+  cost about a millisecond more per request (docs/BENCHMARKS.md);
 - a request may start before the store has admitted it (the ingress sends the admit call and the
-  request together: `admission`); nothing about it is recorded, and it is not claimed, before
-  the store's answer, and a refused one ends without a trace (the ingress cancels it, and it
-  answers 429).
+  request together): the store holds this process's calls for it until the admission is there,
+  and drops them if it was refused (the ingress cancels the request, and answers 429), so
+  nothing of a refused request is recorded.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from actors.request_store import (
     StoreUnavailable,
     handed_inline,
 )
+from intervention import timeline
 from intervention.errors import location_dict
 from intervention.events import CANCELLED, ERROR, STATUS_HOLD_S
 from intervention.ir import TraceIR
@@ -102,26 +105,21 @@ class Supervisor:
 
     async def run(self, request_id: str, work: Awaitable[Outcome], timeout_s: float, *,
                   events: EventSender | None = None, inline_limit: int = 0,
-                  admission: StartedCall | None = None, answer_first: bool = False) -> dict[str, Any] | None:
+                  answer_first: bool = False) -> dict[str, Any] | None:
         """Run `work` for `request_id` until it ends, is cancelled or passes `timeout_s`, and record
-        its end. `admission`: the store's admit call for it, when that was still on its way as the
-        work was sent. Returns the end as recorded — {"event", "data", "id" (its index in the
-        request's event log), "result" (the result bytes when COMPLETED and at most `inline_limit`
-        bytes: the store counts them as fetched), "news" (whether `events` sent anything but
-        status)} — or None when the request had ended elsewhere or was not admitted.
-        `answer_first` (needs `events`): return the end while the store records it, with the
-        store call's ObjectRef as "recorded" (the module's docstring)."""
+        its end. Returns the end as recorded — {"event", "data", "id" (its index in the request's
+        event log), "result" (the result bytes when COMPLETED and at most `inline_limit` bytes:
+        the store counts them as fetched), "news" (whether `events` sent anything but status),
+        "recorded" (whether the store has it yet)} — or None when the request had ended
+        elsewhere or was not admitted. `answer_first` (needs `events`): return the end while the
+        store records it, "recorded" False (the module's docstring)."""
         claimed: list = []  # events sent with the claim, which may not have reached the store
         if events is not None:
             events.wait_for_claim()
         with self.lease.holding():
-            admitted = asyncio.ensure_future(self._admitted(admission))
-            try:
-                end = await self._outcome(request_id, work, timeout_s, admitted, events, claimed)
-                if end is None or not await admitted:
-                    return None
-            finally:
-                admitted.cancel()  # a no-op once answered
+            end = await self._outcome(request_id, work, timeout_s, events, claimed)
+            if end is None:
+                return None
             kind, data, result = end
             # Again with the end: a claim cut short by the end (a store that was down) never sent
             # them, and the store drops what it has (events are numbered).
@@ -139,7 +137,8 @@ class Supervisor:
             return None
         # The store may have recorded another end (a result over its owner's quota is an ERROR).
         inline = handed_inline(recorded["event"], result, inline_limit)
-        return {**recorded, "result": result if inline else None, "news": events is not None and events.news}
+        return {**recorded, "result": result if inline else None, "news": events is not None and events.news,
+                "recorded": True}
 
     def _answer_first(self, finish: StartedCall, events: EventSender, kind: str, data: dict[str, Any],
                       inline_result: bytes | None) -> dict[str, Any]:
@@ -150,7 +149,7 @@ class Supervisor:
         recording.add_done_callback(self.recordings.discard)
         # The store records RECEIVED, then each event of `events`, then the end.
         return {"id": 1 + events.sent, "event": kind, "data": data, "result": inline_result,
-                "news": events.news, "recorded": finish.ref}
+                "news": events.news, "recorded": False}
 
     async def _record(self, finish: StartedCall) -> None:
         try:
@@ -160,14 +159,11 @@ class Supervisor:
         finally:
             self.lease.release()
 
-    async def _admitted(self, admission: StartedCall | None) -> bool:
-        return admission is None or await admission.answer(self.store) is None
-
     async def _outcome(self, request_id: str, work: Awaitable[Outcome], timeout_s: float,
-                       admitted: Awaitable[bool], events: EventSender | None, claimed: list) -> Outcome | None:
+                       events: EventSender | None, claimed: list) -> Outcome | None:
         started = time.perf_counter()
         task = asyncio.ensure_future(work)
-        cancel = asyncio.ensure_future(self._cancelled(request_id, admitted, events, claimed))
+        cancel = asyncio.ensure_future(self._cancelled(request_id, events, claimed))
         try:
             done, _ = await asyncio.wait({task, cancel}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
         except asyncio.CancelledError:  # the caller gave up on it (e.g. the store refused it): stop the work
@@ -175,6 +171,7 @@ class Supervisor:
             cancel.cancel()
             raise
         if task in done:
+            timeline.mark(request_id, "run.work_done")
             cancel.cancel()
             kind, data, result = task.result()
             return kind, {**data, "elapsed_s": round(time.perf_counter() - started, 4)}, result
@@ -187,17 +184,14 @@ class Supervisor:
         message = f"the request ran longer than its time limit of {timeout_s:g} s and was stopped"
         return ERROR, {"code": "timeout", "message": message, "location": None}, None
 
-    async def _cancelled(self, request_id: str, admitted: Awaitable[bool], events: EventSender | None,
-                         claimed: list) -> bool:
-        """True once a cancel is requested; False once the request has ended elsewhere (or was
-        not admitted). The claim carries the events waiting to be sent (`claimed`): one store
+    async def _cancelled(self, request_id: str, events: EventSender | None, claimed: list) -> bool:
+        """True once a cancel is requested (or the request was not admitted); False once it has
+        ended elsewhere. The claim carries the events waiting to be sent (`claimed`): one store
         call fewer for a request that runs longer than CLAIM_AFTER_S."""
         await asyncio.sleep(CLAIM_AFTER_S)
         if events is not None:
             claimed += events.take()  # from here on, the sender sends its own
         try:
-            if not await admitted:
-                return False
             return await self.store.call("watch", request_id, self.lease.id, claimed)
         except StoreUnavailable:
             await asyncio.Event().wait()  # without a store only the time limit stops the work

@@ -1,66 +1,69 @@
-"""Where the time of a remote request goes: client marks + the request store's event stamps.
+"""Where the time of a remote request goes: the client's marks joined with the server's.
 
-For one request the marks are, in order (c: client clock, s: server stamp, same machine):
+The client's marks come from bench/probe.py; the server's from intervention/timeline.py (the
+benchmark starts `raysight serve` with RAYSIGHT_TIMELINE set). All are `time.time()` on one
+machine. For one blocking request on one model, in order (c: client, s: server):
 
-    c t0            the `with` block starts (tracing)
-    c encode_start  the session IR is built; encoding the request body starts
-    c post          the POST leaves (after encoding)
-    s RECEIVED      the ingress read, decoded and validated the body, and the store admitted it
-    s QUEUED        the model replica got the segment call (from the session runner)
-    s RUNNING #1    the replica took its lock and starts the first trace
-    s RUNNING #k    the forward thread starts trace k (k > 1)
-    s COMPLETED     the runner recorded the outcome and the result in the store
-    c COMPLETED     the COMPLETED event (result inline) reached the client
-    c t_end         values decoded and rebound in the caller's frame (or fetched, if large)
+    c t0                the `with` block starts (tracing)
+    c encode_start      the session IR is built; encoding the request body starts
+    c post              the POST leaves
+    s ingress.entered   the ingress's route starts (after HAProxy, uvicorn, FastAPI, Serve)
+    s ingress.sent      body decoded and validated, admit call and Serve call to the replica sent
+    s replica.start     the replica's `run_session` starts
+    s run.work_done     the engine has run every trace (forwards included) and encoded the result
+    s replica.answered  the replica returns its answer (the store's `finish` is on its way)
+    s ingress.answered  the ingress has the answer
+    c COMPLETED         the end (result inline) reached the client
+    c t_end             values decoded and rebound in the caller's frame
 """
 
 from __future__ import annotations
 
 from bench.stats import summary
 
-# (key, label, what it contains)
+# (key, label, what it contains, (from, to)): c: a client mark, else a server mark
 PHASES = [
-    ("client_tracing", "client: tracing", "the `with` block recording the IR (client CPU)"),
-    ("client_encode", "client: encode body", "safetensors + JSON of the session"),
-    ("http_ingress", "HTTP in + ingress", "POST through Serve's proxy to the ingress; read, decode and validate the body; admit in the request store"),
-    ("runner", "ingress → session runner → replica", "handle call to the runner, which decodes the body again and calls the replica's run_segment"),
-    ("queue", "replica queue", "waiting for the replica's one-forward-at-a-time lock"),
-    ("traces_before_last", "replica: traces before the last", "engine + forward of all traces but the last (incl. the hop to the forward thread)"),
-    ("last_trace_and_result", "replica: last trace + result", "last trace, result encoding, the reply to the runner, store.finish"),
-    ("result_to_client", "COMPLETED → client", "the store wakes the ingress's SSE loop; event through the proxy to the client"),
-    ("client_decode", "client: decode (+ fetch)", "decode the result, rebind names; for large results also GET /result"),
+    ("client", "client: tracing + encoding", "the `with` block recording the IR, then the body (client CPU)",
+     ("c:t0", "c:post")),
+    ("http_in", "HTTP into the ingress", "httpx, HAProxy, uvicorn and FastAPI in the ingress replica",
+     ("c:post", "ingress.entered")),
+    ("ingress", "ingress: decode, validate, send", ("read, decode and validate the body; the admit call and "
+     "the Serve call to the replica leave together"), ("ingress.entered", "ingress.sent")),
+    ("call_in", "Serve call to the replica", ("the DeploymentHandle call: the ingress's router, Ray's "
+     "transport, the replica's event loops"), ("ingress.sent", "replica.start")),
+    ("work", "replica: engine and forwards", ("plan, run every trace (the forwards), encode the saves: "
+     "what the local run does too"), ("replica.start", "run.work_done")),
+    ("after_work", "replica: the end", "the store's `finish` call sent, the answer made",
+     ("run.work_done", "replica.answered")),
+    ("call_out", "answer back to the ingress", "Serve's return path", ("replica.answered", "ingress.answered")),
+    ("to_client", "end to the client", "the SSE chunk through uvicorn and HAProxy to httpx",
+     ("ingress.answered", "c:COMPLETED")),
+    ("decode", "client: decode", "decode the inline result, rebind names", ("c:COMPLETED", "c:t_end")),
 ]
 
 
-def phases(rec: dict, events: list[tuple[str, float, dict]]) -> dict[str, float] | None:
+def _time(point: str, rec: dict, server: dict[str, float]) -> float:
+    if not point.startswith("c:"):
+        return server[point]
+    name = point[2:]
+    if name == "COMPLETED":
+        return next(t for kind, t in rec["events"] if kind == name)
+    return rec[name]
+
+
+def phases(rec: dict, server: dict[str, float]) -> dict[str, float] | None:
     """Phase -> milliseconds for one request, or None if a mark is missing."""
     try:
-        times = {}
-        running = [t for e, t, _ in events if e == "RUNNING"]
-        times["RECEIVED"] = next(t for e, t, _ in events if e == "RECEIVED")
-        times["QUEUED"] = next(t for e, t, _ in events if e == "QUEUED")
-        times["COMPLETED"] = next(t for e, t, _ in events if e == "COMPLETED")
-        arrived = next(t for e, t in rec["events"] if e == "COMPLETED")
-        ms = lambda a, b: (b - a) * 1000
-        return {
-            "client_tracing": ms(rec["t0"], rec["encode_start"]),
-            "client_encode": ms(rec["encode_start"], rec["post"]),
-            "http_ingress": ms(rec["post"], times["RECEIVED"]),
-            "runner": ms(times["RECEIVED"], times["QUEUED"]),
-            "queue": ms(times["QUEUED"], running[0]),
-            "traces_before_last": ms(running[0], running[-1]),
-            "last_trace_and_result": ms(running[-1], times["COMPLETED"]),
-            "result_to_client": ms(times["COMPLETED"], arrived),
-            "client_decode": ms(arrived, rec["t_end"]),
-            "total": ms(rec["t0"], rec["t_end"]),
-        }
-    except (KeyError, StopIteration, IndexError):
+        out = {key: (_time(b, rec, server) - _time(a, rec, server)) * 1000 for key, _, _, (a, b) in PHASES}
+        out["total"] = (rec["t_end"] - rec["t0"]) * 1000
+        return out
+    except (KeyError, StopIteration):
         return None
 
 
-def summarize(records: list[dict], events: dict[str, list]) -> dict | None:
-    """Median [min, max] per phase over the requests whose events were found."""
-    rows = [p for r in records if r.get("id") in events for p in [phases(r, events[r["id"]])] if p]
+def summarize(records: list[dict], timeline: dict[str, dict[str, float]]) -> dict | None:
+    """Median [min, max] per phase over the requests whose marks were all found."""
+    rows = [p for r in records if r.get("id") in timeline for p in [phases(r, timeline[r["id"]])] if p]
     if not rows:
         return None
     return {key: summary([row[key] for row in rows], 2) for key in rows[0]}

@@ -238,11 +238,11 @@ def _phase_table(w, cols: list[tuple[str, dict | None]]) -> None:
 
     cols = [(name, b) for name, b in cols if b]
     if not cols:
-        w("(no event stamps could be read this run)\n")
+        w("(no timeline marks could be read this run)\n")
         return
     w("| phase | " + " | ".join(name for name, _ in cols) + " | what it is |")
     w("|---|" + "---|" * len(cols) + "---|")
-    for key, label, what in PHASES:
+    for key, label, what, _ in PHASES:
         w(f"| {label} | " + " | ".join(_n(b[key]["median"], 2) for _, b in cols) + f" | {what} |")
     w("| **total** | " + " | ".join(f"**{_n(b['total']['median'], 2)}**" for _, b in cols) + " | |")
     w("")
@@ -252,26 +252,16 @@ def _where_time_goes(res: dict, bd: dict, w) -> None:
     d = res["details"]
     ot, os_ = d["overhead_tiny"], d["overhead_smol"]
     w("## Where the time goes in a remote session\n")
-    if "error" in bd:
-        w(f"The request store's event stamps could not be read this run ({bd['error']}).\n")
-        return
-    w("Each remote request is cut at the client's own marks (`time.time()`) and at the stamps the "
-      "request store puts on its events (same clock, same machine); medians in ms over the rounds "
-      "(phases are medians of their own, so they need not add up exactly to the total):\n")
-    _phase_table(w, [("seed, tiny", bd.get("seed_tiny")), ("seed, tiny, split", bd.get("seed_tiny_split")),
-                     ("seed, SmolLM2", bd.get("seed_smol")), ("16 traces, tiny", bd.get("chain16_tiny")),
-                     ("64 MiB result, tiny", bd.get("download_64mib"))])
+    w("Each remote request of the fixed-overhead rounds is cut at the client's own marks and at the "
+      "marks the ingress and the replica write when the benchmark's cluster runs with "
+      "`RAYSIGHT_TIMELINE` set (intervention/timeline.py, bench/breakdown.py; `time.time()`, one "
+      "machine); medians in ms over the rounds (each phase is a median of its own, so they need not "
+      "add up exactly to the total):\n")
+    _phase_table(w, [("seed, tiny", bd.get("seed_tiny")), ("seed, SmolLM2", bd.get("seed_smol")),
+                     ("16 traces, tiny", bd.get("chain16_tiny")), ("16 traces, SmolLM2", bd.get("chain16_smol"))])
     w(f"The same seed session run locally takes {_mmm(ot['local_ms'])} ms on the tiny Llama and "
       f"{_mmm(os_['local_ms'])} ms on SmolLM2 (tracing, validation, both traces); remotely "
       f"{_mmm(ot['remote_ms'])} ms and {_mmm(os_['remote_ms'])} ms.\n")
-    seed = bd.get("seed_tiny")
-    if seed:
-        replica = seed["traces_before_last"]["median"] + seed["last_trace_and_result"]["median"]
-        local_engine = ot["local_ms"]["median"] - seed["client_tracing"]["median"]
-        w(f"Reading the tiny seed session: of its {_n(seed['total']['median'], 2)} ms, the replica "
-          f"spends {_n(replica, 2)} ms from taking its lock to the stored result, where the local run "
-          f"spends about {_n(local_engine, 2)} ms on validating and running the same two traces; the "
-          "rest is the path to and from the replica.\n")
     _cpu_table(res, w)
     w(_prose(res, bd))
 
@@ -301,66 +291,58 @@ def _cpu_table(res: dict, w) -> None:
       f"{_n(cpu['local_cpu_ms'], 2)} ms. On two cores that bounds the cluster at roughly "
       f"{_n(2000 / cpu['remote_cpu_ms'])} such sessions per second whatever the concurrency; the "
       f"16-client run with single-trace tiny-Llama requests reaches {_n(tiny16)} requests/s. The "
-      "path is mostly serial (proxy → ingress → runner → replica → store → ingress → proxy), so on "
-      "this machine the wall-clock overhead tracks this CPU cost: halving the overhead means halving "
-      "the CPU the hops spend.\n")
+      "path is mostly serial (HAProxy → ingress → replica → ingress → HAProxy, the store's calls "
+      "beside it), so on this machine the wall-clock overhead tracks this CPU cost.\n")
 
 
 def _prose(res: dict, bd: dict) -> str:
     hf = res["http_roundtrip_ms"]
     seg = res["segment_boundary_ms"]
     load16 = bd.get("load_smol_16_clients") or {}
-    load1 = bd.get("load_smol_1_client") or {}
     parts = [
         "What each part is:\n",
-        (f"- **HTTP** — one keep-alive round trip through Serve's proxy costs {_n(hf['healthz_ms']['median'], 2)} ms "
-        f"(`/healthz`), {_n(hf['status_ms']['median'], 2)} ms with auth and one request-store call. The "
-        "POST carries the session as safetensors; the ingress reads it, decodes and validates it against "
-        "the model's module tree, and admits it in the request store (an actor call) before RECEIVED "
-        "is recorded. The blocking client needs this one round trip only: the answer is the event "
-        "stream, and a small result rides in COMPLETED."),
-        ("- **Session runner** — the ingress hands the body to the runner (a Serve handle call), which "
-        "decodes it again, cuts it into segments (runs of traces on one model) and calls the replica "
-        "(another handle call). Two handle hops and a second decode before the replica sees it."),
-        "- **Queue** — the replica runs one forward at a time, FIFO. Idle, this is ~0; under load it "
-        "is where a request waits" + (
-            f": with 16 SmolLM2 clients the median wait at the replica is "
-            f"{_n(load16['queue_ms']['median'])} ms against {_n(load16['replica_and_result_ms']['median'])} ms "
-            f"of replica work per request (1 client: {_n(load1.get('queue_ms', {}).get('median'), 2)} ms wait)."
-            if load16 else "."),
-        (f"- **Object store** — not on the path of a session whose traces use one model: the replica "
-        f"runs the whole segment and values stay in its process. Split over two replicas the seed "
-        f"session costs {_mmm(seg)} ms more (a `ray.put` of the hidden state, the ObjectRef through "
-        "the runner, a second replica call and a get)."),
+        (f"- **HTTP** — one keep-alive round trip through HAProxy costs {_n(hf['healthz_ms']['median'], 2)} ms "
+         f"(`/healthz`), {_n(hf['status_ms']['median'], 2)} ms with auth and one request-store call. The "
+         "POST carries the session as safetensors; the ingress decodes and validates it against the "
+         "model's module tree, then sends the store's `admit` call and the Serve call to the replica "
+         "together. The blocking client needs this one round trip only: the answer is the event "
+         "stream, and a small result rides in COMPLETED."),
+        ("- **Serve call** — a session on one model goes from the ingress straight to its model's "
+         "replica (a DeploymentHandle call); sessions on several models go through a session runner "
+         "(one hop more). No ObjectRef travels with the call or its answer."),
+        "- **Queue** — the replica batches the requests waiting for it into one forward (fair per "
+        "user); idle, the wait is ~0" + (
+            f"; with 16 SmolLM2 clients the median wait at the replica is "
+            f"{_n(load16['queue_ms']['median'])} ms, and its batched forward and result take "
+            f"{_n(load16['replica_and_result_ms']['median'])} ms." if load16 else "."),
+        (f"- **Object store** — not on the path of a session whose traces use one model: values stay "
+         f"in the replica's process. Split over two replicas the seed session costs {_mmm(seg)} ms more "
+         "(a `ray.put` of the hidden state, the ObjectRef through the runner, a second replica call "
+         "and a get)."),
         ("- **Forward** — the engine and the model, the same code as the local run; for the tiny Llama "
-        "about a millisecond per trace, for SmolLM2 about a hundred (one thread)."),
-        ("- **Result** — the replica encodes the saves (safetensors), returns them to the runner, "
-        "which stores them with COMPLETED; the ingress's event loop is woken and sends COMPLETED, "
-        "the result base64-inline when ≤ 1 MB. Larger results are fetched with GET /result: "
-        f"the {res['result_download_mib_per_s']['result_mib']:.0f} MiB tensor downloads at "
-        f"{_n(res['result_download_mib_per_s']['median'])} MiB/s, but the bytes are copied "
-        "replica → runner → request store → ingress → proxy → client on the way."),
+         "about a millisecond per trace, for SmolLM2 about seventy (one thread)."),
+        ("- **Result** — the replica encodes the saves (safetensors) and answers the ingress while its "
+         "`finish` call records the end in the store; the ingress sends COMPLETED with the result "
+         "base64-inline when ≤ 1 MB. Larger results are recorded first and fetched with GET /result: "
+         f"the {res['result_download_mib_per_s']['result_mib']:.0f} MiB tensor downloads at "
+         f"{_n(res['result_download_mib_per_s']['median'])} MiB/s (replica → request store's files → "
+         "ingress → HAProxy → client)."),
     ]
     return "\n".join(parts) + "\n\n" + _next_to_cut(res, bd)
 
 
 CUTS = {
-    "runner": "the ingress → session runner → replica path is two DeploymentHandle calls (about "
-              "4.5 ms each on this machine, ENV.md) and a second decode of the body; a session of one "
-              "segment (one model) could go from the ingress straight to the replica, or the runner "
-              "could be a plain actor (about 0.9 ms a call)",
-    "http_ingress": "the POST crosses Serve's HTTP proxy (the `/healthz` round trip is its floor); then "
-                    "the ingress decodes and validates the body and admits it with a request-store call, "
-                    "before the first byte of the answer",
-    "last_trace_and_result": "after the engine, the replica encodes the result, returns it through "
-                             "Serve to the runner, which records it with an actor call to the store",
-    "traces_before_last": "per trace the replica re-validates the IR, hops to its forward thread and "
-                          "records a RUNNING event in the store",
-    "result_to_client": "the store wakes the ingress's event loop, which writes COMPLETED through the proxy",
-    "queue": "the replica's lock: one forward at a time",
-    "client_tracing": "tracing in the client",
-    "client_encode": "encoding in the client",
-    "client_decode": "decoding in the client",
+    "http_in": "the POST crosses HAProxy into the ingress replica (uvicorn, FastAPI, Serve's request "
+               "wrapper); the `/healthz` round trip is its floor",
+    "ingress": "the ingress decodes and validates the body on its event loop (off it above 64 KiB)",
+    "call_in": "a DeploymentHandle call: the ingress's router, Ray's transport and the replica's two "
+               "event loops; every hop also pays the wake-up of an idle core (ENV notes in *Request "
+               "path, by process*)",
+    "call_out": "Serve's return path from the replica to the ingress",
+    "to_client": "the end's SSE chunk through uvicorn and HAProxy to the client",
+    "after_work": "after its forwards the replica settles its events and sends `finish`",
+    "client": "tracing and encoding in the client",
+    "decode": "decoding in the client",
 }
 
 
@@ -370,37 +352,31 @@ def _next_to_cut(res: dict, bd: dict) -> str:
     seed = bd.get("seed_tiny")
     lines = ["### The next thing to cut\n"]
     if not seed:
-        lines.append("(needs the event stamps: none this run)\n")
+        lines.append("(needs the timeline marks: none this run)\n")
         return "\n".join(lines)
-    label = {k: lab for k, lab, _ in PHASES}
+    label = {k: lab for k, lab, _, _ in PHASES}
     ot = res["details"]["overhead_tiny"]
-    replica_extra = (seed["traces_before_last"]["median"] + seed["last_trace_and_result"]["median"]
-                     - (ot["local_ms"]["median"] - seed["client_tracing"]["median"]))
-    costs = {k: seed[k]["median"] for k in ("http_ingress", "runner", "result_to_client", "queue")}
-    costs["last_trace_and_result"] = replica_extra  # the replica's time beyond the local engine's
+    costs = {k: seed[k]["median"] for k in CUTS if k not in ("client", "decode")}
     ranked = sorted(costs, key=lambda k: -costs[k])
-    names = {**label, "last_trace_and_result": "replica time beyond the local engine's"}
     fixed = res["remote_fixed_overhead_ms"]["median"]
     lines.append(
-        f"The remote seed session costs {_n(fixed, 2)} ms more than the local one (tiny Llama). "
-        "Split by the stamps above (the replica's share counted beyond what the local run spends on "
-        "the same traces), the parts are, largest first: "
-        + "; ".join(f"{names[k]} {_n(costs[k], 2)} ms" for k in ranked) + ".\n"
+        f"The remote seed session costs {_n(fixed, 2)} ms more than the local one (tiny Llama; the "
+        f"local run takes {_n(ot['local_ms']['median'], 2)} ms, the replica's engine and forwards "
+        f"{_n(seed['work']['median'], 2)} ms). The parts only the remote path has, largest first: "
+        + "; ".join(f"{label[k]} {_n(costs[k], 2)} ms" for k in ranked) + ".\n"
     )
     top = ranked[0]
-    lines.append(f"**The largest remaining cost is {names[top]}**: {CUTS[top]}.")
+    lines.append(f"**The largest is {label[top]}**: {CUTS[top]}.")
     if len(ranked) > 1:
-        lines.append(f"Next comes {names[ranked[1]]}: {CUTS[ranked[1]]}.\n")
+        lines.append(f"Next comes {label[ranked[1]]}: {CUTS[ranked[1]]}.\n")
     cpu = res["details"].get("cpu_tiny")
     if cpu:
         procs = [(k, v) for k, v in cpu["by_process_ms"].items() if v >= 0.5]
         lines.append(
             "By CPU time the order is: " + ", ".join(f"{k} {_n(v, 2)} ms" for k, v in procs[:5])
             + f" per session, against {_n(cpu['local_cpu_ms'], 2)} ms for the whole session locally. "
-            "Every hop costs CPU on both sides of it, and the request store's share comes from the "
-            "actor calls each request makes to it (admit, one per event, finish, the event-stream "
-            "reads, the cancel watch): removing a hop (the runner's, for one-model sessions) and "
-            "batching store calls cut both the latency and the throughput ceiling.\n"
+            "Every hop costs CPU on both sides of it; on two cores that CPU also delays the hops "
+            "that run beside it.\n"
         )
     lines.append(_bytes_prose(res))
     lines.append(_load_prose(res, bd))
@@ -435,34 +411,26 @@ def _load_prose(res: dict, bd: dict) -> str:
     t = res["concurrent_throughput_ratio"]
     tt = res["concurrent_throughput_ratio_tiny"]
     text = (
-        f"**Concurrency.** With one replica that runs one forward at a time, 16 clients get "
-        f"{_n(t['median'])}x the requests/s of one client on SmolLM2 ({_n(tt['median'])}x on the tiny "
-        f"Llama), and their latency is mostly the replica's queue: p50 {_n(lat['16']['p50'])} ms at 16 "
-        f"clients against {_n(lat['1']['p50'])} ms at one."
+        f"**Concurrency.** With one replica, 16 clients get {_n(t['median'])}x the requests/s of one "
+        f"client on SmolLM2 ({_n(tt['median'])}x on the tiny Llama): the replica runs the requests "
+        "waiting for it as one batched forward (actors/batcher.py), and their latency is mostly that "
+        f"forward and the queue behind it: p50 {_n(lat['16']['p50'])} ms at 16 clients against "
+        f"{_n(lat['1']['p50'])} ms at one."
     )
     if l1 and l16:
         text += (
-            f" Per request the replica's own time (trace + result) goes from "
-            f"{_n(l1['replica_and_result_ms']['median'])} ms with one client to "
-            f"{_n(l16['replica_and_result_ms']['median'])} ms with 16, and ingress → runner → replica from "
-            f"{_n(l1['runner_ms']['median'])} to {_n(l16['runner_ms']['median'])} ms. The forward runs on "
-            "one thread; the proxy, ingress, runner and store spend the CPU in the table below on every "
-            "request, and with clients waiting that work runs beside the forward. It overlaps only if a "
-            "core is free for it: on this shared machine (load average above) it mostly is not, so it "
-            "slows the forward instead. Structurally, what raises this ratio is the batching the design "
-            "plans (merging queued traces of different requests into one forward) and more replicas; "
-            "cutting the per-request CPU below raises the ceiling for both."
+            f" From the store's event stamps (requests that were queued): the wait at the replica goes "
+            f"from {_n(l1['queue_ms']['median'], 2)} ms with one client to {_n(l16['queue_ms']['median'])} ms "
+            f"with 16, the replica's own time (batched forward + result) from "
+            f"{_n(l1['replica_and_result_ms']['median'])} to {_n(l16['replica_and_result_ms']['median'])} ms. "
+            "The forward runs on one thread; the CPU the other processes spend per request (table "
+            "below) runs beside it on this machine's second core."
         )
-    if l1 and l16 and "queued_events_per_request" in l16:
-        q1, q16 = l1["queued_events_per_request"]["median"], l16["queued_events_per_request"]["median"]
-        e1, e16 = l1["events_per_request"]["median"], l16["events_per_request"]["median"]
+    elif l16:
         text += (
-            f"\n\nThe per-request CPU also grows with the queue (table below): a request records "
-            f"{e1:g} events with one client ({q1:g} QUEUED) and {e16:g} with 16 ({q16:g} QUEUED) (medians). "
-            "The replica sends a fresh QUEUED position to every waiting request each time the queue "
-            "moves (`ModelDeployment._report_queue`), so each request costs O(queue length) store calls, "
-            "each woken through the store's one condition and streamed by the ingress and the proxy "
-            "to its client."
+            f" From the store's event stamps (16 clients; with one client no request waits long enough "
+            f"to be stamped QUEUED): the median wait at the replica is {_n(l16['queue_ms']['median'])} ms, "
+            f"the replica's own time (batched forward + result) {_n(l16['replica_and_result_ms']['median'])} ms."
         )
     return text + "\n\n" + _load_cpu_table(res)
 

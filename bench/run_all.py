@@ -87,9 +87,13 @@ def main(argv: list[str] | None = None) -> dict:
         key = secrets.token_urlsafe(24)
         config = write_config(tmp / "serve.yaml", key, smol_path, tiny_path)
         from bench.cluster import Server, event_times, free_port
+        from intervention import timeline
         port = args.port or free_port()
 
-        server = Server(config, port, tmp / "serve.log", dict(os.environ))
+        # The server's half of the per-hop table (intervention/timeline.py): a mark is one short
+        # write, ~10 per request.
+        timeline_path = tmp / "timeline.txt"
+        server = Server(config, port, tmp / "serve.log", {**os.environ, timeline.ENV: str(timeline_path)})
         _say(f"starting `raysight serve --config {config.name} --port {port}` (cold start is timed)")
         try:
             url = server.start()
@@ -103,6 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
                 events_error = None if address else "could not find this cluster's GCS address"
             except Exception as exc:  # noqa: BLE001 - the breakdown is optional; the figures stand
                 events, events_error = {}, f"{type(exc).__name__}: {exc}"
+            marks = timeline.read(str(timeline_path)) if timeline_path.exists() else {}
         except BaseException:
             _say(f"server log: {server.log_path}")
             print(server.log_path.read_text()[-3000:] if server.log_path.exists() else "", file=sys.stderr)
@@ -111,7 +116,7 @@ def main(argv: list[str] | None = None) -> dict:
             _say("stopping the cluster (SIGINT)")
             server.stop()
 
-    results = assemble(machine, settings, engine, server, remote, memory, events, events_error)
+    results = assemble(machine, settings, engine, server, remote, memory, events, events_error, marks)
     results["wall_s"] = round(time.perf_counter() - started, 1)
     machine["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -324,7 +329,7 @@ ENGINE_FIGURES = [  # key, what, bar (<=)
 ]
 
 
-def assemble(machine, settings, engine, server, remote, memory, events, events_error) -> dict:
+def assemble(machine, settings, engine, server, remote, memory, events, events_error, marks) -> dict:
     from bench import breakdown
 
     ot, os_, ct, cs = remote["overhead_tiny"], remote["overhead_smol"], remote["chain_tiny"], remote["chain_smol"]
@@ -401,21 +406,21 @@ def assemble(machine, settings, engine, server, remote, memory, events, events_e
         "load_smol": _strip(ls), "load_tiny": _strip(lt), "cpu_tiny": remote.get("cpu_tiny"),
         "engine_overhead": {k: v for k, v in engine.items()},
     }
+    details["breakdown"] = {
+        "seed_tiny": breakdown.summarize(ot["records"], marks),
+        "seed_smol": breakdown.summarize(os_["records"], marks),
+        "chain16_tiny": breakdown.summarize(ct["records"], marks),
+        "chain16_smol": breakdown.summarize(cs["records"], marks),
+    }
     if events:
-        details["breakdown"] = {
-            "seed_tiny": breakdown.summarize(ot["records"], events),
-            "seed_tiny_split": breakdown.summarize(ot.get("split_records", []), events),
-            "seed_smol": breakdown.summarize(os_["records"], events),
-            "chain16_tiny": breakdown.summarize(ct["records"], events),
-            "chain16_smol": breakdown.summarize(cs["records"], events),
-            "download_64mib": breakdown.summarize(dl["records"], events),
+        details["breakdown"] |= {
             "load_smol_1_client": breakdown.server_side(events, ls["ids"]["1"]),
             "load_smol_16_clients": breakdown.server_side(events, ls["ids"]["16"]),
             "load_tiny_1_client": breakdown.server_side(events, lt["ids"]["1"]),
             "load_tiny_16_clients": breakdown.server_side(events, lt["ids"]["16"]),
         }
     else:
-        details["breakdown"] = {"error": events_error}
+        details["breakdown"]["events_error"] = events_error
     results["details"] = details
     return results
 

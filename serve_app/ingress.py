@@ -9,6 +9,7 @@ store, so this replica can restart without losing accepted requests.
 
 import asyncio
 import base64
+import contextlib
 import contextvars
 import json
 import math
@@ -26,6 +27,7 @@ from ray import serve
 
 from actors.request_store import Quota, StartedCall, StoreClient, StoreSpec, StoreUnavailable
 from actors.supervisor import Lease, replica_failure
+from intervention import timeline
 from intervention.errors import InterventionError
 from intervention.events import (
     ERROR,
@@ -44,7 +46,7 @@ from serve_app import errors, openapi, readiness
 from serve_app.auth import KeyRing
 from serve_app.config import AppConfig
 from serve_app.errors import ApiError
-from serve_app.recordings import Recordings
+from serve_app.recordings import WAIT_S, Recordings
 from serve_app.replicas import model_loads
 from serve_app.schemas import Accepted, ModelInfo, ModelSummary, RequestStatus
 
@@ -187,7 +189,7 @@ class Ingress:
         self.running: Counter[str] = Counter()  # user -> her requests this replica runs (`_start_run`)
         self.streams: dict[str, int] = {}  # user -> event streams open on this replica
         self.retrying: dict[str, asyncio.Event] = {}  # request -> set at RETRYING, while its stream waits for the end
-        self.recordings = Recordings()  # ends a replica answered before the store had them
+        self.recordings = Recordings(self._recorded)  # ends a replica answered before the store had them
         lim = self.config.limits
         self.limits = Limits(max_traces=lim.max_traces, max_nodes=lim.max_nodes, max_tensor_bytes=lim.max_request_bytes)
         self.max_new_tokens = {m.name: m.max_new_tokens for m in self.config.models}
@@ -246,6 +248,7 @@ class Ingress:
         With `Accept: text/event-stream` the answer is instead the request's event stream after
         RECEIVED (its header REQUEST_ID_HEADER carries the id), whose COMPLETED event carries a small result inline
         (base64 `result`): a blocking client needs one round trip, not three."""
+        entered = time.time()  # for intervention/timeline.py, once the request has an id
         user = self.keys.user_for(request)
         cap = self.config.limits.max_concurrent_per_user
         # A user at her limit is refused before a large body is read or decoded (admit re-checks
@@ -269,30 +272,34 @@ class Ingress:
         except InterventionError as err:
             raise errors.from_intervention(err) from None
         request_id = uuid.uuid4().hex
+        timeline.mark(request_id, "ingress.entered", at=entered)
         streaming = "text/event-stream" in request.headers.get("accept", "")
         if streaming and not self._stream_slot(user):
             raise self._too_many_streams()
         inline = INLINE_RESULT_BYTES if streaming else 0
-        run = partial(self._start_run, request_id, session, tensors, timeout, user, inline)
+        run = partial(self._start_run, session=session, tensors=tensors, timeout=timeout, user=user,
+                      inline_limit=inline)
         watcher = None
         try:
             admission = self._admit(request_id, user, len(session.traces))
             # A session on one model leaves with its admit call while this ingress's own count says
-            # the user is below her limit (so a refusal is rare): its replica waits for the store's
-            # answer before it records anything (actors/supervisor.py), and a refusal cancels it.
+            # the user is below her limit (so a refusal is rare): the store holds its replica's calls
+            # until the admission is there and drops them if it was refused; a refusal cancels it.
             if len({t.model for t in session.traces}) == 1 and self.running[user] + 1 < cap:
-                watcher = run(admission)
+                watcher = run(request_id)
             refused = await self._answer(admission)
             if refused is not None and refused["code"] == "too_many_requests" and await self.recordings.of_owner(user):
-                # Some of her requests had ended, but the store had not recorded it yet: again.
+                # Some of her requests had ended, but the store had not recorded it yet: again, under
+                # a new id (the store drops whatever the run sent with the refused one records).
                 if watcher is not None:
-                    watcher.cancel()  # it holds the refused admission; it must not run with it
+                    watcher.cancel()
                     watcher = None
+                request_id = uuid.uuid4().hex
                 refused = await self._answer(self._admit(request_id, user, len(session.traces)))
             if refused is not None:
                 raise ApiError(refused["status"], refused["code"], refused["message"])
             if watcher is None:
-                watcher = run(None)
+                watcher = run(request_id)
         except BaseException:
             if watcher is not None:  # not admitted (or the store is gone): it must not run
                 watcher.cancel()
@@ -309,14 +316,14 @@ class Ingress:
         return self.store.start("admit", request_id, user, n_traces, self.quota, self.lease.id)
 
     def _start_run(self, request_id: str, session: SessionIR, tensors: dict, timeout: float, user: str,
-                   inline_limit: int, admission: StartedCall | None) -> asyncio.Task:
+                   inline_limit: int) -> asyncio.Task:
         """Start running the request (`_watch`), apart from this HTTP request: Serve cancels the
         handle calls a request made when its client disconnects (a blocking client's Ctrl-C, a
         dropped stream that the client would resume by id), which would leave the request RUNNING
         for good. In a fresh context the call is no child of this request; DELETE and the time
         limit end it."""
         watcher = asyncio.get_running_loop().create_task(
-            self._watch(request_id, session, tensors, timeout, user, inline_limit, admission),
+            self._watch(request_id, session, tensors, timeout, user, inline_limit),
             context=contextvars.Context())
         self.watchers.add(watcher)
         self.running[user] += 1
@@ -331,7 +338,7 @@ class Ingress:
         return watcher
 
     async def _watch(self, request_id: str, session: SessionIR, tensors: dict, timeout: float, user: str,
-                     inline_limit: int, admission: StartedCall | None = None) -> dict | None:
+                     inline_limit: int) -> dict | None:
         """Run the request to its end: a session on one model straight on that model's replica, one
         across models on a session runner. Returns its end when a blocking stream may send it as
         it is (see `_sse`), else None."""
@@ -339,21 +346,23 @@ class Ingress:
         with self.lease.holding():  # until a runner claims it (and again while a retry waits for one)
             if len(models) == 1:
                 return await self._run_direct(request_id, models.pop(), session, tensors, timeout, user,
-                                              inline_limit, admission)
+                                              inline_limit)
             await self._run_on_runner(request_id, (request_id, session, tensors, timeout, user))
             return None
 
     async def _run_direct(self, request_id: str, model: str, session: SessionIR, tensors: dict, timeout: float,
-                          user: str, inline_limit: int, admission: StartedCall | None) -> dict | None:
+                          user: str, inline_limit: int) -> dict | None:
         """The model's replica runs the session and records its end (the request survives this
         ingress); if the replica dies, once more on another (traces have no side effects) before
-        the request ends in ERROR. `admission`: the store's admit call, if it may still be on its way."""
+        the request ends in ERROR."""
         for attempt in (1, 2):
             try:
+                timeline.mark(request_id, "ingress.sent")
                 end = await self.models[model].run_session.remote(request_id, session, tensors, timeout, user,
-                                                                 inline_limit, admission)
-                if end is not None and end.get("recorded") is not None:  # the store is recording it
-                    self.recordings.add(request_id, user, end["recorded"])
+                                                                 inline_limit)
+                timeline.mark(request_id, "ingress.answered")
+                if end is not None and not end["recorded"]:  # the store is recording it
+                    self.recordings.add(request_id, user, end["id"])
                 return end if attempt == 1 and end is not None and not end["news"] else None
             except Exception as exc:  # noqa: BLE001 - the replica failed
                 failure = exc
@@ -398,6 +407,11 @@ class Ingress:
             await self.store.call("finish", request_id, ERROR, error)
         except StoreUnavailable:
             pass
+
+    async def _recorded(self, ends: list[tuple[str, int]]) -> None:
+        """Wait until the store has these ends (`Recordings`); a store that is down fails the read after it."""
+        with contextlib.suppress(StoreUnavailable):
+            await self.store.call("recorded", ends, WAIT_S)
 
     async def _store(self, method: str, *args: Any) -> Any:
         """A store call from a route: a store that stays down is a 503, not a 500."""

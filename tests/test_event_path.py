@@ -206,10 +206,8 @@ def test_the_claim_carries_the_events_waiting_and_the_end_does_not_repeat_them(a
 
 def test_a_replica_answers_while_the_store_records_the_end(admitted) -> None:
     """`answer_first` (a replica's direct sessions): the end comes back while the store call that
-    records it is on its way, with the index the store gives it and the result inline; the
-    lease is held until the store has it."""
-    import ray
-
+    records it is on its way ("recorded" False), with the index the store gives it and the result
+    inline; the lease is held until the store has it."""
     from actors.supervisor import Supervisor
 
     store, rid = admitted
@@ -226,14 +224,13 @@ def test_a_replica_answers_while_the_store_records_the_end(admitted) -> None:
         end = await supervisor.run(rid, work(), 30.0, events=sender, inline_limit=10, answer_first=True)
         recording, held = bool(supervisor.recordings), supervisor.lease.held == 1
         await asyncio.gather(*supervisor.recordings)
-        assert await end["recorded"] == {"id": 3, "event": "COMPLETED", "data": end["data"]}
+        assert supervisor.lease.held == 0
         return end, recording, held
 
     end, recording, held = asyncio.run(run())
     assert recording and held  # answered before the store had it
-    assert (end["id"], end["event"], end["result"]) == (3, "COMPLETED", b"ab")
+    assert (end["id"], end["event"], end["result"], end["recorded"]) == (3, "COMPLETED", b"ab", False)
     assert [k for k, _ in _store_events(store, rid)] == ["RECEIVED", "QUEUED", RUNNING, "COMPLETED"]
-    assert isinstance(end["recorded"], ray.ObjectRef)
 
 
 def test_a_result_a_quota_may_refuse_is_recorded_before_the_answer(cluster) -> None:
@@ -252,7 +249,68 @@ def test_a_result_a_quota_may_refuse_is_recorded_before_the_answer(cluster) -> N
         return await Supervisor(store).run(rid, work(), 30.0, events=EventSender(store, rid), answer_first=True)
 
     end = asyncio.run(run())
-    assert end["event"] == "ERROR" and end["data"]["code"] == "result_quota" and "recorded" not in end
+    assert end["event"] == "ERROR" and end["data"]["code"] == "result_quota" and end["recorded"] is True
+
+
+def test_a_replicas_calls_that_overtake_the_admission_wait_for_it(cluster) -> None:
+    """The ingress sends a session on one model together with its admit call, so the replica's
+    claim and end may reach the store first (here they are sent first, from one caller, which
+    Ray delivers in order): they wait for the admission instead of finding no request."""
+    store, rid = StoreClient(StoreSpec()), uuid.uuid4().hex
+    quota = Quota(max_active=3, max_result_bytes=2**30, max_log_bytes=2**30)
+
+    async def run() -> tuple:
+        claim = store.start("watch", rid, "lease-1")
+        finish = store.start("finish", rid, "COMPLETED", {"bytes": 0})
+        admit = store.start("admit", rid, "alice", 1, quota)
+        return await asyncio.gather(admit.ref, finish.ref, claim.ref)
+
+    admitted, end, cancelled = asyncio.run(run())
+    assert admitted is None
+    assert end == {"id": 1, "event": "COMPLETED", "data": {"bytes": 0}}  # recorded, after RECEIVED
+    assert cancelled is False  # the claim held the request until it ended (not "unknown: stop")
+    assert [k for k, _ in _store_events(store, rid)] == ["RECEIVED", "COMPLETED"]
+
+
+def test_a_replicas_calls_for_a_refused_request_are_dropped_when_it_is_refused(cluster) -> None:
+    """A refused admission (the user is at her limit) wakes the replica's calls that wait for it:
+    the claim says stop, the end is not recorded, and the request never exists."""
+    from actors.request_store import ADMIT_WAIT_S
+
+    store, first, refused = StoreClient(StoreSpec()), uuid.uuid4().hex, uuid.uuid4().hex
+    quota = Quota(max_active=1, max_result_bytes=2**30, max_log_bytes=2**30)
+    assert asyncio.run(store.call("admit", first, "alice", 1, quota)) is None
+
+    async def run() -> tuple:
+        claim = store.start("watch", refused, "lease-1")
+        finish = store.start("finish", refused, "COMPLETED", {})
+        admit = store.start("admit", refused, "alice", 1, quota)
+        # woken by the refusal, not by the end of their wait for an admission
+        return await asyncio.wait_for(asyncio.gather(admit.ref, finish.ref, claim.ref), ADMIT_WAIT_S / 2)
+
+    try:
+        refusal, end, cancelled = asyncio.run(run())
+    finally:
+        asyncio.run(store.call("finish", first, "CANCELLED", {}))
+    assert refusal["code"] == "too_many_requests"
+    assert end is None and cancelled is True
+    assert asyncio.run(store.call("status", refused, "alice")) is None
+
+
+def test_the_store_answers_recorded_once_the_end_is_there(admitted) -> None:
+    """What an ingress that sent a replica's end first asks before it reads the request
+    (serve_app/recordings.py): `recorded` returns when the end's index is recorded."""
+    store, rid = admitted
+
+    async def run() -> None:
+        waiting = store.start("recorded", [(rid, 1)], 30.0)
+        done, _ = await asyncio.wait({asyncio.ensure_future(waiting.ref)}, timeout=0.5)
+        assert not done  # the end is not there yet
+        assert await store.call("finish", rid, "COMPLETED", {}) == {"id": 1, "event": "COMPLETED", "data": {}}
+        await asyncio.wait_for(waiting.ref, 10.0)
+        await asyncio.wait_for(store.call("recorded", [(rid, 1)], 30.0), 10.0)  # there: at once
+
+    asyncio.run(run())
 
 
 def test_an_event_after_a_quiet_spell_goes_at_once(admitted) -> None:
