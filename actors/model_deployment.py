@@ -53,6 +53,7 @@ class ModelDeployment:
         self.order = record_order(self.model, self.tokenizer)
         self.store = StoreClient(store or StoreSpec())
         self.supervisor = Supervisor(self.store)  # for sessions sent straight here (run_session)
+        self.sessions: set[asyncio.Task] = set()  # those running (each apart from its call: run_session)
         # One forward thread: batches run one at a time, each holding many requests' traces.
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"forward-{self.name}")
         limits = BatchLimits(spec.get("max_batch_size", MAX_BATCH_SIZE), spec.get("max_batch_tokens", MAX_BATCH_TOKENS),
@@ -130,12 +131,20 @@ class ModelDeployment:
         records it, mostly while it does ("recorded" False; see actors/supervisor.py: a blocking
         client's stream sends it without asking the store), or None when the request had ended
         elsewhere. The ingress may send it before the store has admitted it (the store holds
-        this replica's calls for it until then)."""
+        this replica's calls for it until then).
+
+        The session runs apart from this call: the request must outlive the ingress that sent it
+        (its end goes to the store), and a call by value (gRPC, serve_app/ingress.py) is
+        cancelled when its caller dies. What stops a session is the store (a cancel, a refused
+        admission: both reach the replica through its claim) and the time limit."""
         timeline.mark(request_id, "replica.start")
         events = EventSender(self.store, request_id)
         work = self._session(session, tensors, user, events)
-        end = await self.supervisor.run(request_id, work, timeout_s, events=events, inline_limit=inline_limit,
-                                        answer_first=True)
+        run = asyncio.ensure_future(self.supervisor.run(request_id, work, timeout_s, events=events,
+                                                        inline_limit=inline_limit, answer_first=True))
+        self.sessions.add(run)
+        run.add_done_callback(self.sessions.discard)
+        end = await asyncio.shield(run)
         timeline.mark(request_id, "replica.answered")
         return end
 

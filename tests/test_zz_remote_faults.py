@@ -283,9 +283,9 @@ def test_a_request_the_store_refuses_after_an_ingress_restart_never_holds_the_re
     """A session on one model leaves the ingress with its admit call while the ingress's own count
     says its user is below her limit. A restarted ingress counts none of the requests its
     predecessor admitted, so it sends one more of hers off; the store, which counts them all,
-    refuses it: a 429, and nothing of it is recorded (the run that had set out waits for the
-    store's answer before it records anything; it is stopped by the ingress, by its replica on
-    seeing the refusal, and by the store's `watch` of an unknown request); the replica serves on."""
+    refuses it: a 429, and nothing of it is recorded (the store holds the calls of the run that
+    had set out until the admission is there and drops them once it is refused; the run's claim
+    tells it to stop); the replica serves on."""
     running = [alice.submit(slow_session(llama, 60)) for _ in range(3)]  # her limit: 3
     for rid in running:
         alice.wait_for(rid, lambda k, d: k == "RUNNING")  # claimed by the replica: outlives the ingress
