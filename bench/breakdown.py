@@ -29,8 +29,8 @@ PHASES = [
      ("c:post", "ingress.entered")),
     ("ingress", "ingress: decode, validate, send", ("read, decode and validate the body; the admit call and "
      "the Serve call to the replica leave together"), ("ingress.entered", "ingress.sent")),
-    ("call_in", "Serve call to the replica", ("the DeploymentHandle call: the ingress's router, Ray's "
-     "transport, the replica's event loops"), ("ingress.sent", "replica.start")),
+    ("call_in", "Serve call to the replica", ("the DeploymentHandle call (by value: Serve's gRPC "
+     "straight to the replica): the ingress's router, the transport, the replica's event loops"), ("ingress.sent", "replica.start")),
     ("work", "replica: engine and forwards", ("plan, run every trace (the forwards), encode the saves: "
      "what the local run does too"), ("replica.start", "run.work_done")),
     ("after_work", "replica: the end", "the store's `finish` call sent, the answer made",

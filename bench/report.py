@@ -335,12 +335,15 @@ CUTS = {
     "http_in": "the POST crosses HAProxy into the ingress replica (uvicorn, FastAPI, Serve's request "
                "wrapper); the `/healthz` round trip is its floor",
     "ingress": "the ingress decodes and validates the body on its event loop (off it above 64 KiB)",
-    "call_in": "a DeploymentHandle call: the ingress's router, Ray's transport and the replica's two "
-               "event loops; every hop also pays the wake-up of an idle core (ENV notes in *Request "
-               "path, by process*)",
+    "call_in": "a DeploymentHandle call (by value, over gRPC): the ingress's router, the transport and "
+               "the replica's two event loops; every hop also pays the wake-up of an idle vCPU (*Request "
+               "path, by process*, fifth session)",
     "call_out": "Serve's return path from the replica to the ingress",
     "to_client": "the end's SSE chunk through uvicorn and HAProxy to the client",
     "after_work": "after its forwards the replica settles its events and sends `finish`",
+    "work": "per trace the replica hops from its event loop to its forward thread and back (the "
+            "batcher), and it compiles the programs from the IR where the local run compiles while "
+            "recording",
     "client": "tracing and encoding in the client",
     "decode": "decoding in the client",
 }
@@ -357,6 +360,9 @@ def _next_to_cut(res: dict, bd: dict) -> str:
     label = {k: lab for k, lab, _, _ in PHASES}
     ot = res["details"]["overhead_tiny"]
     costs = {k: seed[k]["median"] for k in CUTS if k not in ("client", "decode")}
+    # the replica's engine beyond the local run's (which also traces: the client phase, roughly)
+    costs["work"] = seed["work"]["median"] - (ot["local_ms"]["median"] - seed["client"]["median"])
+    label["work"] = "the replica's engine and forwards beyond the local run's"
     ranked = sorted(costs, key=lambda k: -costs[k])
     fixed = res["remote_fixed_overhead_ms"]["median"]
     lines.append(
