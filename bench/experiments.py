@@ -286,10 +286,13 @@ def _one_request(client: httpx.Client, body: bytes) -> tuple[float, str | None]:
             raise RuntimeError(f"HTTP {response.status_code}: {response.text[:300]}")
         rid = response.headers.get(REQUEST_ID_HEADER)  # the stream starts after RECEIVED
         kind = None
-        for line in response.iter_lines():
+        lines = response.iter_lines()
+        for line in lines:
             if line.startswith("event:"):
                 kind = line[6:].strip()
             elif line.startswith("data:") and kind in ("COMPLETED", "ERROR", "CANCELLED"):
+                for _ in lines:  # the stream's end, as client_sdk reads it: the connection is kept
+                    pass
                 data = json.loads(line[5:])
                 if kind != "COMPLETED":
                     raise RuntimeError(f"{kind}: {data}")
