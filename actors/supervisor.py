@@ -21,7 +21,7 @@ one process fewer). Either way the same rules hold, and they live here:
   them differ), with its index in the request's event log, which the ingress keeps so that a
   read of the request waits for it (serve_app/recordings.py); the lease is held until the store
   has it. No ObjectRef travels with the answer, nor with the request: each one in a Serve call
-  cost about a millisecond more per request (docs/BENCHMARKS.md);
+  cost about a millisecond more per round trip in a bare Serve app (docs/BENCHMARKS.md);
 - a request may start before the store has admitted it (the ingress sends the admit call and the
   request together): the store holds this process's calls for it until the admission is there,
   and drops them if it was refused (the ingress cancels the request, and answers 429), so

@@ -11,7 +11,7 @@ waits otherwise. Another ingress replica does not know of it; a read there that 
 call sees the request still running.
 
 No ObjectRef of the replica's call travels back with the answer: a ref in a Serve call's
-answer cost about a millisecond per request (docs/BENCHMARKS.md).
+answer cost about a millisecond per round trip in a bare Serve app (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
