@@ -85,7 +85,7 @@ class RequestStore:
         # its timeout instead (a blocking stream's status interval).
         self.news_at: dict[str, int] = {}
         # Requests refused at admission lately (id -> when): a run that set out with the admit
-        # call (the ingress cancels it) finds its calls dropped at once (`_admitted`).
+        # call finds its calls dropped at once, its claim answered "stop" (`_admitted`).
         self.refused: dict[str, float] = {}
         self.tasks: list[asyncio.Task] = []
 

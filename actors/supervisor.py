@@ -24,8 +24,8 @@ one process fewer). Either way the same rules hold, and they live here:
   cost about a millisecond more per round trip in a bare Serve app (docs/BENCHMARKS.md);
 - a request may start before the store has admitted it (the ingress sends the admit call and the
   request together): the store holds this process's calls for it until the admission is there,
-  and drops them if it was refused (the ingress cancels the request, and answers 429), so
-  nothing of a refused request is recorded.
+  and drops them if it was refused (the ingress answers 429; the run's claim tells it to stop),
+  so nothing of a refused request is recorded.
 """
 
 from __future__ import annotations
