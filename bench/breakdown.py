@@ -71,21 +71,14 @@ def summarize(records: list[dict], timeline: dict[str, dict[str, float]]) -> dic
 
 def server_side(events: dict[str, list], ids: list[str]) -> dict | None:
     """For requests sent raw (no client marks): queue wait and replica time, from events only."""
-    queue, replica, runner, n_events, n_queued = [], [], [], [], []
+    queue, replica = [], []
     for rid in ids:
-        ev = events.get(rid)
-        if not ev:
-            continue
-        n_events.append(len(ev))
-        n_queued.append(sum(1 for e, _, _ in ev if e == "QUEUED"))
-        t = {}
-        for e, ts, _ in ev:
+        t: dict[str, float] = {}
+        for e, ts, _ in events.get(rid, []):
             t.setdefault(e, ts)
-        if {"RECEIVED", "QUEUED", "RUNNING", "COMPLETED"} <= set(t):
-            runner.append((t["QUEUED"] - t["RECEIVED"]) * 1000)
+        if {"QUEUED", "RUNNING", "COMPLETED"} <= set(t):
             queue.append((t["RUNNING"] - t["QUEUED"]) * 1000)
             replica.append((t["COMPLETED"] - t["RUNNING"]) * 1000)
     if not queue:
         return None
-    return {"runner_ms": summary(runner, 2), "queue_ms": summary(queue, 2), "replica_and_result_ms": summary(replica, 2),
-            "events_per_request": summary(n_events, 1), "queued_events_per_request": summary(n_queued, 1)}
+    return {"queue_ms": summary(queue, 2), "replica_and_result_ms": summary(replica, 2)}
