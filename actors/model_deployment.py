@@ -11,7 +11,9 @@ and values a later segment needs are put in Ray's object store here: only their 
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -33,7 +35,7 @@ from intervention.limits import MAX_LOG_CHARS, MAX_SAVED_BYTES, MAX_TRACE_BYTES,
 from intervention.module_tree import module_tree
 from intervention.order import record_order
 from intervention.plan import Segment, plan_session
-from intervention.program import ProgramResult
+from intervention.program import Program, ProgramResult
 from intervention.session import Outcome as LoopOutcome
 from intervention.session import SegmentLoop, SessionLoop
 from intervention.wire import encode_result
@@ -173,37 +175,56 @@ class ModelDeployment:
         """A segment's traces in order, each in a batch with other requests' traces (batcher.py),
         saving at most `budget` bytes in all. Returns its outcome and the bytes its traces saved;
         the numbers of the batches they ran in are appended to `batches`."""
-        emit = events.send  # called from the forward thread too (LOG)
-        cancel = threading.Event()
-
-        def on_queued(position: int) -> None:
-            emit(QUEUED, {"position": position, "model": self.name})
-
-        loop, saved = SegmentLoop(segment, imports), 0
+        traces = _Traces(self, SegmentLoop(segment, imports), n_traces, tensors, budget, events, batches)
         try:
-            while (work := loop.next_trace()) is not None:
-                try:
-                    program = work.program(tensors, on_log=lambda m: self._log(events, m), cancel=cancel,
-                                           max_trace_bytes=self.max_trace_bytes, max_saved_bytes=budget - saved)
-                except InterventionError as err:
-                    loop.record_trace(ProgramResult(error=err))
-                    continue
-
-                def on_start(batch: int, size: int, index: int = work.index) -> None:
-                    batches.append(batch)
-                    emit(RUNNING, {"trace": index + 1, "of": n_traces, "model": self.name,
-                                   "batch": batch, "batch_size": size})
-
-                result = await self.batcher.run(user, program, on_start, on_queued)
-                saved += program.saved_bytes
-                loop.record_trace(result)
+            await self.batcher.run_chain(user, traces)
         except asyncio.CancelledError:
-            cancel.set()  # its program stops at its next operation; the batch goes on for the others
+            traces.cancel.set()  # its program stops at its next operation; the batch goes on for the others
             raise
-        return loop.outcome, saved
+        return traces.loop.outcome, traces.saved
 
     def _log(self, events: EventSender, message: str) -> None:
         events.send(LOG, {"message": cap_log(message, self.max_log_chars)})
+
+
+class _Traces:
+    """A segment's traces as the batcher's chain (actors/batcher.py): each one's program made
+    when the ones before it have run, in the event loop or the forward thread; the events they
+    send (RUNNING, QUEUED, LOG) may come from either."""
+
+    def __init__(self, replica: ModelDeployment, loop: SegmentLoop, n_traces: int, tensors: dict, budget: int,
+                 events: EventSender, batches: list[int]):
+        self.replica, self.loop, self.n_traces, self.tensors = replica, loop, n_traces, tensors
+        self.budget, self.saved = budget, 0
+        self.events, self.batches = events, batches
+        self.cancel = threading.Event()
+
+    def next(self) -> tuple[Program, Callable[[int, int], None]] | None:
+        while not self.cancel.is_set() and (work := self.loop.next_trace()) is not None:
+            try:
+                program = work.program(self.tensors, on_log=self._log, cancel=self.cancel,
+                                       max_trace_bytes=self.replica.max_trace_bytes,
+                                       max_saved_bytes=self.budget - self.saved)
+            except InterventionError as err:
+                self.loop.record_trace(ProgramResult(error=err))
+                continue
+            return program, functools.partial(self._on_start, work.index)
+        return None
+
+    def record(self, program: Program, result: ProgramResult) -> None:
+        self.saved += program.saved_bytes
+        self.loop.record_trace(result)
+
+    def on_queued(self, position: int) -> None:
+        self.events.send(QUEUED, {"position": position, "model": self.replica.name})
+
+    def _on_start(self, index: int, batch: int, size: int) -> None:
+        self.batches.append(batch)
+        self.events.send(RUNNING, {"trace": index + 1, "of": self.n_traces, "model": self.replica.name,
+                                   "batch": batch, "batch_size": size})
+
+    def _log(self, message: str) -> None:
+        self.replica._log(self.events, message)
 
 
 def _error(outcome: LoopOutcome) -> dict[str, Any]:

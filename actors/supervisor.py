@@ -15,7 +15,7 @@ one process fewer). Either way the same rules hold, and they live here:
   which also carries the request's events waiting to be sent (due at the same time);
 - a cancel (DELETE, through the store) or the time limit cancels the work, which stops its forward;
 - the outcome is recorded once, with the events still waiting to be sent (`EventSender.settle`)
-  in the same store call; a replica answers its ingress while that call is on its way
+  in the same store call; a replica answers its ingress first and makes that call just after
   (`answer_first`), since a store round trip was a fifth of a short request's time: the end as
   the store will record it (only a fault that let the store end the request as an orphan makes
   them differ), with its index in the request's event log, which the ingress keeps so that a
@@ -40,7 +40,6 @@ from typing import Any
 from actors.event_sender import EventSender
 from actors.request_store import (
     HEARTBEAT_S,
-    StartedCall,
     StoreClient,
     StoreUnavailable,
     handed_inline,
@@ -53,6 +52,12 @@ from intervention.ir import TraceIR
 # A runner claims a request this long after it starts it (module docstring): as long as its first
 # events wait (actors/event_sender.py), so a request that ends sooner makes one store call in all.
 CLAIM_AFTER_S = STATUS_HOLD_S
+
+# A replica's answer leaves from Serve's own event loop, in another thread, once `run` returns; a
+# store call started at that moment competes with it for the interpreter (the call's submission
+# alone took ~0.4 ms here), so the end's `finish` call starts this long after an answer-first end.
+# A/B in one cluster: 0.8 / 1.0 ms less per seed session, SmolLM2 / tiny (docs/BENCHMARKS.md).
+RECORD_AFTER_ANSWER_S = 0.001
 
 # What a request's work returns: the terminal event's kind and data, and the result bytes.
 Outcome = tuple[str, dict[str, Any], bytes | None]
@@ -111,7 +116,7 @@ class Supervisor:
         event log), "result" (the result bytes when COMPLETED and at most `inline_limit` bytes:
         the store counts them as fetched), "news" (whether `events` sent anything but status),
         "recorded" (whether the store has it yet)} — or None when the request had ended
-        elsewhere or was not admitted. `answer_first` (needs `events`): return the end while the
+        elsewhere or was not admitted. `answer_first` (needs `events`): return the end before the
         store records it, "recorded" False (the module's docstring)."""
         claimed: list = []  # events sent with the claim, which may not have reached the store
         if events is not None:
@@ -127,12 +132,8 @@ class Supervisor:
             args = (request_id, kind, data, result, pending, inline_limit)
             inline = handed_inline(kind, result, inline_limit)
             if answer_first and events is not None and (result is None or inline):  # no quota can refuse it
-                finish = self.store.start("finish", *args)
-                if finish.ref is not None:  # else the store is down: wait for it below
-                    return self._answer_first(finish, events, kind, data, result if inline else None)
-                recorded = await finish.answer(self.store)
-            else:
-                recorded = await self.store.call("finish", *args)
+                return self._answer_first(args, events, kind, data, result if inline else None)
+            recorded = await self.store.call("finish", *args)
         if recorded is None:
             return None
         # The store may have recorded another end (a result over its owner's quota is an ERROR).
@@ -140,20 +141,22 @@ class Supervisor:
         return {**recorded, "result": result if inline else None, "news": events is not None and events.news,
                 "recorded": True}
 
-    def _answer_first(self, finish: StartedCall, events: EventSender, kind: str, data: dict[str, Any],
+    def _answer_first(self, finish_args: tuple, events: EventSender, kind: str, data: dict[str, Any],
                       inline_result: bytes | None) -> dict[str, Any]:
-        """The end `finish` is recording, as the store will record it, while it does (lease held)."""
+        """The end, as the store will record it once the `finish` call that starts just after
+        this answer reaches it (lease held until then)."""
         self.lease.take()  # now: the request must not look like an orphan while the call is out
-        recording = asyncio.ensure_future(self._record(finish))
+        recording = asyncio.ensure_future(self._record(finish_args))
         self.recordings.add(recording)
         recording.add_done_callback(self.recordings.discard)
         # The store records RECEIVED, then each event of `events`, then the end.
         return {"id": 1 + events.sent, "event": kind, "data": data, "result": inline_result,
                 "news": events.news, "recorded": False}
 
-    async def _record(self, finish: StartedCall) -> None:
+    async def _record(self, finish_args: tuple) -> None:
         try:
-            await finish.answer(self.store)
+            await asyncio.sleep(RECORD_AFTER_ANSWER_S)
+            await self.store.call("finish", *finish_args)
         except StoreUnavailable:
             pass  # the store ends it as an orphan once it is back
         finally:

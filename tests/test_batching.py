@@ -533,3 +533,88 @@ def test_the_replica_scheduler_serves_users_in_turn_and_reports_places(lm: Langu
     assert ("QUEUED", "a1", 3) in events  # B, who arrived later, went ahead of A's second
     want = alone(lm, small(P3))
     torch.testing.assert_close(results["b"].saves[max(want.saves)], want.saves[max(want.saves)], rtol=1e-5, atol=1e-6)
+
+
+class _Chain:
+    """A request's traces for Batcher.run_chain: notes the thread that makes each program and the
+    order things start in (`events`, shared between chains)."""
+
+    def __init__(self, name: str, recs: list[Recorded], events: list[tuple], on_log=lambda m: None):
+        self.name, self.recs, self.events, self.on_log = name, list(recs), events, on_log
+        self.made_in: list[str] = []  # the thread of each next() call
+        self.results: list[ProgramResult] = []
+
+    def next(self):
+        self.made_in.append(threading.current_thread().name)
+        if not self.recs:
+            return None
+        index = len(self.made_in)
+        trace, tensors = self.recs.pop(0)
+        program = Program(trace, tensors=tensors, on_log=self.on_log)
+        return program, lambda batch, size: self.events.append(("RUNNING", self.name, index, batch))
+
+    def record(self, program: Program, result: ProgramResult) -> None:
+        self.results.append(result)
+
+    def on_queued(self, position: int) -> None:
+        self.events.append(("QUEUED", self.name, position))
+
+
+def test_a_lone_requests_traces_follow_each_other_in_the_forward_thread(lm: LanguageModel) -> None:
+    """actors/batcher.py: while the replica serves one request, the forward thread makes and runs
+    its next trace itself (no hop back to the event loop); once another request waits, the chain
+    goes back to the fair queue, so the other's trace runs before the chain's next one."""
+    import asyncio
+    from concurrent.futures import ThreadPoolExecutor
+
+    from actors.batcher import Batcher
+
+    def small(prompt: str) -> Recorded:
+        def body():
+            with lm.trace(prompt):
+                lm.lm_head.output[:, -1].save()
+
+        return record(body)
+
+    gate = threading.Event()
+
+    def held() -> None:
+        with lm.trace(P1):
+            client_sdk.log("hold")  # its log handler waits for the gate: the forward thread is busy
+            lm.lm_head.output[:, -1].save()
+
+    events: list[tuple] = []
+    alone = _Chain("alone", [small(P1), small(P3), small(MID)], events)
+    first = _Chain("A", [record(held), small(P3), small(MID)], events, on_log=lambda m: gate.wait())
+    other = _Chain("B", [small(P3)], events)
+
+    async def main() -> None:
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="forward")
+        batcher = Batcher(lm.local_module, lm.tokenizer, BatchLimits(max_batch_size=1, batch_wait_ms=0), pool)
+
+        async def serve(chain: _Chain) -> None:
+            with batcher.request():
+                await batcher.run_chain(chain.name, chain)
+
+        await serve(alone)
+        assert batcher.stats()["batches"] == 3
+        a = asyncio.ensure_future(serve(first))
+        while batcher.running == 0:
+            await asyncio.sleep(0.01)
+        b = asyncio.ensure_future(serve(other))  # comes while A's first trace holds the forward thread
+        while not any(e[:2] == ("QUEUED", "B") for e in events):
+            await asyncio.sleep(0.01)
+        gate.set()
+        await asyncio.gather(a, b)
+        pool.shutdown()
+
+    with torch.no_grad():
+        asyncio.run(main())
+    # made: trace 1 in the loop, traces 2 and 3 in the forward thread, which also saw the end
+    assert alone.made_in[0] == "MainThread" and all(t.startswith("forward") for t in alone.made_in[1:4])
+    assert len(alone.results) == 3 and all(r.error is None for r in alone.results)
+    started = [e[1:3] for e in events if e[0] == "RUNNING"]
+    assert started[:3] == [("alone", 1), ("alone", 2), ("alone", 3)]
+    assert started[3:5] == [("A", 1), ("B", 1)]  # B, waiting when A's first trace ended, went next
+    assert first.made_in[1] == "MainThread"  # A's second trace was made in the loop and queued
+    assert ("A", 2) in started[5:] and len(first.results) == 3 and len(other.results) == 1

@@ -205,8 +205,8 @@ def test_the_claim_carries_the_events_waiting_and_the_end_does_not_repeat_them(a
 
 
 def test_a_replica_answers_while_the_store_records_the_end(admitted) -> None:
-    """`answer_first` (a replica's direct sessions): the end comes back while the store call that
-    records it is on its way ("recorded" False), with the index the store gives it and the result
+    """`answer_first` (a replica's direct sessions): the end comes back before the store call that
+    records it starts ("recorded" False), with the index the store gives it and the result
     inline; the lease is held until the store has it."""
     from actors.supervisor import Supervisor
 
