@@ -11,7 +11,7 @@ machine. For one blocking request on one model, in order (c: client, s: server):
     s ingress.sent      body decoded and validated, admit call and Serve call to the replica sent
     s replica.start     the replica's `run_session` starts
     s run.work_done     the engine has run every trace (forwards included) and encoded the result
-    s replica.answered  the replica returns its answer (the store's `finish` is on its way)
+    s replica.answered  the replica returns its answer (the store's `finish` starts 1 ms later)
     s ingress.answered  the ingress has the answer
     c COMPLETED         the end (result inline) reached the client
     c t_end             values decoded and rebound in the caller's frame
@@ -33,7 +33,7 @@ PHASES = [
      "straight to the replica): the ingress's router, the transport, the replica's event loops"), ("ingress.sent", "replica.start")),
     ("work", "replica: engine and forwards", ("plan, run every trace (the forwards), encode the saves: "
      "what the local run does too"), ("replica.start", "run.work_done")),
-    ("after_work", "replica: the end", "the store's `finish` call sent, the answer made",
+    ("after_work", "replica: the end", "events settled, the answer made (the store's `finish` call starts 1 ms after it)",
      ("run.work_done", "replica.answered")),
     ("call_out", "answer back to the ingress", "Serve's return path", ("replica.answered", "ingress.answered")),
     ("to_client", "end to the client", "the SSE chunk through uvicorn and HAProxy to httpx",

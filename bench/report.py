@@ -321,8 +321,9 @@ def _prose(res: dict, bd: dict) -> str:
          "and a get)."),
         ("- **Forward** — the engine and the model, the same code as the local run; for the tiny Llama "
          "about a millisecond per trace, for SmolLM2 about seventy (one thread)."),
-        ("- **Result** — the replica encodes the saves (safetensors) and answers the ingress while its "
-         "`finish` call records the end in the store; the ingress sends COMPLETED with the result "
+        ("- **Result** — the replica encodes the saves (safetensors) and answers the ingress; its "
+         "`finish` call, which records the end in the store, starts 1 ms later (so that it does not "
+         "hold up the answer); the ingress sends COMPLETED with the result "
          "base64-inline when ≤ 1 MB. Larger results are recorded first and fetched with GET /result: "
          f"the {res['result_download_mib_per_s']['result_mib']:.0f} MiB tensor downloads at "
          f"{_n(res['result_download_mib_per_s']['median'])} MiB/s (replica → request store's files → "
@@ -340,10 +341,10 @@ CUTS = {
                "path, by process*, fifth session)",
     "call_out": "Serve's return path from the replica to the ingress",
     "to_client": "the end's SSE chunk through uvicorn and HAProxy to the client",
-    "after_work": "after its forwards the replica settles its events and sends `finish`",
-    "work": "per trace the replica hops from its event loop to its forward thread and back (the "
-            "batcher), and it compiles the programs from the IR where the local run compiles while "
-            "recording",
+    "after_work": "after its forwards the replica settles its events and makes its answer",
+    "work": "the replica hops from its event loop to its forward thread and back (the batcher: once per "
+            "trace when other requests are served too, once per session when it serves one), and it "
+            "compiles the programs from the IR where the local run compiles while recording",
     "client": "tracing and encoding in the client",
     "decode": "decoding in the client",
 }
