@@ -1,14 +1,13 @@
 """Ends a client may have before the request store has recorded them.
 
 A model replica answers the ingress first and then makes the store call that records the
-request's end (actors/supervisor.py, `answer_first`: 1 ms later): a blocking client gets its result
-a store round trip sooner. Until the store has that end, this ingress must not show the request as running or count
-it against its owner's limit. So it keeps the end's index in the request's event log for a while,
-and a read of the request first asks the store to wait until that index is recorded (one store
-call, answered at once when it is there: usually the replica's call has reached the store by
-the time a client reads),
-as does a second try of its owner's admission when the store refused it at her limit. Nothing
-waits otherwise. Another ingress replica does not know of it; a read there that overtakes the
+request's end (actors/supervisor.py, `answer_first`: 1 ms later): a blocking client gets its
+result a store round trip sooner. Until the store has that end, this ingress must not show the
+request as running or count it against its owner's limit. So it keeps the end's index in the
+request's event log for a while, and a read of the request first asks the store to wait until
+that index is recorded (one store call, answered at once when it is there: usually the replica's
+call has reached the store by the time a client reads), as does a second try of its owner's
+admission when the store refused it at her limit. Nothing waits otherwise. Another ingress replica does not know of it; a read there that overtakes the
 call sees the request still running.
 
 No ObjectRef of the replica's call travels back with the answer: a ref in a Serve call's
