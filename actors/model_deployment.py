@@ -130,7 +130,7 @@ class ModelDeployment:
         """Run a whole session whose traces all use this model, sent straight from the ingress
         (no session runner: one hop and one process fewer), and record its end in the request
         store; values between its traces never leave this process. Returns the end as the store
-        records it, mostly while it does ("recorded" False; see actors/supervisor.py: a blocking
+        records it, mostly before it does ("recorded" False; see actors/supervisor.py: a blocking
         client's stream sends it without asking the store), or None when the request had ended
         elsewhere. The ingress may send it before the store has admitted it (the store holds
         this replica's calls for it until then).
